@@ -1,0 +1,1 @@
+"""musc-pipeline: zero-shot industrial anomaly detection (MuSc) as a batch pipeline."""

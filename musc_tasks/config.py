@@ -1,0 +1,131 @@
+"""Typed parameters: what decides a result is parsed once into these frozen models."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Bump when a change alters any stored token, map, score or table, so caches keyed on it miss.
+CODE_VERSION = "2026.11.1"
+
+# The OpenAI CLIP statistics, used for every backbone as the reference implementation does.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RANDOM_WEIGHTS = ("none", "random", "")
+
+
+class BackboneSpec(BaseModel):
+    """Which ViT, which weights, which size, which layers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = "ViT-L-14-336"
+    # An open_clip pretrained tag, a local checkpoint file, or None for random weights.
+    pretrained: str | None = "openai"
+    # Images are squashed to image_size x image_size; must be a multiple of the patch size.
+    image_size: int = 518
+    # 0-based transformer blocks whose residual-stream output is scored.
+    layers: tuple[int, ...] = (5, 11, 17, 23)
+    # Extra open_clip model config JSON (registers architectures open_clip does not ship).
+    model_config_path: Path | None = None
+    # Seed of the random initialisation when pretrained is None.
+    seed: int = 0
+
+    @field_validator("pretrained")
+    @classmethod
+    def _none_means_random(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in RANDOM_WEIGHTS:
+            return None
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"image_size must be positive, got {value}")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _sorted_layers(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(layer < 0 for layer in value) or len(set(value)) != len(value):
+            raise ValueError(f"layers must be distinct non-negative block indices, got {value}")
+        return tuple(sorted(value))
+
+    @property
+    def is_random(self) -> bool:
+        return self.pretrained is None
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identity of the tokens this backbone produces.
+
+        Local checkpoints are identified by content, random weights by seed and config
+        content, so two files with the same name never share a cache entry.
+        """
+        if self.pretrained is None:
+            weights = f"random{self.seed}"
+        elif Path(self.pretrained).is_file():
+            weights = "ckpt-" + _file_digest(Path(self.pretrained))[:12]
+        else:
+            weights = self.pretrained
+        if self.model_config_path is not None:
+            weights += "-cfg" + _file_digest(Path(self.model_config_path))[:8]
+        layers = "-".join(str(layer) for layer in self.layers)
+        raw = f"{self.name}__{weights}__{self.image_size}__L{layers}"
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+
+
+class ScoringParams(BaseModel):
+    """How patches and images are scored once tokens exist (MUSC_SPEC §3-6)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    r_list: tuple[int, ...] = (1, 3, 5)
+    interval: float = Field(0.3, gt=0.0, le=1.0)
+    rscin_k: tuple[int, ...] = (1, 2, 3)
+    # Largest pool scored together; bigger products are split into seeded, balanced pools.
+    pool_size: int = Field(200, ge=2)
+    pool_seed: int = 42
+    # "auto" or a fixed value on the RsCIN image score / the pixel map score.
+    threshold: Literal["auto"] | float = "auto"
+    pixel_threshold: Literal["auto"] | float = "auto"
+    # Images per mutual-scoring block (one Dask task per block pair); None picks by size.
+    block_images: int | None = Field(None, ge=1)
+
+    @field_validator("r_list", "rscin_k")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError(f"must be a non-empty list of integers >= 1, got {value}")
+        return value
+
+    @field_validator("r_list")
+    @classmethod
+    def _odd(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(v % 2 == 0 for v in value):
+            raise ValueError(f"aggregation degrees must be odd, got {value}")
+        return value
+
+
+PRESETS: dict[str, BackboneSpec] = {
+    "paper": BackboneSpec(
+        name="ViT-L-14-336", pretrained="openai", image_size=518, layers=(5, 11, 17, 23)
+    ),
+    "fast": BackboneSpec(
+        name="ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=512, layers=(2, 5, 8, 11)
+    ),
+}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,39 @@
+"""The MuSc math as pure functions on arrays: no I/O, no Prefect, no globals.
+
+tokens -> `aggregate_tokens` (LNAMD) -> `mutual_scores` (MSM) -> `upsample_maps` /
+`image_scores` -> `rescore_images` (RsCIN) -> metrics.
+"""
+
+from ._lnamd import aggregate_tokens
+from ._maps import average_scores, image_scores, upsample_maps
+from ._metrics import aupro, image_metrics, pixel_metrics, pro_musc
+from ._msm import (
+    auto_block_size,
+    mutual_scores,
+    nearest_similarities,
+    neighbour_count,
+    scores_from_similarities,
+)
+from ._pool import pool_patch_scores
+from ._pools import split_by_type, split_pool
+from ._rscin import rescore_images
+
+__all__ = [
+    "aggregate_tokens",
+    "aupro",
+    "auto_block_size",
+    "average_scores",
+    "image_metrics",
+    "image_scores",
+    "mutual_scores",
+    "nearest_similarities",
+    "neighbour_count",
+    "pixel_metrics",
+    "pool_patch_scores",
+    "pro_musc",
+    "rescore_images",
+    "scores_from_similarities",
+    "split_by_type",
+    "split_pool",
+    "upsample_maps",
+]
