@@ -1,0 +1,115 @@
+"""Region rows, masks, heatmaps and PNG writing."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from PIL import Image
+
+from musc_tasks.render import heatmap_overlay, mask_pixels, region_rows, write_png
+
+
+def _two_regions():
+    """A 6 x 8 mask: a diagonal-only staircase (one region under 8-connectivity) and a bar."""
+    mask = np.zeros((6, 8), bool)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = True  # touch only at corners
+    mask[2, 1] = True
+    mask[4, 4:8] = True
+    score_map = np.zeros((6, 8))
+    score_map[0, 0], score_map[1, 1], score_map[2, 2], score_map[2, 1] = 0.2, 0.4, 0.6, 0.8
+    score_map[4, 4:8] = [0.9, 0.5, 0.5, 0.1]
+    return mask, score_map
+
+
+def test_region_rows_hand_made():
+    mask, score_map = _two_regions()
+    rows = region_rows(mask, score_map)
+    # Worked out by hand: the bar has the higher max (0.9) so it is region 1.
+    assert_array_equal(rows["region"], [1, 2])
+    assert_array_equal(rows["bbox_x0"], [4, 0])
+    assert_array_equal(rows["bbox_y0"], [4, 0])
+    assert_array_equal(rows["bbox_x1"], [8, 3])
+    assert_array_equal(rows["bbox_y1"], [5, 3])
+    assert_array_equal(rows["area_px"], [4, 4])
+    assert_allclose(rows["area_fraction"], [4 / 48, 4 / 48])
+    assert_allclose(rows["max_score"], [0.9, 0.8])
+    assert_allclose(rows["mean_score"], [0.5, 0.5])
+    # Staircase pixels (row, col): (0,0) (1,1) (2,2) (2,1).
+    assert_allclose(rows["centroid_x"], [5.5, (0 + 1 + 2 + 1) / 4])
+    assert_allclose(rows["centroid_y"], [4.0, (0 + 1 + 2 + 2) / 4])
+    assert rows["region"].dtype == np.int32 and rows["bbox_x0"].dtype == np.int32
+    assert rows["area_px"].dtype == np.int64 and rows["max_score"].dtype == np.float64
+
+
+def test_region_rows_ties_keep_label_order():
+    mask = np.zeros((3, 5), bool)
+    mask[1, 0] = mask[1, 4] = True
+    rows = region_rows(mask, np.ones((3, 5)))
+    assert_array_equal(rows["bbox_x0"], [0, 4])
+
+
+def test_region_rows_empty_mask():
+    rows = region_rows(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32))
+    assert len(rows) == 11
+    assert all(column.shape == (0,) for column in rows.values())
+    assert rows["region"].dtype == np.int32 and rows["area_px"].dtype == np.int64
+    assert rows["centroid_x"].dtype == np.float64
+
+
+def test_region_rows_rejects_bad_input():
+    with pytest.raises(ValueError, match="mask"):
+        region_rows(np.zeros((4, 4), np.uint8), np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="score_map"):
+        region_rows(np.zeros((4, 4), bool), np.zeros((4, 5)))
+
+
+def test_mask_pixels():
+    score_map = np.array([[0.1, 0.5], [0.50001, 2.0]])
+    assert_array_equal(mask_pixels(score_map, 0.5), [[0, 0], [255, 255]])
+    assert mask_pixels(score_map, 0.5).dtype == np.uint8
+    with pytest.raises(ValueError, match="threshold"):
+        mask_pixels(score_map, float("nan"))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3)])
+def test_write_png_round_trip_and_determinism(tmp_path, shape):
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    first = write_png(tmp_path / "a" / "b" / "x.png", pixels)
+    first_bytes = first.read_bytes()
+    second = write_png(tmp_path / "a" / "b" / "x.png", pixels)
+    assert second.read_bytes() == first_bytes
+    with Image.open(first) as image:
+        assert_array_equal(np.asarray(image), pixels)
+    assert [path.name for path in first.parent.iterdir()] == ["x.png"]  # no temp file left
+
+
+def test_write_png_rejects_bad_pixels(tmp_path):
+    with pytest.raises(ValueError, match="pixels"):
+        write_png(tmp_path / "x.png", np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError, match="pixels"):
+        write_png(tmp_path / "x.png", np.zeros((4, 4, 4), np.uint8))
+
+
+def test_heatmap_overlay():
+    image = np.full((4, 6, 3), 128, np.uint8)
+    score_map = np.tile(np.linspace(0.0, 1.0, 6), (4, 1))
+    overlay = heatmap_overlay(image, score_map, vmin=0.0, vmax=1.0)
+    assert overlay.shape == (4, 6, 3) and overlay.dtype == np.uint8
+    low, high = overlay[0, 0].astype(int), overlay[0, -1].astype(int)
+    assert np.abs(high - low).sum() > 100
+    assert high.sum() > low.sum()  # the ramp gets brighter with the score
+    assert_array_equal(heatmap_overlay(image, score_map, vmin=0.0, vmax=1.0, alpha=0.0), image)
+
+
+def test_heatmap_overlay_flat_and_clipped():
+    image = np.zeros((3, 3, 3), np.uint8)
+    flat = heatmap_overlay(image, np.random.default_rng(1).random((3, 3)), vmin=1.0, vmax=1.0)
+    assert (flat == flat[0, 0]).all()
+    clipped = heatmap_overlay(image, np.array([[-5.0, 0.0, 10.0]] * 3), vmin=0.0, vmax=1.0, alpha=1.0)
+    assert_array_equal(clipped[:, 0], clipped[:, 1])
+
+
+def test_heatmap_overlay_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="score_map"):
+        heatmap_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5)), vmin=0.0, vmax=1.0)
+    with pytest.raises(ValueError, match="image_rgb"):
+        heatmap_overlay(np.zeros((4, 4), np.uint8), np.zeros((4, 4)), vmin=0.0, vmax=1.0)
