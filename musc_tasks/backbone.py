@@ -282,3 +282,15 @@ def _reachable(host: str, *, timeout_seconds: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def native_geometry(name: str, model_config_path: Path | None = None) -> tuple[int, int]:
+    """(native image size, number of blocks) of an open_clip ViT."""
+    if model_config_path is not None:
+        register_model_config(model_config_path)
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {name!r}; pass --model-config JSON to register it")
+    vision = config["vision_cfg"]
+    size = vision["image_size"]
+    return (size if isinstance(size, int) else size[0]), vision["layers"]

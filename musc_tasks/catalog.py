@@ -1,0 +1,265 @@
+"""What is in INPUT: one record per image-like file, readable or not, grouped by product.
+
+Layout: each immediate subdirectory of INPUT is a product (its own scoring pool) and holds
+its images at any depth; image files lying directly in INPUT form one more product named
+after INPUT's own folder. Every file whose suffix looks like an image is catalogued, broken
+or not, so the nightly report can say what was skipped and why.
+
+Decisions a caller must know
+----------------------------
+* ``image_id`` is the sha256 of the file's bytes; a file whose bytes cannot be read gets
+  ``"path:" + sha256(path bytes)`` instead, so ids stay unique and visibly not content.
+* Files with the same bytes within one product are all listed; every one after the first
+  (in sorted order) has ``duplicate_of`` set and is scored once, through the first.
+* Symlinks are never followed out of INPUT: symlinked directories are not entered, and a
+  symlinked image whose target lies outside INPUT is catalogued as failed.
+* Names that are not valid UTF-8 are kept as ``os.fsdecode`` strings (lone surrogates);
+  ``open()`` accepts them, and JSON dumps of an entry show the raw bytes backslash-escaped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_serializer
+
+from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, content_hash, read_rgb
+
+__all__ = ["IMAGE_SUFFIXES", "CatalogEntry", "Catalog", "scan_input"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class CatalogEntry(BaseModel):
+    """One image-like file found in INPUT."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # sha256 hex of the bytes, or "path:<sha256 of the path>" when the bytes are unreadable.
+    image_id: str
+    # Absolute POSIX path (INPUT made absolute, symlinks not resolved) + relpath.
+    path: str
+    # Relative to INPUT, POSIX separators; unique within a catalog.
+    relpath: str
+    product: str
+    # Upright size as read_rgb returns it (EXIF orientation applied); None when failed.
+    width: int | None = None
+    height: int | None = None
+    status: Literal["ok", "failed"]
+    reason: str | None = None
+    notes: tuple[str, ...] = ()
+    # Path of the first file of the same product with the same bytes; None for originals.
+    duplicate_of: str | None = None
+
+    @field_serializer("path", "relpath", "duplicate_of", when_used="json")
+    def _printable_path(self, value: str | None) -> str | None:
+        # JSON needs valid UTF-8; undecodable name bytes are shown as \xNN instead of crashing.
+        if value is None:
+            return None
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+
+
+class Catalog(BaseModel):
+    """Everything ``scan_input`` found, in (product, relpath) order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input_dir: str
+    entries: tuple[CatalogEntry, ...]
+    # Product folders holding no image-like file at all.
+    empty_products: tuple[str, ...] = ()
+    # Folders below INPUT that could not be listed (relpaths); their files are missing above.
+    unreadable_dirs: tuple[str, ...] = ()
+
+    @property
+    def products(self) -> tuple[str, ...]:
+        """Sorted names of the products with at least one entry (ok or failed)."""
+        return tuple(sorted({entry.product for entry in self.entries}))
+
+    @property
+    def n_images(self) -> int:
+        """Number of entries, failed and duplicates included."""
+        return len(self.entries)
+
+    @property
+    def n_failed(self) -> int:
+        """Number of entries with status "failed"."""
+        return sum(entry.status == "failed" for entry in self.entries)
+
+    def ok_entries(self, product: str) -> tuple[CatalogEntry, ...]:
+        """The entries of ``product`` to score: readable and not duplicates, in catalog order."""
+        return tuple(
+            entry
+            for entry in self.entries
+            if entry.product == product and entry.status == "ok" and entry.duplicate_of is None
+        )
+
+
+def scan_input(
+    input_dir: str | os.PathLike,
+    *,
+    min_side: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Catalog:
+    """Catalogue every image-like file under INPUT, decoding each distinct file once.
+
+    Parameters
+    ----------
+    input_dir : str or path-like
+        INPUT: product subfolders and/or image files directly inside.
+    min_side, max_pixels : int
+        Passed to ``read_rgb``; a file breaking either is catalogued as failed.
+
+    Returns
+    -------
+    catalog : Catalog
+        Entries sorted by (product, relpath); empty product folders listed separately.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``input_dir`` does not exist.
+    NotADirectoryError
+        When ``input_dir`` is not a directory.
+    """
+    if not isinstance(min_side, int) or min_side < 1:
+        raise ValueError(f"min_side must be a positive int, got {min_side!r}")
+    if not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    root = Path(os.path.abspath(os.fsdecode(input_dir)))
+    if not root.exists():
+        raise FileNotFoundError(f"input_dir {os.fsdecode(input_dir)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"input_dir {os.fsdecode(input_dir)!r} is not a directory")
+    real_root = os.path.realpath(root)
+
+    found: list[tuple[str, str]] = []  # (product, relpath)
+    empty_products: list[str] = []
+    unreadable_dirs: list[str] = []
+    for item in sorted(os.scandir(root), key=lambda item: item.name):
+        if item.is_dir(follow_symlinks=False):
+            relpaths, unreadable = _image_relpaths(root, Path(item.path))
+            unreadable_dirs.extend(unreadable)
+            if relpaths:
+                found.extend((item.name, relpath) for relpath in relpaths)
+            elif not unreadable:
+                empty_products.append(item.name)
+        elif item.is_symlink() and item.is_dir():
+            log.warning("%s: symlinked product folder not followed", item.path)
+        elif _has_image_suffix(item.name):
+            found.append((root.name, item.name))
+
+    entries: list[CatalogEntry] = []
+    first_by_hash: dict[tuple[str, str], CatalogEntry] = {}
+    for product, relpath in sorted(found):
+        entry = _catalog_file(
+            root, real_root, product, relpath, first_by_hash, min_side=min_side, max_pixels=max_pixels
+        )
+        if entry.status == "failed":
+            log.warning("%s: %s", entry.path, entry.reason)
+        entries.append(entry)
+
+    catalog = Catalog(
+        input_dir=str(root),
+        entries=tuple(entries),
+        empty_products=tuple(empty_products),
+        unreadable_dirs=tuple(sorted(unreadable_dirs)),
+    )
+    for product in catalog.empty_products:
+        log.warning("%s: product folder holds no images", root / product)
+    for relpath in catalog.unreadable_dirs:
+        log.error("%s: folder cannot be listed; its images are not catalogued", root / relpath)
+    log.info(
+        "%s: %d files in %d products, %d failed, %d duplicates, %d empty product folders",
+        root,
+        catalog.n_images,
+        len(catalog.products),
+        catalog.n_failed,
+        sum(entry.duplicate_of is not None for entry in entries),
+        len(catalog.empty_products),
+    )
+    return catalog
+
+
+def _has_image_suffix(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _image_relpaths(root: Path, product_dir: Path) -> tuple[list[str], list[str]]:
+    """Image-like files below product_dir and the folders that could not be listed.
+
+    Both as POSIX paths relative to root.
+    """
+    relpaths: list[str] = []
+    unreadable: list[str] = []
+
+    def _as_rel(path: str) -> str:
+        return str(PurePosixPath(*Path(path).relative_to(root).parts))
+
+    def _note_unreadable(exc: OSError) -> None:
+        # Recorded, not raised: one locked folder must not stop the night's run, and it
+        # must not pass for an empty one either.
+        unreadable.append(_as_rel(exc.filename))
+
+    # followlinks=False: a symlinked folder could lead out of INPUT or loop.
+    for dir_path, _, file_names in os.walk(product_dir, followlinks=False, onerror=_note_unreadable):
+        relpaths.extend(_as_rel(os.path.join(dir_path, name)) for name in file_names if _has_image_suffix(name))
+    return relpaths, unreadable
+
+
+def _catalog_file(
+    root: Path,
+    real_root: str,
+    product: str,
+    relpath: str,
+    first_by_hash: dict[tuple[str, str], CatalogEntry],
+    *,
+    min_side: int,
+    max_pixels: int,
+) -> CatalogEntry:
+    path = str(root / relpath)
+    record = {"path": path, "relpath": relpath, "product": product}
+    real_path = os.path.realpath(path)
+    if os.path.commonpath([real_root, real_path]) != real_root:
+        return CatalogEntry(
+            image_id=_path_id(path), status="failed", reason="symlink points outside the input folder", **record
+        )
+    try:
+        image_id = content_hash(path)
+    except ImageReadError as exc:
+        return CatalogEntry(image_id=_path_id(path), status="failed", reason=exc.reason, **record)
+
+    first = first_by_hash.get((product, image_id))
+    if first is not None:
+        # Same bytes decode the same way: reuse the first file's outcome instead of decoding again.
+        return CatalogEntry(
+            image_id=image_id,
+            width=first.width,
+            height=first.height,
+            status=first.status,
+            reason=first.reason,
+            notes=first.notes,
+            duplicate_of=first.path,
+            **record,
+        )
+    try:
+        image, notes = read_rgb(path, max_pixels=max_pixels, min_side=min_side)
+    except ImageReadError as exc:
+        entry = CatalogEntry(image_id=image_id, status="failed", reason=exc.reason, **record)
+    else:
+        entry = CatalogEntry(
+            image_id=image_id, width=image.width, height=image.height, status="ok", notes=tuple(notes), **record
+        )
+        image.close()
+    first_by_hash[(product, image_id)] = entry
+    return entry
+
+
+def _path_id(path: str) -> str:
+    return "path:" + hashlib.sha256(os.fsencode(path)).hexdigest()

@@ -1,0 +1,202 @@
+"""The `musc` command: score a day, run the demo, fetch weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from datetime import date
+from pathlib import Path
+
+from .config import PRESETS, BackboneSpec, ScoringParams
+
+logger = logging.getLogger("musc")
+
+TINY_CONFIG = Path(__file__).parent / "model_configs" / "musc-tiny-vit.json"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _threshold(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512")
+    group.add_argument("--backbone", help="open_clip model name (overrides the preset's)")
+    group.add_argument("--pretrained", help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights")
+    group.add_argument("--model-config", type=Path, help="open_clip model config JSON registering an extra architecture")
+    group.add_argument("--image-size", type=int, help="side S the images are squashed to (multiple of the patch size)")
+    group.add_argument("--layers", type=_int_list, help="0-based blocks to score, e.g. 5,11,17,23")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scoring")
+    group.add_argument("--r", type=_int_list, default=(1, 3, 5), help="LNAMD aggregation degrees")
+    group.add_argument("--rscin-k", type=_int_list, default=(1, 2, 3), help="RsCIN window sizes")
+    group.add_argument("--pool-size", type=int, default=200, help="largest pool scored together")
+    group.add_argument("--threshold", type=_threshold, default="auto", help="image threshold on the final score: auto or a value")
+    group.add_argument("--pixel-threshold", type=_threshold, default="auto", help="pixel threshold on the map: auto or a value")
+    group.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (default: a local one)")
+
+
+def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
+    """The preset, with whatever the command line overrides."""
+    spec = PRESETS[args.preset]
+    update: dict = {}
+    if args.model_config:
+        update["model_config_path"] = args.model_config.resolve()
+    if args.backbone and args.backbone != spec.name:
+        from .backbone import native_geometry
+
+        update["name"] = args.backbone
+        size, blocks = native_geometry(args.backbone, args.model_config)
+        update["image_size"] = size
+        # the preset's rule: the last block of each quarter of the network
+        update["layers"] = tuple(blocks * q // 4 - 1 for q in (1, 2, 3, 4))
+        update["pretrained"] = None
+    if args.pretrained is not None:
+        update["pretrained"] = args.pretrained
+    if args.image_size:
+        update["image_size"] = args.image_size
+    if args.layers:
+        update["layers"] = args.layers
+    return BackboneSpec(**{**spec.model_dump(), **update})
+
+
+def scoring_from_args(args: argparse.Namespace) -> ScoringParams:
+    return ScoringParams(
+        r_list=args.r,
+        rscin_k=args.rscin_k,
+        pool_size=args.pool_size,
+        threshold=args.threshold,
+        pixel_threshold=args.pixel_threshold,
+    )
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flows.score import score_captures
+
+    run_date = date.fromisoformat(args.date) if args.date else date.today()
+    summary = score_captures(
+        input_dir=str(Path(args.input).resolve()) if "{date}" not in args.input else args.input,
+        out_dir=str(Path(args.out).resolve()),
+        run_date=run_date,
+        backbone=backbone_from_args(args),
+        scoring=scoring_from_args(args),
+        device=args.device,
+        dask_address=args.dask_address,
+        refresh=args.refresh,
+    )
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary) -> None:
+    print()
+    print(f"MuSc {summary.run_date}  backbone {summary.backbone_key}")
+    print(f"  images {summary.n_images}: scored {summary.n_scored}, flagged {summary.n_flagged}, failed {summary.n_failed}")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items()))
+    print(f"  tokens extracted {summary.images_extracted} (cached {summary.images_token_cached}); block pairs computed {summary.pairs_computed} (cached {summary.pairs_cached})")
+    if summary.top:
+        print("  most anomalous:")
+        for product, path, score in summary.top[:5]:
+            print(f"    {score:.4f}  {product}  {path}")
+    out = Path(summary.out_dir)
+    print(f"  tables:   {out / 'tables'}  (scores/, regions/, runs/)")
+    print(f"  masks:    {out / 'masks' / summary.run_date}")
+    print(f"  heatmaps: {out / 'heatmaps' / summary.run_date}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.score import score_captures
+
+    from .backbone import WeightsUnavailable, resolve_checkpoint
+    from .demo import make_demo_day
+
+    out = Path(args.out).resolve()
+    day = make_demo_day(out / "demo-input", seed=args.seed)
+    backbone = PRESETS["fast"]
+    try:
+        resolve_checkpoint(backbone)
+    except WeightsUnavailable as error:
+        banner = "!" * 78
+        print(f"{banner}\nOFFLINE: {error}\nThe demo runs the tiny RANDOM ViT instead: the pipeline runs end to end, "
+              f"but the scores carry no learned meaning.\n{banner}", file=sys.stderr)
+        backbone = BackboneSpec(name="musc-tiny-vit", pretrained=None, image_size=224, layers=(1, 2, 3), model_config_path=TINY_CONFIG)
+    summary = score_captures(
+        input_dir=str(day.input_dir),
+        out_dir=str(out),
+        run_date=date.today(),
+        backbone=backbone,
+        scoring=ScoringParams(),
+        device=args.device,
+    )
+    print_summary(summary)
+    print(f"  planted ground truth: {day.ground_truth_dir}")
+    return 0
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from .backbone import resolve_checkpoint
+
+    path = resolve_checkpoint(backbone_from_args(args))
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musc", description="Zero-shot anomaly detection (MuSc) for a day's product photos.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score = commands.add_parser("score", help="score a folder of captures: INPUT/<product>/**/*.png")
+    score.add_argument("input", help="input folder; may contain {date}")
+    score.add_argument("--out", required=True, help="results folder (tables/, masks/, heatmaps/, cache/)")
+    score.add_argument("--date", help="YYYY-MM-DD of the captures (default: today)")
+    score.add_argument("--refresh", action="store_true", help="ignore cached task results")
+    add_backbone_arguments(score)
+    add_scoring_arguments(score)
+    score.set_defaults(func=cmd_score)
+
+    demo = commands.add_parser("demo", help="generate a synthetic day with planted defects and score it")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    demo.set_defaults(func=cmd_demo)
+
+    fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
+    add_backbone_arguments(fetch)
+    fetch.set_defaults(func=cmd_fetch_weights)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    os.environ.setdefault("MUSC_PROGRESS", "1")
+    warnings.filterwarnings("default", message=".*RANDOM weights")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        print(f"musc: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Stage 1: per-layer ViT tokens of every image, streamed block by block into Zarr."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbone import Backbone
+from .faults import failpoint
+from .imageio import ImageReadError, read_rgb
+from .preprocess import squash_normalise
+from .store import TokenLayout, exclusive_lock, next_free_block, prepare_token_store, token_index, write_token_block
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExtractResult", "extract_tokens_to_store"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    extracted: int
+    reused: int
+    failed: dict[str, str]  # image id -> reason, for files that broke after cataloguing
+
+
+def extract_tokens_to_store(
+    store_path: Path,
+    images: Sequence[tuple[str, str]],
+    load_backbone: Callable[[], Backbone],
+    *,
+    block_images: int = 8,
+    on_progress: Progress | None = None,
+) -> ExtractResult:
+    """Make sure the store holds tokens for every (image id, path); extract only the missing.
+
+    The backbone is loaded only when something is missing. Each block of images is one
+    shard per array and gets its record only after its data, so a crash loses at most the
+    block in flight. One writer at a time per store (a lock file), so runs for other days
+    that share the store wait instead of interleaving.
+    """
+    wanted = dict(images)  # duplicates of one content share one row
+    with exclusive_lock(store_path.with_suffix(".lock")):
+        have = token_index(store_path)
+        missing = [(image_id, path) for image_id, path in wanted.items() if image_id not in have]
+        if on_progress:
+            on_progress(0, len(missing))
+        if not missing:
+            return ExtractResult(extracted=0, reused=len(wanted), failed={})
+        backbone = load_backbone()
+        block = next_free_block(store_path)
+        n_blocks = -(-len(missing) // block_images)
+        group = None
+        failed: dict[str, str] = {}
+        done = 0
+        for first in range(0, len(missing), block_images):
+            batch = missing[first : first + block_images]
+            pixels, ids = [], []
+            for image_id, path in batch:
+                try:
+                    image, _ = read_rgb(Path(path))
+                except ImageReadError as error:
+                    failed[image_id] = error.reason
+                    logger.warning("%s", error)
+                    continue
+                pixels.append(squash_normalise(image, backbone.spec.image_size))
+                ids.append(image_id)
+            if ids:
+                layer_tokens, embeddings = backbone.extract(torch.stack(pixels))
+                if group is None:
+                    layout = TokenLayout(
+                        layers=backbone.spec.layers,
+                        grid=backbone.grid,
+                        channels=layer_tokens[0].shape[-1],
+                        embed_dim=embeddings.shape[-1],
+                        block_images=block_images,
+                    )
+                    group = prepare_token_store(store_path, layout, (block + n_blocks) * block_images)
+                write_token_block(
+                    group, store_path, block, ids, [t.numpy() for t in layer_tokens], embeddings.numpy()
+                )
+                block += 1
+                failpoint("extract-block")
+            done += len(batch)
+            if on_progress:
+                on_progress(done, len(missing))
+    return ExtractResult(extracted=len(missing) - len(failed), reused=len(wanted) - len(missing), failed=failed)

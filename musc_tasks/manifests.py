@@ -1,0 +1,81 @@
+"""Small, frozen pointers passed between pipeline tasks: paths, ids and counts, never arrays."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ProductRef(_Manifest):
+    name: str
+    # unique readable contents: (image id, first path in sorted order)
+    images: tuple[tuple[str, str], ...]
+    n_files: int
+    not_scored_reason: str | None = None
+
+
+class CatalogRef(_Manifest):
+    input_dir: str
+    run_date: str
+    catalog_path: str
+    products: tuple[ProductRef, ...]
+    empty_products: tuple[str, ...]
+    n_files: int
+    n_failed: int
+
+
+class TokensRef(_Manifest):
+    product: str
+    store_path: str
+    image_ids: tuple[str, ...]
+    token_rows: tuple[int, ...]
+    extracted: int
+    reused: int
+    failed: tuple[tuple[str, str], ...] = ()
+
+
+class PoolsRef(_Manifest):
+    product: str
+    tokens: TokensRef
+    pool_paths: tuple[str, ...]
+    pairs_computed: int
+    pairs_reused: int
+
+
+class ProductScoresRef(_Manifest):
+    product: str
+    scores_path: str
+    pools: PoolsRef
+
+
+class RunSummary(_Manifest):
+    run_id: str
+    run_date: str
+    out_dir: str
+    backbone_key: str
+    n_images: int
+    n_scored: int
+    n_flagged: int
+    n_failed: int
+    seconds: dict[str, float]
+    images_extracted: int
+    images_token_cached: int
+    pairs_computed: int
+    pairs_cached: int
+    top: tuple[tuple[str, str, float], ...]  # (product, path, score), most anomalous first
+
+    def as_markdown(self) -> str:
+        lines = [
+            f"# MuSc scores for {self.run_date}",
+            "",
+            f"- backbone: `{self.backbone_key}`",
+            f"- images: {self.n_images} ({self.n_scored} scored, {self.n_flagged} flagged, {self.n_failed} failed)",
+            f"- tokens: {self.images_extracted} extracted, {self.images_token_cached} from cache",
+            f"- block pairs: {self.pairs_computed} computed, {self.pairs_cached} from cache",
+            "- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
+            f"- outputs: `{self.out_dir}` (tables/, masks/, heatmaps/)",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Stage 4: masks, heatmaps and the score and region tables of one product."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from .core import upsample_maps
+from .imageio import ImageReadError, read_rgb
+from .render import heatmap_overlay, mask_pixels, region_rows, write_png
+from .rescore import ProductScores
+from .store import open_pool_store, pool_layout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageRecord", "ProductRows", "product_rows", "output_relpath"]
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One catalogued file, as publishing needs it."""
+
+    image_id: str
+    path: str
+    relpath: str
+    width: int | None
+    height: int | None
+    status: str  # "ok" or "failed"
+    reason: str | None
+    notes: tuple[str, ...]
+    duplicate_of: str | None
+
+
+@dataclass(frozen=True)
+class ProductRows:
+    scores: list[dict]
+    regions: list[dict]
+
+
+def output_relpath(kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool) -> str:
+    """Where a product image's mask or heatmap goes, relative to OUT; never outside it."""
+    source = PurePosixPath(relpath)
+    if source.is_absolute() or ".." in source.parts:
+        raise ValueError(f"relpath {relpath!r} must stay inside its product folder")
+    name = source.name + ".png" if keep_suffix else source.stem + ".png"
+    return str(PurePosixPath(kind, run_date, product, backbone_key, *source.parent.parts, name))
+
+
+def product_rows(
+    out_dir: Path,
+    run_date: str,
+    product: str,
+    records: Sequence[ImageRecord],
+    scores: ProductScores | None,
+    pool_paths: Sequence[Path],
+    *,
+    backbone_key: str,
+    run_id: str,
+    not_scored_reason: str | None = None,
+) -> ProductRows:
+    """Write every scored image's mask and heatmap; return its score and region rows.
+
+    Duplicates (same content) share their original's scores and rank; every path gets its
+    own row, mask and heatmap. Files that could not be read get a row with their reason.
+    """
+    by_id = {s.image_id: s for s in (scores.images if scores else ())}
+    ranks = _ranks(scores)
+    stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
+    clashing = {s for s in stems if stems.count(s) > 1}
+    patch_rows = _patch_rows(pool_paths)
+    score_rows, region_rows_out = [], []
+    for record, stem in zip(records, stems):
+        row = {
+            "image_id": record.image_id,
+            "path": record.path,
+            "width": record.width,
+            "height": record.height,
+            "backbone_key": backbone_key,
+            "run_id": run_id,
+            "note": "; ".join(_notes(record)) or None,
+        }
+        scored = by_id.get(record.image_id)
+        if record.status != "ok":
+            score_rows.append({**row, "status": "failed", "error": record.reason})
+            continue
+        if scored is None or scores is None:
+            score_rows.append({**row, "status": "not_scored", "error": not_scored_reason})
+            continue
+        keep_suffix = stem in clashing
+        mask_rel = output_relpath("masks", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix)
+        heat_rel = output_relpath("heatmaps", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix)
+        try:
+            image, _ = read_rgb(Path(record.path))
+        except ImageReadError as error:
+            score_rows.append({**row, "status": "failed", "error": f"unreadable at publish: {error.reason}"})
+            continue
+        pool_path, pool_row = patch_rows[record.image_id]
+        score_map = _original_size_map(pool_path, pool_row, image.height, image.width)
+        mask = mask_pixels(score_map, scores.pixel_threshold)
+        write_png(_inside(out_dir, mask_rel), mask)
+        overlay = heatmap_overlay(np.asarray(image), score_map, vmin=scores.map_min, vmax=scores.map_max)
+        write_png(_inside(out_dir, heat_rel), overlay)
+        regions = region_rows(mask > 0, score_map)
+        for index in range(len(regions["region"])):
+            region_rows_out.append(
+                {
+                    "image_id": record.image_id,
+                    "path": record.path,
+                    **{name: values[index].item() for name, values in regions.items()},
+                    "backbone_key": backbone_key,
+                    "run_id": run_id,
+                }
+            )
+        score_rows.append(
+            {
+                **row,
+                "score": scored.score,
+                "raw_score": scored.raw_score,
+                "rank": ranks[record.image_id],
+                "flagged": scored.score > scores.image_threshold,
+                "image_threshold": scores.image_threshold,
+                "pixel_threshold": scores.pixel_threshold,
+                "pool_index": scored.pool_index,
+                "pool_images": scored.pool_images,
+                "anomalous_fraction": float((mask > 0).mean()),
+                "mask_path": mask_rel,
+                "heatmap_path": heat_rel,
+                "status": "scored",
+            }
+        )
+    return ProductRows(scores=score_rows, regions=region_rows_out)
+
+
+def _notes(record: ImageRecord) -> list[str]:
+    notes = list(record.notes)
+    if record.duplicate_of:
+        notes.append(f"same content as {record.duplicate_of}: scored once")
+    return notes
+
+
+def _ranks(scores: ProductScores | None) -> dict[str, int]:
+    if scores is None:
+        return {}
+    ordered = sorted(scores.images, key=lambda s: (-s.score, s.image_id))
+    return {s.image_id: rank for rank, s in enumerate(ordered, start=1)}
+
+
+def _patch_rows(pool_paths: Sequence[Path]) -> dict[str, tuple[Path, int]]:
+    rows = {}
+    for path in pool_paths:
+        for row, image_id in enumerate(pool_layout(path).image_ids):
+            rows[image_id] = (path, row)
+    return rows
+
+
+def _original_size_map(pool_path: Path, row: int, height: int, width: int) -> np.ndarray:
+    layout = pool_layout(pool_path)
+    patch = torch.from_numpy(open_pool_store(pool_path)["patch_scores"][row : row + 1])
+    return upsample_maps(patch, layout.grid, (height, width))[0].numpy()
+
+
+def _inside(out_dir: Path, relpath: str) -> Path:
+    target = (out_dir / relpath).resolve()
+    if not target.is_relative_to(out_dir.resolve()):
+        raise ValueError(f"refusing to write {relpath!r} outside {out_dir}")
+    return target

@@ -1,0 +1,119 @@
+"""Stage 3: raw image scores, RsCIN over the whole product, and thresholds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core import image_scores, rescore_images, upsample_maps
+from .store import atomic_write_text, open_pool_store, pool_layout, read_embeddings
+
+__all__ = ["ImageScore", "ProductScores", "robust_threshold", "rescore_product", "read_product_scores"]
+
+# A normal day's score spread, measured robustly: the median absolute deviation scaled to
+# a standard deviation (1.4826 for Gaussian data) is not moved by the few defects of a day.
+MAD_TO_SIGMA = 1.4826
+AUTO_SIGMAS = 3.0
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    image_id: str
+    pool_index: int
+    pool_images: int
+    raw_score: float
+    score: float
+
+
+@dataclass(frozen=True)
+class ProductScores:
+    product: str
+    image_threshold: float
+    pixel_threshold: float
+    map_min: float
+    map_max: float
+    images: tuple[ImageScore, ...]
+
+
+def robust_threshold(values: np.ndarray, *, sigmas: float = AUTO_SIGMAS) -> float:
+    """``median + sigmas * 1.4826 * MAD``: a label-free outlier threshold.
+
+    Parameters
+    ----------
+    values : (N,) float array
+        One product's scores of one day.
+
+    Returns
+    -------
+    threshold : float
+        Most of a day's parts are good, so the median and MAD describe good parts; a part
+        more than ``sigmas`` robust standard deviations above the median is an outlier.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("values is empty: no scores to derive a threshold from")
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    return median + sigmas * MAD_TO_SIGMA * mad
+
+
+def rescore_product(
+    product: str,
+    pool_paths: Sequence[Path],
+    token_path: Path,
+    token_rows: dict[str, int],
+    *,
+    image_size: int,
+    rscin_k: Sequence[int],
+    threshold: float | str = "auto",
+    pixel_threshold: float | str = "auto",
+) -> ProductScores:
+    """Raw scores (max of each S x S map), RsCIN across all pools of the product, thresholds.
+
+    The pixel threshold "auto" applies `robust_threshold` to the raw image scores: a pixel is
+    anomalous when it scores above what the peak of a typical good image reaches.
+    """
+    ids, pools, sizes, raw, map_min, map_max = [], [], [], [], np.inf, -np.inf
+    for index, path in enumerate(pool_paths):
+        layout = pool_layout(path)
+        patch_scores = torch.from_numpy(open_pool_store(path)["patch_scores"][:])
+        map_min = min(map_min, float(patch_scores.min()))
+        map_max = max(map_max, float(patch_scores.max()))
+        for start in range(0, len(layout.image_ids), 16):  # bounded memory: 16 maps at a time
+            maps = upsample_maps(patch_scores[start : start + 16], layout.grid, (image_size, image_size))
+            raw.extend(image_scores(maps).tolist())
+        ids.extend(layout.image_ids)
+        pools.extend([index] * len(layout.image_ids))
+        sizes.extend([len(layout.image_ids)] * len(layout.image_ids))
+    raw_scores = np.asarray(raw, dtype=np.float64)
+    embeddings = read_embeddings(token_path, [token_rows[i] for i in ids])
+    final = rescore_images(raw_scores, embeddings, rscin_k)
+    image_threshold = robust_threshold(final) if threshold == "auto" else float(threshold)
+    map_threshold = robust_threshold(raw_scores) if pixel_threshold == "auto" else float(pixel_threshold)
+    images = tuple(
+        ImageScore(image_id=i, pool_index=p, pool_images=s, raw_score=float(r), score=float(f))
+        for i, p, s, r, f in zip(ids, pools, sizes, raw_scores, final)
+    )
+    return ProductScores(
+        product=product,
+        image_threshold=image_threshold,
+        pixel_threshold=map_threshold,
+        map_min=map_min,
+        map_max=map_max,
+        images=images,
+    )
+
+
+def write_product_scores(path: Path, scores: ProductScores) -> None:
+    atomic_write_text(path, json.dumps(asdict(scores), sort_keys=True))
+
+
+def read_product_scores(path: Path) -> ProductScores:
+    raw = json.loads(Path(path).read_text())
+    raw["images"] = tuple(ImageScore(**image) for image in raw["images"])
+    return ProductScores(**raw)

@@ -1,0 +1,291 @@
+"""Zarr stores for tokens and pool scores: the only module that touches Zarr.
+
+Token store, one per (backbone, product), shared by every day:
+    OUT/cache/tokens/<backbone_key>/<product>.zarr
+      layer_NN   (rows, L, C) float16, one chunk per image, one shard per block of images
+      embeddings (rows, D) float32
+      blocks/NNNNNN.json   written after a block's data: which image ids its rows hold
+Pool store, one per (backbone, scoring parameters, set of images in a pool):
+    OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr
+      similarity   (R*Y, N, L, N) float32 scratch, one chunk per ordered block pair
+      patch_scores (N, L) float32, one chunk per block
+      done/pair-A-B, done/row-A   markers written after the data they vouch for
+      attrs["complete"] set last; the scratch similarity table is deleted after it.
+A shard or chunk is only ever written by one task, so concurrent Dask workers never
+touch the same file; a block without its record is simply redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .config import CODE_VERSION
+
+__all__ = [
+    "TokenLayout",
+    "PoolLayout",
+    "atomic_write_text",
+    "create_pool_store",
+    "exclusive_lock",
+    "mark_done",
+    "is_done",
+    "open_pool_store",
+    "pool_key",
+    "read_token_rows",
+    "read_embeddings",
+    "token_index",
+    "token_store_layout",
+    "write_token_block",
+    "prepare_token_store",
+]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    layers: tuple[int, ...]
+    grid: tuple[int, int]
+    channels: int
+    embed_dim: int
+    block_images: int
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    image_ids: tuple[str, ...]
+    grid: tuple[int, int]
+    n_maps: int  # R * Y score maps, one per (aggregation degree, layer)
+    block_images: int
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-len(self.image_ids) // self.block_images)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An advisory lock file: one writer per store, across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _layer_name(layer: int) -> str:
+    return f"layer_{layer:02d}"
+
+
+# -- token store ------------------------------------------------------------------------
+
+
+def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Group:
+    """Open the token store for writing, creating it or growing it to hold ``rows`` rows."""
+    if not path.exists():
+        group = zarr.open_group(path, mode="w-", attributes={
+            "layers": list(layout.layers),
+            "grid": list(layout.grid),
+            "channels": layout.channels,
+            "embed_dim": layout.embed_dim,
+            "block_images": layout.block_images,
+            "code_version": CODE_VERSION,
+        })
+        length = layout.grid[0] * layout.grid[1]
+        for layer in layout.layers:
+            group.create_array(
+                _layer_name(layer),
+                shape=(0, length, layout.channels),
+                dtype="float16",
+                chunks=(1, length, layout.channels),
+                shards=(layout.block_images, length, layout.channels),
+                dimension_names=("image", "patch", "channel"),
+                fill_value=0,
+            )
+        group.create_array(
+            "embeddings",
+            shape=(0, layout.embed_dim),
+            dtype="float32",
+            chunks=(layout.block_images, layout.embed_dim),
+            dimension_names=("image", "feature"),
+            fill_value=0,
+        )
+    group = zarr.open_group(path, mode="r+")
+    if token_store_layout(path) != layout:
+        raise ValueError(f"token store {path} was written with another layout than {layout}")
+    for name, array in group.arrays():
+        if array.shape[0] < rows:
+            array.resize((rows, *array.shape[1:]))
+    return group
+
+
+def token_store_layout(path: Path) -> TokenLayout:
+    attrs = zarr.open_group(path, mode="r").attrs
+    return TokenLayout(
+        layers=tuple(attrs["layers"]),
+        grid=tuple(attrs["grid"]),
+        channels=int(attrs["channels"]),
+        embed_dim=int(attrs["embed_dim"]),
+        block_images=int(attrs["block_images"]),
+    )
+
+
+def token_index(path: Path) -> dict[str, int]:
+    """Row of every image whose tokens are complete in the store (from the block records)."""
+    records = path / "blocks"
+    index: dict[str, int] = {}
+    if not records.is_dir():
+        return index
+    for record in sorted(records.glob("*.json")):
+        block = json.loads(record.read_text())
+        for offset, image_id in enumerate(block["image_ids"]):
+            index.setdefault(image_id, block["start"] + offset)
+    return index
+
+
+def next_free_block(path: Path) -> int:
+    records = sorted((path / "blocks").glob("*.json")) if (path / "blocks").is_dir() else []
+    return int(records[-1].stem) + 1 if records else 0
+
+
+def write_token_block(
+    group: zarr.Group,
+    path: Path,
+    block: int,
+    image_ids: Sequence[str],
+    layer_tokens: Sequence[np.ndarray],
+    embeddings: np.ndarray,
+) -> None:
+    """Write one block of images (one shard per array), then its record."""
+    layout = token_store_layout(path)
+    if len(image_ids) > layout.block_images:
+        raise ValueError(f"a block holds at most {layout.block_images} images, got {len(image_ids)}")
+    start = block * layout.block_images
+    stop = start + len(image_ids)
+    for layer, tokens in zip(layout.layers, layer_tokens):
+        group[_layer_name(layer)][start:stop] = tokens.astype(np.float16)
+    group["embeddings"][start:stop] = embeddings.astype(np.float32)
+    atomic_write_text(
+        path / "blocks" / f"{block:06d}.json",
+        json.dumps({"start": start, "image_ids": list(image_ids)}),
+    )
+
+
+def read_token_rows(path: Path, rows: Sequence[int]) -> list[np.ndarray]:
+    """Tokens of the given rows, one (len(rows), L, C) float32 array per layer."""
+    group = zarr.open_group(path, mode="r")
+    layout = token_store_layout(path)
+    selection = np.asarray(rows, dtype=np.int64)
+    return [
+        group[_layer_name(layer)].get_orthogonal_selection((selection, slice(None), slice(None))).astype(np.float32)
+        for layer in layout.layers
+    ]
+
+
+def read_embeddings(path: Path, rows: Sequence[int]) -> np.ndarray:
+    group = zarr.open_group(path, mode="r")
+    return group["embeddings"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64), slice(None)))
+
+
+# -- pool store -------------------------------------------------------------------------
+
+
+def pool_key(image_ids: Sequence[str], settings: dict) -> str:
+    """Content address of a pool: its images and everything that decides its scores."""
+    payload = json.dumps({"ids": sorted(image_ids), "settings": settings, "code": CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.Group:
+    """Create the pool store, or open it if a previous run created it with the same layout."""
+    n = len(layout.image_ids)
+    length = layout.grid[0] * layout.grid[1]
+    block = layout.block_images
+    if path.exists():
+        group = zarr.open_group(path, mode="r+")
+        if tuple(group.attrs["image_ids"]) != layout.image_ids or group.attrs["block_images"] != block:
+            raise ValueError(f"pool store {path} holds another pool or block size")
+        return group
+    group = zarr.open_group(path, mode="w-", attributes={
+        **attributes,
+        "image_ids": list(layout.image_ids),
+        "grid": list(layout.grid),
+        "n_maps": layout.n_maps,
+        "block_images": block,
+        "code_version": CODE_VERSION,
+        "complete": False,
+    })
+    group.create_array(
+        "similarity",
+        shape=(layout.n_maps, n, length, n),
+        dtype="float32",
+        chunks=(layout.n_maps, block, length, block),
+        dimension_names=("map", "image", "patch", "other_image"),
+        fill_value=np.nan,
+    )
+    group.create_array(
+        "patch_scores",
+        shape=(n, length),
+        dtype="float32",
+        chunks=(block, length),
+        dimension_names=("image", "patch"),
+        fill_value=np.nan,
+    )
+    return group
+
+
+def open_pool_store(path: Path, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(path, mode=mode)
+
+
+def pool_layout(path: Path) -> PoolLayout:
+    attrs = zarr.open_group(path, mode="r").attrs
+    return PoolLayout(
+        image_ids=tuple(attrs["image_ids"]),
+        grid=tuple(attrs["grid"]),
+        n_maps=int(attrs["n_maps"]),
+        block_images=int(attrs["block_images"]),
+    )
+
+
+def mark_done(path: Path, name: str) -> None:
+    atomic_write_text(path / "done" / name, "")
+
+
+def is_done(path: Path, name: str) -> bool:
+    return (path / "done" / name).exists()
+
+
+def finish_pool_store(path: Path) -> None:
+    """Set "complete" (last) and drop the scratch similarity table."""
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["complete"] = True
+    scratch = path / "similarity"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+
+
+def pool_is_complete(path: Path) -> bool:
+    return path.exists() and bool(zarr.open_group(path, mode="r").attrs.get("complete", False))

@@ -1,0 +1,368 @@
+"""Prefect tasks: one per pipeline stage, small manifests in and out, data on disk.
+
+The only module besides flows/ that imports Prefect. Each task wraps a plain function of
+the shell modules (catalog, extract, scoring, rescore, publish); caching is keyed on the
+inputs, the task's source and CODE_VERSION, and every stage also resumes from its own
+on-disk markers, so a crashed run redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from urllib.parse import quote
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.context import TaskRunContext
+from tqdm.auto import tqdm
+
+from . import tables
+from .backbone import load_backbone
+from .catalog import scan_input
+from .config import CODE_VERSION, BackboneSpec, ScoringParams
+from .core import auto_block_size, split_pool
+from .extract import extract_tokens_to_store
+from .manifests import CatalogRef, PoolsRef, ProductRef, ProductScoresRef, RunSummary, TokensRef
+from .publish import ImageRecord, product_rows
+from .rescore import read_product_scores, rescore_product, write_product_scores
+from .scoring import PoolJob, dask_client, score_pools_with_dask
+from .store import PoolLayout, create_pool_store, pool_key, token_index, token_store_layout
+
+CACHED = INPUTS + TASK_SOURCE
+CACHED_ANYWHERE = (INPUTS - "dask_address") + TASK_SOURCE
+
+__all__ = ["catalog_images", "extract_tokens", "score_pools", "rescore_products", "publish_results"]
+
+
+class _Progress:
+    """A CLI progress bar (when MUSC_PROGRESS=1) and a Prefect progress artifact."""
+
+    def __init__(self, key: str, description: str):
+        self.description = description
+        self.bar = tqdm(desc=description, disable=os.environ.get("MUSC_PROGRESS") != "1", leave=True)
+        self.artifact = None
+        self.last_percent = -100.0
+        if TaskRunContext.get() is not None:
+            self.artifact = create_progress_artifact(0.0, key=key, description=description)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+        percent = 100.0 * done / total if total else 100.0
+        if self.artifact is not None and (percent - self.last_percent >= 5 or done == total):
+            update_progress_artifact(self.artifact, percent)
+            self.last_percent = percent
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _segment(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _cache_dir(out_dir: str) -> Path:
+    return Path(out_dir) / "cache"
+
+
+@task(name="catalog_images")
+def catalog_images(input_dir: str, out_dir: str, run_date: str) -> CatalogRef:
+    """Every file of the day: content hash, product, size, readable or why not."""
+    log = get_run_logger()
+    catalog = scan_input(Path(input_dir))
+    records: dict[str, list[dict]] = {}
+    for entry in catalog.entries:
+        record = ImageRecord(
+            image_id=entry.image_id,
+            path=entry.path,
+            relpath=entry.relpath,
+            width=entry.width,
+            height=entry.height,
+            status=entry.status,
+            reason=entry.reason,
+            notes=tuple(entry.notes),
+            duplicate_of=entry.duplicate_of,
+        )
+        records.setdefault(entry.product, []).append(record.__dict__)
+    products = []
+    for name in catalog.products:
+        unique = {e.image_id: e.path for e in catalog.ok_entries(name)}
+        images = tuple(sorted(unique.items()))
+        reason = None
+        if len(images) < 2:
+            reason = (
+                f"product {name!r} has {len(images)} readable image(s); MuSc scores an image "
+                "against the other images of its product, so it needs at least 2"
+            )
+            log.warning(reason)
+        elif len(images) < 5:
+            log.warning("product %r has only %d images: scores compare each image with its single nearest neighbour", name, len(images))
+        products.append(ProductRef(name=name, images=images, n_files=len(records[name]), not_scored_reason=reason))
+    for name in catalog.empty_products:
+        log.warning("product folder %r holds no image files", name)
+    body = json.dumps(records, sort_keys=True)
+    digest = uuid.uuid5(uuid.NAMESPACE_URL, body).hex
+    catalog_path = _cache_dir(out_dir) / "catalogs" / run_date / f"{digest}.json"
+    from .store import atomic_write_text
+
+    atomic_write_text(catalog_path, body)
+    failed = sum(1 for e in catalog.entries if e.status != "ok")
+    log.info("%d files in %d products, %d unreadable", len(catalog.entries), len(products), failed)
+    return CatalogRef(
+        input_dir=str(input_dir),
+        run_date=run_date,
+        catalog_path=str(catalog_path),
+        products=tuple(products),
+        empty_products=tuple(catalog.empty_products),
+        n_files=len(catalog.entries),
+        n_failed=failed,
+    )
+
+
+@task(name="extract_tokens", cache_policy=CACHED, persist_result=True)
+def extract_tokens(
+    catalog: CatalogRef, backbone: BackboneSpec, out_dir: str, device: str = "auto", code_version: str = CODE_VERSION
+) -> tuple[TokensRef, ...]:
+    """Stage 1: tokens of every readable image not already in the backbone's token stores."""
+    log = get_run_logger()
+    loaded = []
+
+    def load():
+        if not loaded:
+            loaded.append(load_backbone(backbone, device=device))
+        return loaded[0]
+
+    refs = []
+    for product in catalog.products:
+        if product.not_scored_reason:
+            continue
+        store = _cache_dir(out_dir) / "tokens" / backbone.key / f"{_segment(product.name)}.zarr"
+        progress = _Progress(f"extract-{_artifact_key(product.name)}", f"tokens {product.name}")
+        try:
+            result = extract_tokens_to_store(store, product.images, load, on_progress=progress)
+        finally:
+            progress.close()
+        index = token_index(store)
+        kept = tuple(i for i, _ in product.images if i in index)
+        log.info("%s: %d extracted, %d from cache", product.name, result.extracted, result.reused)
+        refs.append(
+            TokensRef(
+                product=product.name,
+                store_path=str(store),
+                image_ids=kept,
+                token_rows=tuple(index[i] for i in kept),
+                extracted=result.extracted,
+                reused=result.reused,
+                failed=tuple(sorted(result.failed.items())),
+            )
+        )
+    return tuple(refs)
+
+
+@task(name="score_pools", cache_policy=CACHED_ANYWHERE, persist_result=True)
+def score_pools(
+    tokens: tuple[TokensRef, ...],
+    scoring: ScoringParams,
+    backbone_key: str,
+    out_dir: str,
+    dask_address: str | None = None,
+    device: str = "auto",
+    code_version: str = CODE_VERSION,
+) -> tuple[PoolsRef, ...]:
+    """Stage 2: MSM patch scores of every pool, block pairs computed on Dask."""
+    log = get_run_logger()
+    jobs, refs = [], []
+    for ref in tokens:
+        if len(ref.image_ids) < 2:
+            continue
+        layout = token_store_layout(Path(ref.store_path))
+        length = layout.grid[0] * layout.grid[1]
+        block = scoring.block_images or auto_block_size(length)
+        rows = dict(zip(ref.image_ids, ref.token_rows))
+        pool_paths = []
+        for pool in split_pool(len(ref.image_ids), scoring.pool_size, seed=scoring.pool_seed):
+            ids = tuple(ref.image_ids[i] for i in pool)
+            settings = {
+                "backbone": backbone_key,
+                "r_list": list(scoring.r_list),
+                "interval": scoring.interval,
+                "block": block,
+            }
+            path = _cache_dir(out_dir) / "pools" / backbone_key / _segment(ref.product) / f"{pool_key(ids, settings)}.zarr"
+            create_pool_store(
+                path,
+                PoolLayout(image_ids=ids, grid=layout.grid, n_maps=len(scoring.r_list) * len(layout.layers), block_images=block),
+                settings,
+            )
+            jobs.append(
+                PoolJob(
+                    pool_path=str(path),
+                    token_path=ref.store_path,
+                    token_rows=tuple(rows[i] for i in ids),
+                    r_list=scoring.r_list,
+                    interval=scoring.interval,
+                    device=device,
+                )
+            )
+            pool_paths.append(str(path))
+        refs.append((ref, tuple(pool_paths)))
+    progress = _Progress("mutual-scoring", "mutual scoring")
+    try:
+        with dask_client(dask_address) as client:
+            counts = score_pools_with_dask(jobs, client, on_progress=progress)
+    finally:
+        progress.close()
+    out = []
+    for ref, paths in refs:
+        computed = sum(counts[p][0] for p in paths)
+        reused = sum(counts[p][1] for p in paths)
+        log.info("%s: %d block pairs computed, %d from cache", ref.product, computed, reused)
+        out.append(PoolsRef(product=ref.product, tokens=ref, pool_paths=paths, pairs_computed=computed, pairs_reused=reused))
+    return tuple(out)
+
+
+@task(name="rescore_products", cache_policy=CACHED, persist_result=True)
+def rescore_products(
+    pools: tuple[PoolsRef, ...], scoring: ScoringParams, image_size: int, out_dir: str, code_version: str = CODE_VERSION
+) -> tuple[ProductScoresRef, ...]:
+    """Stage 3: raw image scores, RsCIN over each whole product, thresholds."""
+    refs = []
+    for ref in pools:
+        scores = rescore_product(
+            ref.product,
+            [Path(p) for p in ref.pool_paths],
+            Path(ref.tokens.store_path),
+            dict(zip(ref.tokens.image_ids, ref.tokens.token_rows)),
+            image_size=image_size,
+            rscin_k=scoring.rscin_k,
+            threshold=scoring.threshold,
+            pixel_threshold=scoring.pixel_threshold,
+        )
+        key = pool_key(list(ref.pool_paths), {"rscin_k": list(scoring.rscin_k), "t": str(scoring.threshold), "p": str(scoring.pixel_threshold)})
+        path = Path(ref.pool_paths[0]).parent / f"scores-{key}.json"
+        write_product_scores(path, scores)
+        refs.append(ProductScoresRef(product=ref.product, scores_path=str(path), pools=ref))
+    return tuple(refs)
+
+
+@task(name="publish_results")
+def publish_results(
+    catalog: CatalogRef,
+    scored: tuple[ProductScoresRef, ...],
+    backbone: BackboneSpec,
+    scoring: ScoringParams,
+    out_dir: str,
+    run_id: str,
+    started_at: str,
+    seconds: dict[str, float],
+    cache_counts: dict[str, int],
+) -> RunSummary:
+    """Stage 4: masks, heatmaps and the score, region and run tables, published atomically."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    out = Path(out_dir)
+    records = json.loads(Path(catalog.catalog_path).read_text())
+    by_product = {ref.product: ref for ref in scored}
+    reasons = {p.name: p.not_scored_reason for p in catalog.products}
+    all_scores, published = [], []
+    progress = _Progress("publish", "publish")
+    try:
+        for done, (product, product_records) in enumerate(sorted(records.items()), start=1):
+            ref = by_product.get(product)
+            rows = product_rows(
+                out,
+                catalog.run_date,
+                product,
+                [ImageRecord(**{**r, "notes": tuple(r["notes"])}) for r in product_records],
+                read_product_scores(Path(ref.scores_path)) if ref else None,
+                [Path(p) for p in ref.pools.pool_paths] if ref else [],
+                backbone_key=backbone.key,
+                run_id=run_id,
+                not_scored_reason=reasons.get(product) or "not scored",
+            )
+            partition = {"date": catalog.run_date, "product": product}
+            tables.publish_partition(out / "tables" / "scores", partition, backbone.key, tables.to_table(rows.scores, tables.SCORES_SCHEMA), tables.SCORES_SCHEMA)
+            tables.publish_partition(out / "tables" / "regions", partition, backbone.key, tables.to_table(rows.regions, tables.REGIONS_SCHEMA), tables.REGIONS_SCHEMA)
+            published.append(partition)
+            all_scores.extend({**r, "product": product} for r in rows.scores)
+            progress(done, len(records))
+    finally:
+        progress.close()
+    for name in ("scores", "regions"):
+        tables.remove_stale(out / "tables" / name, {"date": catalog.run_date}, backbone.key, published)
+
+    scored_rows = [r for r in all_scores if r["status"] == "scored"]
+    top = sorted(scored_rows, key=lambda r: (-r["score"], r["path"]))
+    seconds = {**seconds, "publish": time.perf_counter() - started}
+    summary = RunSummary(
+        run_id=run_id,
+        run_date=catalog.run_date,
+        out_dir=str(out),
+        backbone_key=backbone.key,
+        n_images=len(all_scores),
+        n_scored=len(scored_rows),
+        n_flagged=sum(1 for r in scored_rows if r["flagged"]),
+        n_failed=sum(1 for r in all_scores if r["status"] == "failed"),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        top=tuple((r["product"], r["path"], r["score"]) for r in top[:10]),
+        **cache_counts,
+    )
+    run_row = {
+        "run_id": run_id,
+        "flow_run_id": _flow_run_id(),
+        "started_at": datetime.fromisoformat(started_at),
+        "finished_at": datetime.now(timezone.utc),
+        "backbone_key": backbone.key,
+        "parameters": json.dumps({"backbone": backbone.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}, sort_keys=True),
+        "versions": json.dumps(_package_versions(), sort_keys=True),
+        "input_dir": catalog.input_dir,
+        "n_images": summary.n_images,
+        "n_scored": summary.n_scored,
+        "n_flagged": summary.n_flagged,
+        "n_failed": summary.n_failed,
+        **{f"seconds_{k}": v for k, v in seconds.items()},
+        **cache_counts,
+        "status": "completed",
+    }
+    tables.publish_partition(out / "tables" / "runs", {"date": catalog.run_date}, run_id, tables.to_table([run_row], tables.RUNS_SCHEMA), tables.RUNS_SCHEMA)
+    if TaskRunContext.get() is not None:
+        for product in sorted({r["product"] for r in scored_rows}):
+            best = [r for r in top if r["product"] == product][:10]
+            create_table_artifact(
+                key=f"top-{_artifact_key(product)}",
+                table=[{"rank": r["rank"], "path": r["path"], "score": round(r["score"], 4), "flagged": r["flagged"], "heatmap": r["heatmap_path"]} for r in best],
+                description=f"Most anomalous images of {product} on {catalog.run_date}",
+            )
+    log.info("published %d rows for %s", len(all_scores), catalog.run_date)
+    return summary
+
+
+def _artifact_key(name: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only
+    cleaned = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    return (cleaned or "product")[:40] + "-" + uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:6]
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    run = flow_run.get_id()
+    return str(run) if run else None
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("musc-pipeline", "torch", "open-clip-torch", "prefect", "zarr", "dask", "distributed", "numpy", "pyarrow"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions

@@ -1,0 +1,183 @@
+"""The real nightly flow: Prefect, Zarr, a 2-worker Dask cluster, Parquet read back by DuckDB."""
+
+import json
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flows.score import score_captures
+from musc_tasks import tables
+from musc_tasks.backbone import load_backbone
+from musc_tasks.config import ScoringParams
+from musc_tasks.core import image_metrics, image_scores, pool_patch_scores, rescore_images, upsample_maps
+from musc_tasks.imageio import read_rgb
+from musc_tasks.preprocess import squash_normalise
+
+from .conftest import subprocess_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
+
+RUN_DATE = date(2026, 11, 22)
+SCORING = ScoringParams(block_images=3)
+
+
+def run_flow(input_dir, out_dir, backbone, dask_address, **kwargs):
+    return score_captures(
+        input_dir=str(input_dir),
+        out_dir=str(out_dir),
+        run_date=RUN_DATE,
+        backbone=backbone,
+        scoring=SCORING,
+        device="cpu",
+        dask_address=dask_address,
+        **kwargs,
+    )
+
+
+def query(out_dir, sql):
+    scores = f"read_parquet('{out_dir}/tables/scores/**/*.parquet', hive_partitioning=true)"
+    return duckdb.sql(sql.format(scores=scores)).df()
+
+
+def comparable(out_dir, table):
+    frame = tables.read_table(Path(out_dir) / "tables" / table).drop(columns=["run_id"])
+    return frame.sort_values(list(frame.columns[:3])).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("out")
+    summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
+    return out_dir, summary
+
+
+def test_tables_masks_and_heatmaps(first_run, demo_day):
+    out_dir, summary = first_run
+    n_files = len(demo_day.images)
+    assert summary.n_images == summary.n_scored == n_files and summary.n_failed == 0
+    rows = query(out_dir, "select * from {scores}")
+    assert len(rows) == n_files
+    assert set(rows.columns) == {f.name for f in tables.SCORES_SCHEMA} | {"date", "product"}
+    assert (rows["status"] == "scored").all()
+    assert set(rows["product"]) == {image.product for image in demo_day.images}
+    per_product = query(out_dir, "select product, min(rank) lo, max(rank) hi, count(*) n from {scores} group by product")
+    assert (per_product["lo"] == 1).all() and (per_product["hi"] == per_product["n"]).all()
+    for row in rows.itertuples():
+        with Image.open(row.path) as original:
+            size = original.size
+        for rel in (row.mask_path, row.heatmap_path):
+            with Image.open(out_dir / rel) as written:
+                assert written.size == size
+    regions = tables.read_table(out_dir / "tables" / "regions")
+    assert set(regions["image_id"]) <= set(rows["image_id"])
+    runs = tables.read_table(out_dir / "tables" / "runs")
+    assert len(runs) == 1 and runs["images_extracted"].iloc[0] == n_files
+
+
+def test_planted_defects_rank_above_normal_images(first_run, demo_day):
+    out_dir, _ = first_run
+    rows = query(out_dir, "select path, product, rank, score from {scores}")
+    defective = {str(image.path) for image in demo_day.images if image.is_defective}
+    rows["defective"] = rows["path"].isin(defective)
+    for product, group in rows.groupby("product"):
+        auroc = image_metrics(group["score"].to_numpy(), group["defective"].to_numpy())["auroc"]
+        assert auroc >= 0.75, f"{product}: planted defects do not rank above normal images (AUROC {auroc:.2f})"
+    assert rows.loc[rows["defective"], "rank"].mean() < rows.loc[~rows["defective"], "rank"].mean()
+
+
+def test_scores_equal_the_core_engine_in_memory(first_run, demo_day, tiny_backbone):
+    out_dir, _ = first_run
+    rows = query(out_dir, "select path, product, score, raw_score from {scores}")
+    backbone = load_backbone(tiny_backbone, device="cpu")
+    for product, group in rows.groupby("product"):
+        group = group.sort_values("path")
+        size = tiny_backbone.image_size
+        pixels = torch.stack([squash_normalise(read_rgb(Path(p))[0], size) for p in group["path"]])
+        layer_tokens, embeddings = backbone.extract(pixels)
+        layer_tokens = [t.half().float() for t in layer_tokens]  # the store keeps float16 tokens
+        patch = pool_patch_scores(layer_tokens, backbone.grid, SCORING.r_list, block=SCORING.block_images)
+        raw = image_scores(upsample_maps(patch, backbone.grid, (size, size))).double().numpy()
+        final = rescore_images(raw, embeddings.numpy(), SCORING.rscin_k)
+        np.testing.assert_allclose(group["raw_score"], raw, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(group["score"], final, atol=1e-6, rtol=0)
+
+
+def test_second_run_is_served_from_cache_and_identical(first_run, demo_day, tiny_backbone, dask_address):
+    out_dir, _ = first_run
+    before = {name: comparable(out_dir, name) for name in ("scores", "regions")}
+    masks_before = {p: p.read_bytes() for p in sorted((out_dir / "masks").rglob("*.png"))}
+    summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
+    assert summary.images_extracted == 0 and summary.pairs_computed == 0
+    runs = tables.read_table(out_dir / "tables" / "runs").sort_values("started_at")
+    assert list(runs["images_extracted"]) == [len(demo_day.images), 0]
+    assert runs["pairs_computed"].iloc[1] == 0 and runs["pairs_cached"].iloc[1] > 0
+    for name, frame in before.items():
+        assert frame.equals(comparable(out_dir, name)), f"{name} changed on a cached re-run"
+    assert masks_before == {p: p.read_bytes() for p in sorted((out_dir / "masks").rglob("*.png"))}
+    assert len(query(out_dir, "select * from {scores}")) == len(demo_day.images), "re-run duplicated rows"
+
+
+def wait_until_idle(address, timeout_seconds=60):
+    from distributed import Client
+
+    with Client(address) as client:
+        deadline = time.monotonic() + timeout_seconds
+        def busy():
+            executing = client.run(lambda dask_worker: len(dask_worker.state.executing))
+            return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) or any(executing.values())
+
+        while busy():
+            assert time.monotonic() < deadline, "the Dask cluster did not drain after the crash"
+            time.sleep(0.2)
+
+
+KILL_SCRIPT = """
+import sys, json
+from datetime import date
+from flows.score import score_captures
+from musc_tasks.config import BackboneSpec, ScoringParams
+score_captures(input_dir=sys.argv[1], out_dir=sys.argv[2], run_date=date(2026, 11, 22),
+               backbone=BackboneSpec.model_validate_json(sys.argv[3]),
+               scoring=ScoringParams.model_validate_json(sys.argv[4]), device="cpu", dask_address=sys.argv[5])
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["extract-block:1", "score-task:4"])
+def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
+    reference_dir, _ = first_run
+    out_dir = tmp_path / "out"
+    command = [sys.executable, "-c", KILL_SCRIPT, str(demo_day.input_dir), str(out_dir),
+               tiny_backbone.model_dump_json(), SCORING.model_dump_json(), dask_address]
+    env = {**subprocess_env(prefect_api), "MUSC_KILL_AT": kill_at}
+    crashed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-3000:]
+
+    token_blocks = list((out_dir / "cache" / "tokens").rglob("blocks/*.json"))
+    pair_markers = list((out_dir / "cache" / "pools").rglob("done/pair-*"))
+    if kill_at.startswith("extract"):
+        assert len(token_blocks) == 1 and not pair_markers  # one block per product store was written
+    else:
+        assert pair_markers and not list((out_dir / "tables").rglob("*.parquet"))
+    cached_images = sum(len(json.loads(p.read_text())["image_ids"]) for p in token_blocks)
+    wait_until_idle(dask_address)  # tasks already running on the cluster finish after the crash
+    done_pairs = len(list((out_dir / "cache" / "pools").rglob("done/pair-*")))
+
+    summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
+    assert summary.images_extracted == len(demo_day.images) - cached_images
+    assert summary.images_token_cached == cached_images
+    if kill_at.startswith("score"):
+        assert summary.images_extracted == 0
+        assert summary.pairs_cached == done_pairs and summary.pairs_computed > 0
+    for name in ("scores", "regions"):
+        assert comparable(out_dir, name).equals(comparable(reference_dir, name)), f"{name} differ after resume"
+    masks = sorted(p.relative_to(out_dir) for p in (out_dir / "masks").rglob("*.png"))
+    assert masks == sorted(p.relative_to(reference_dir) for p in (reference_dir / "masks").rglob("*.png"))
+    assert all((out_dir / m).read_bytes() == (reference_dir / m).read_bytes() for m in masks)
