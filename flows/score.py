@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import State
 
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
-from musc_tasks.manifests import RunSummary
+from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary
 from musc_tasks.tasks import catalog_images, extract_tokens, publish_results, rescore_products, score_pools
 
 
@@ -34,42 +32,62 @@ def score_captures(
     ``day_offset`` days: the nightly deployment scores yesterday with ``day_offset=-1``.
     ``refresh`` ignores cached task results (the on-disk stores still resume).
     """
-    log = get_run_logger()
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
-    input_dir = input_dir.replace("{date}", day)
-    started_at = datetime.now(timezone.utc).isoformat()
-    run_id = _run_id()
-    seconds: dict[str, float] = {}
+    stages = Stages(refresh)
+    catalog = stages.run("catalog", catalog_images, input_dir.replace("{date}", day), out_dir, day)
+    summary, _ = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
+    return summary
 
-    def stage(name, task, *args, **kwargs):
-        began = time.perf_counter()
-        state: State = task.with_options(refresh_cache=refresh or None).__call__(*args, **kwargs, return_state=True)
-        seconds[name] = time.perf_counter() - began
-        return state.result(), state.name == "Cached"
 
-    catalog, _ = stage("catalog", catalog_images, input_dir, out_dir, day)
-    tokens, tokens_cached = stage("extract", extract_tokens, catalog, backbone, out_dir, device)
-    pools, pools_cached = stage("score", score_pools, tokens, scoring, backbone.key, out_dir, dask_address, device)
-    scored, _ = stage("rescore", rescore_products, pools, scoring, backbone.image_size, out_dir)
+def score_catalog(
+    catalog: CatalogRef,
+    backbone: BackboneSpec,
+    scoring: ScoringParams,
+    out_dir: str,
+    device: str,
+    dask_address: str | None,
+    stages: Stages,
+) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
+    """The stages after the catalog, shared by the nightly and the evaluation flows."""
+    tokens = stages.run("extract", extract_tokens, catalog, backbone, out_dir, device)
+    pools = stages.run("score", score_pools, tokens, scoring, backbone.key, out_dir, dask_address, device)
+    scored = stages.run("rescore", rescore_products, pools, scoring, backbone.image_size, out_dir)
 
-    extracted = 0 if tokens_cached else sum(t.extracted for t in tokens)
-    computed = 0 if pools_cached else sum(p.pairs_computed for p in pools)
+    extracted = 0 if "extract" in stages.cached else sum(t.extracted for t in tokens)
+    computed = 0 if "score" in stages.cached else sum(p.pairs_computed for p in pools)
     counts = {
         "images_extracted": extracted,
         "images_token_cached": sum(t.extracted + t.reused for t in tokens) - extracted,
         "pairs_computed": computed,
         "pairs_cached": sum(p.pairs_computed + p.pairs_reused for p in pools) - computed,
     }
-    summary = publish_results(catalog, scored, backbone, scoring, out_dir, run_id, started_at, seconds, counts)
-    create_markdown_artifact(key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {day}")
-    log.info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
-    return summary
+    summary = publish_results(
+        catalog, scored, backbone, scoring, out_dir, stages.run_id, stages.started_at, stages.seconds, counts
+    )
+    create_markdown_artifact(key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}")
+    get_run_logger().info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
+    return summary, scored
 
 
-def _run_id() -> str:
-    from prefect.runtime import flow_run
+class Stages:
+    """Runs stage tasks, timing each and noting which were served from Prefect's cache."""
 
-    return str(flow_run.get_id() or uuid.uuid4())
+    def __init__(self, refresh: bool = False):
+        from prefect.runtime import flow_run
+
+        self.refresh = refresh
+        self.run_id = str(flow_run.get_id() or uuid.uuid4())
+        self.started_at = datetime.now(timezone.utc).isoformat()
+        self.seconds: dict[str, float] = {}
+        self.cached: set[str] = set()
+
+    def run(self, name, task, *args):
+        began = time.perf_counter()
+        state = task.with_options(refresh_cache=self.refresh or None)(*args, return_state=True)
+        self.seconds[name] = time.perf_counter() - began
+        if state.name == "Cached":
+            self.cached.add(name)
+        return state.result()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, field_serializer
 
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, content_hash, read_rgb
 
-__all__ = ["IMAGE_SUFFIXES", "CatalogEntry", "Catalog", "scan_input"]
+__all__ = ["IMAGE_SUFFIXES", "CatalogEntry", "Catalog", "catalog_files", "scan_input"]
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,7 @@ def scan_input(
         elif _has_image_suffix(item.name):
             found.append((root.name, item.name))
 
-    entries: list[CatalogEntry] = []
-    first_by_hash: dict[tuple[str, str], CatalogEntry] = {}
-    for product, relpath in sorted(found):
-        entry = _catalog_file(
-            root, real_root, product, relpath, first_by_hash, min_side=min_side, max_pixels=max_pixels
-        )
-        if entry.status == "failed":
-            log.warning("%s: %s", entry.path, entry.reason)
-        entries.append(entry)
-
+    entries = _catalog_entries(root, real_root, found, min_side=min_side, max_pixels=max_pixels)
     catalog = Catalog(
         input_dir=str(root),
         entries=tuple(entries),
@@ -185,6 +176,44 @@ def scan_input(
         len(catalog.empty_products),
     )
     return catalog
+
+
+def catalog_files(
+    root: str | os.PathLike,
+    files: list[tuple[str, str]],
+    *,
+    min_side: int = 1,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Catalog:
+    """Catalogue an explicit list of files (a benchmark's test set) the way `scan_input` does.
+
+    Parameters
+    ----------
+    root : str or path-like
+        Folder the relative paths start from.
+    files : list of (product, relpath)
+        relpath is a POSIX path relative to ``root``.
+    """
+    root = Path(os.path.abspath(os.fsdecode(root)))
+    if not root.is_dir():
+        raise NotADirectoryError(f"root {root} is not a directory")
+    entries = _catalog_entries(root, os.path.realpath(root), files, min_side=min_side, max_pixels=max_pixels)
+    return Catalog(input_dir=str(root), entries=tuple(entries))
+
+
+def _catalog_entries(
+    root: Path, real_root: str, found: list[tuple[str, str]], *, min_side: int, max_pixels: int
+) -> list[CatalogEntry]:
+    entries: list[CatalogEntry] = []
+    first_by_hash: dict[tuple[str, str], CatalogEntry] = {}
+    for product, relpath in sorted(found):
+        entry = _catalog_file(
+            root, real_root, product, relpath, first_by_hash, min_side=min_side, max_pixels=max_pixels
+        )
+        if entry.status == "failed":
+            log.warning("%s: %s", entry.path, entry.reason)
+        entries.append(entry)
+    return entries
 
 
 def _has_image_suffix(name: str) -> bool:

@@ -151,6 +151,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate_dataset
+
+    from .datasets import DEFAULT_RSCIN_K
+
+    scoring = ScoringParams(
+        r_list=args.r,
+        rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout],
+        pool_size=args.pool_size or 100_000,
+    )
+    rows = evaluate_dataset(
+        root=str(Path(args.root).resolve()),
+        layout=args.layout,
+        out_dir=str(Path(args.out).resolve()),
+        categories=tuple(args.categories.split(",")) if args.categories else None,
+        divide_num=args.divide_num,
+        backbone=backbone_from_args(args),
+        scoring=scoring,
+        mask_mode=args.mask_mode,
+        device=args.device,
+        dask_address=args.dask_address,
+    )
+    print(metrics_table(rows))
+    return 0
+
+
+def metrics_table(rows: list[dict]) -> str:
+    """The paper's Table 1 layout, in percent."""
+    columns = [
+        ("AUROC-cls", "image_auroc"), ("F1-cls", "image_f1_max"), ("AP-cls", "image_ap"),
+        ("AUROC-seg", "pixel_auroc"), ("F1-seg", "pixel_f1_max"), ("AP-seg", "pixel_ap"),
+        ("AUPRO@0.3", "aupro"), ("PRO-musc", "pro_musc"),
+    ]
+    width = max([len(r["category"]) for r in rows] + [8])
+    lines = [f"{'category':<{width}} " + " ".join(f"{name:>9}" for name, _ in columns)]
+    for row in rows:
+        values = " ".join(f"{100 * row[key]:>9.1f}" if row[key] is not None else f"{'-':>9}" for _, key in columns)
+        lines.append(f"{row['category']:<{width}} {values}")
+    return "\n".join(lines)
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from .backbone import resolve_checkpoint
 
@@ -178,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     demo.set_defaults(func=cmd_demo)
+
+    evaluate = commands.add_parser("evaluate", help="the paper's metrics on MVTec AD / VisA / BTAD test sets")
+    evaluate.add_argument("root", help="dataset root")
+    evaluate.add_argument("--layout", required=True, choices=["mvtec", "visa", "btad"])
+    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--categories", help="comma-separated subset (default: all)")
+    pools = evaluate.add_mutually_exclusive_group()
+    pools.add_argument("--pool-size", type=int, help="split each category into seeded pools of at most N")
+    pools.add_argument("--divide-num", type=int, help="the paper's split into D subsets stratified by defect type")
+    evaluate.add_argument("--r", type=_int_list, default=(1, 3, 5))
+    evaluate.add_argument("--rscin-k", type=_int_list, help="default: 1,2,3 (MVTec AD, BTAD), 1,8,9 (VisA)")
+    evaluate.add_argument("--mask-mode", choices=["paper", "half"], default="paper", help="ground-truth resize rule (README)")
+    evaluate.add_argument("--dask-address")
+    add_backbone_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
 
     fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
     add_backbone_arguments(fetch)

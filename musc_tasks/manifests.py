@@ -15,6 +15,8 @@ class ProductRef(_Manifest):
     images: tuple[tuple[str, str], ...]
     n_files: int
     not_scored_reason: str | None = None
+    # fixed pools of image ids (evaluation's divide_num split); None: split by pool_size
+    pools: tuple[tuple[str, ...], ...] | None = None
 
 
 class CatalogRef(_Manifest):
@@ -35,6 +37,7 @@ class TokensRef(_Manifest):
     extracted: int
     reused: int
     failed: tuple[tuple[str, str], ...] = ()
+    pools: tuple[tuple[str, ...], ...] | None = None
 
 
 class PoolsRef(_Manifest):

@@ -8,13 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import torch
 
-from .core import upsample_maps
 from .imageio import ImageReadError, read_rgb
 from .render import heatmap_overlay, mask_pixels, region_rows, write_png
-from .rescore import ProductScores
-from .store import open_pool_store, pool_layout
+from .rescore import ProductScores, patch_score_rows, score_map
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +69,7 @@ def product_rows(
     ranks = _ranks(scores)
     stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
     clashing = {s for s in stems if stems.count(s) > 1}
-    patch_rows = _patch_rows(pool_paths)
+    patch_rows = patch_score_rows(pool_paths)
     score_rows, region_rows_out = [], []
     for record, stem in zip(records, stems):
         row = {
@@ -100,12 +97,12 @@ def product_rows(
             score_rows.append({**row, "status": "failed", "error": f"unreadable at publish: {error.reason}"})
             continue
         pool_path, pool_row = patch_rows[record.image_id]
-        score_map = _original_size_map(pool_path, pool_row, image.height, image.width)
-        mask = mask_pixels(score_map, scores.pixel_threshold)
+        pixel_scores = score_map(pool_path, pool_row, image.height, image.width)
+        mask = mask_pixels(pixel_scores, scores.pixel_threshold)
         write_png(_inside(out_dir, mask_rel), mask)
-        overlay = heatmap_overlay(np.asarray(image), score_map, vmin=scores.map_min, vmax=scores.map_max)
+        overlay = heatmap_overlay(np.asarray(image), pixel_scores, vmin=scores.map_min, vmax=scores.map_max)
         write_png(_inside(out_dir, heat_rel), overlay)
-        regions = region_rows(mask > 0, score_map)
+        regions = region_rows(mask > 0, pixel_scores)
         for index in range(len(regions["region"])):
             region_rows_out.append(
                 {
@@ -148,20 +145,6 @@ def _ranks(scores: ProductScores | None) -> dict[str, int]:
         return {}
     ordered = sorted(scores.images, key=lambda s: (-s.score, s.image_id))
     return {s.image_id: rank for rank, s in enumerate(ordered, start=1)}
-
-
-def _patch_rows(pool_paths: Sequence[Path]) -> dict[str, tuple[Path, int]]:
-    rows = {}
-    for path in pool_paths:
-        for row, image_id in enumerate(pool_layout(path).image_ids):
-            rows[image_id] = (path, row)
-    return rows
-
-
-def _original_size_map(pool_path: Path, row: int, height: int, width: int) -> np.ndarray:
-    layout = pool_layout(pool_path)
-    patch = torch.from_numpy(open_pool_store(pool_path)["patch_scores"][row : row + 1])
-    return upsample_maps(patch, layout.grid, (height, width))[0].numpy()
 
 
 def _inside(out_dir: Path, relpath: str) -> Path:

@@ -13,7 +13,15 @@ import torch
 from .core import image_scores, rescore_images, upsample_maps
 from .store import atomic_write_text, open_pool_store, pool_layout, read_embeddings
 
-__all__ = ["ImageScore", "ProductScores", "robust_threshold", "rescore_product", "read_product_scores"]
+__all__ = [
+    "ImageScore",
+    "ProductScores",
+    "patch_score_rows",
+    "read_product_scores",
+    "rescore_product",
+    "robust_threshold",
+    "score_map",
+]
 
 # A normal day's score spread, measured robustly: the median absolute deviation scaled to
 # a standard deviation (1.4826 for Gaussian data) is not moved by the few defects of a day.
@@ -117,3 +125,19 @@ def read_product_scores(path: Path) -> ProductScores:
     raw = json.loads(Path(path).read_text())
     raw["images"] = tuple(ImageScore(**image) for image in raw["images"])
     return ProductScores(**raw)
+
+
+def patch_score_rows(pool_paths: Sequence[Path]) -> dict[str, tuple[Path, int]]:
+    """Where each image's patch scores live: image id -> (pool store, row)."""
+    rows = {}
+    for path in pool_paths:
+        for row, image_id in enumerate(pool_layout(path).image_ids):
+            rows[image_id] = (path, row)
+    return rows
+
+
+def score_map(pool_path: Path, row: int, height: int, width: int) -> np.ndarray:
+    """One image's anomaly map at (height, width) pixels: (height, width) float32 array."""
+    layout = pool_layout(pool_path)
+    patch = torch.from_numpy(open_pool_store(pool_path)["patch_scores"][row : row + 1])
+    return upsample_maps(patch, layout.grid, (height, width))[0].numpy()

@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -25,20 +26,38 @@ from tqdm.auto import tqdm
 
 from . import tables
 from .backbone import load_backbone
-from .catalog import scan_input
+from .catalog import catalog_files, scan_input
 from .config import CODE_VERSION, BackboneSpec, ScoringParams
-from .core import auto_block_size, split_pool
+from .core import auto_block_size, image_metrics, pixel_metrics, split_by_type, split_pool
+from .datasets import dataset_images, list_categories
 from .extract import extract_tokens_to_store
 from .manifests import CatalogRef, PoolsRef, ProductRef, ProductScoresRef, RunSummary, TokensRef
+from .preprocess import read_mask, resize_mask
 from .publish import ImageRecord, product_rows
-from .rescore import read_product_scores, rescore_product, write_product_scores
+from .rescore import patch_score_rows, read_product_scores, rescore_product, score_map, write_product_scores
 from .scoring import PoolJob, dask_client, score_pools_with_dask
-from .store import PoolLayout, create_pool_store, pool_key, token_index, token_store_layout
+from .store import (
+    PoolLayout,
+    atomic_write_text,
+    create_pool_store,
+    pool_key,
+    pool_layout,
+    token_index,
+    token_store_layout,
+)
 
 CACHED = INPUTS + TASK_SOURCE
 CACHED_ANYWHERE = (INPUTS - "dask_address") + TASK_SOURCE
 
-__all__ = ["catalog_images", "extract_tokens", "score_pools", "rescore_products", "publish_results"]
+__all__ = [
+    "catalog_dataset",
+    "catalog_images",
+    "evaluate_metrics",
+    "extract_tokens",
+    "publish_results",
+    "rescore_products",
+    "score_pools",
+]
 
 
 class _Progress:
@@ -65,6 +84,12 @@ class _Progress:
         self.bar.close()
 
 
+def _within_product(relpath: str, product: str) -> str:
+    """The catalog's path relative to INPUT, made relative to the product folder."""
+    prefix = product + "/"
+    return relpath[len(prefix) :] if relpath.startswith(prefix) else relpath
+
+
 def _segment(name: str) -> str:
     return quote(name, safe="")
 
@@ -76,14 +101,47 @@ def _cache_dir(out_dir: str) -> Path:
 @task(name="catalog_images")
 def catalog_images(input_dir: str, out_dir: str, run_date: str) -> CatalogRef:
     """Every file of the day: content hash, product, size, readable or why not."""
+    return _catalog_ref(scan_input(Path(input_dir)), out_dir, run_date)
+
+
+@task(name="catalog_dataset")
+def catalog_dataset(
+    root: str, layout: str, categories: tuple[str, ...] | None, out_dir: str, run_date: str, divide_num: int | None
+) -> tuple[CatalogRef, str]:
+    """A benchmark's test sets as products, plus a labels file (anomalous?, mask) per image."""
+    names = categories or tuple(list_categories(Path(root), layout))
+    images = {name: dataset_images(Path(root), layout, name) for name in names}
+    files = [(name, str(i.path.relative_to(root))) for name in names for i in images[name]]
+    catalog = catalog_files(Path(root), files)
+    ids = {entry.path: entry.image_id for entry in catalog.entries}
+    pools = None
+    if divide_num:
+        pools = {}
+        for name in names:
+            subsets = split_by_type([i.defect_type for i in images[name]], divide_num)
+            pools[name] = tuple(tuple(ids[str(images[name][k].path)] for k in subset) for subset in subsets)
+    ref = _catalog_ref(catalog, out_dir, run_date, pools=pools)
+    labels = {
+        name: [
+            {"image_id": ids[str(i.path)], "path": str(i.path), "anomalous": i.is_anomalous,
+             "mask": str(i.mask_path) if i.mask_path else None, "defect_type": i.defect_type}
+            for i in images[name]
+        ]
+        for name in names
+    }
+    labels_path = Path(ref.catalog_path).with_suffix(".labels.json")
+    atomic_write_text(labels_path, json.dumps(labels, sort_keys=True))
+    return ref, str(labels_path)
+
+
+def _catalog_ref(catalog, out_dir: str, run_date: str, *, pools: dict | None = None) -> CatalogRef:
     log = get_run_logger()
-    catalog = scan_input(Path(input_dir))
     records: dict[str, list[dict]] = {}
     for entry in catalog.entries:
         record = ImageRecord(
             image_id=entry.image_id,
             path=entry.path,
-            relpath=entry.relpath,
+            relpath=_within_product(entry.relpath, entry.product),
             width=entry.width,
             height=entry.height,
             status=entry.status,
@@ -94,8 +152,7 @@ def catalog_images(input_dir: str, out_dir: str, run_date: str) -> CatalogRef:
         records.setdefault(entry.product, []).append(record.__dict__)
     products = []
     for name in catalog.products:
-        unique = {e.image_id: e.path for e in catalog.ok_entries(name)}
-        images = tuple(sorted(unique.items()))
+        images = tuple(sorted({e.image_id: e.path for e in catalog.ok_entries(name)}.items()))
         reason = None
         if len(images) < 2:
             reason = (
@@ -104,20 +161,25 @@ def catalog_images(input_dir: str, out_dir: str, run_date: str) -> CatalogRef:
             )
             log.warning(reason)
         elif len(images) < 5:
-            log.warning("product %r has only %d images: scores compare each image with its single nearest neighbour", name, len(images))
-        products.append(ProductRef(name=name, images=images, n_files=len(records[name]), not_scored_reason=reason))
+            log.warning("product %r has only %d images: each image is compared with its nearest other image only", name, len(images))
+        products.append(
+            ProductRef(
+                name=name,
+                images=images,
+                n_files=len(records[name]),
+                not_scored_reason=reason,
+                pools=(pools or {}).get(name),
+            )
+        )
     for name in catalog.empty_products:
         log.warning("product folder %r holds no image files", name)
     body = json.dumps(records, sort_keys=True)
-    digest = uuid.uuid5(uuid.NAMESPACE_URL, body).hex
-    catalog_path = _cache_dir(out_dir) / "catalogs" / run_date / f"{digest}.json"
-    from .store import atomic_write_text
-
+    catalog_path = _cache_dir(out_dir) / "catalogs" / run_date / f"{uuid.uuid5(uuid.NAMESPACE_URL, body).hex}.json"
     atomic_write_text(catalog_path, body)
     failed = sum(1 for e in catalog.entries if e.status != "ok")
     log.info("%d files in %d products, %d unreadable", len(catalog.entries), len(products), failed)
     return CatalogRef(
-        input_dir=str(input_dir),
+        input_dir=str(catalog.input_dir),
         run_date=run_date,
         catalog_path=str(catalog_path),
         products=tuple(products),
@@ -162,6 +224,7 @@ def extract_tokens(
                 extracted=result.extracted,
                 reused=result.reused,
                 failed=tuple(sorted(result.failed.items())),
+                pools=product.pools,
             )
         )
     return tuple(refs)
@@ -188,8 +251,11 @@ def score_pools(
         block = scoring.block_images or auto_block_size(length)
         rows = dict(zip(ref.image_ids, ref.token_rows))
         pool_paths = []
-        for pool in split_pool(len(ref.image_ids), scoring.pool_size, seed=scoring.pool_seed):
-            ids = tuple(ref.image_ids[i] for i in pool)
+        if ref.pools is not None:
+            pools = [tuple(i for i in pool if i in rows) for pool in ref.pools]
+        else:
+            pools = [tuple(ref.image_ids[i] for i in pool) for pool in split_pool(len(ref.image_ids), scoring.pool_size, seed=scoring.pool_seed)]
+        for ids in pools:
             settings = {
                 "backbone": backbone_key,
                 "r_list": list(scoring.r_list),
@@ -366,3 +432,61 @@ def _package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[name] = "absent"
     return versions
+
+
+@task(name="evaluate_metrics")
+def evaluate_metrics(
+    labels_path: str,
+    scored: tuple[ProductScoresRef, ...],
+    dataset: str,
+    backbone: BackboneSpec,
+    mask_mode: str,
+    out_dir: str,
+    run_id: str,
+) -> list[dict]:
+    """The paper's metrics per category and their mean, into tables/metrics/dataset=NAME/."""
+    labels = json.loads(Path(labels_path).read_text())
+    size = backbone.image_size
+    rows = []
+    for ref in sorted(scored, key=lambda r: r.product):
+        images = labels[ref.product]
+        scores = {s.image_id: s for s in read_product_scores(Path(ref.scores_path)).images}
+        where = patch_score_rows([Path(p) for p in ref.pools.pool_paths])
+        kept = [i for i in images if i["image_id"] in scores]
+        anomalous = np.array([i["anomalous"] for i in kept])
+        image_level = image_metrics(np.array([scores[i["image_id"]].score for i in kept]), anomalous)
+        maps = np.stack([score_map(*where[i["image_id"]], size, size) for i in kept])  # (N, S, S)
+        masks = np.stack([
+            resize_mask(read_mask(Path(i["mask"])), size, mode=mask_mode) if i["mask"] else np.zeros((size, size), bool)
+            for i in kept
+        ])
+        pixel_level = pixel_metrics(maps, masks)
+        pools = [len(pool_layout(Path(p)).image_ids) for p in ref.pools.pool_paths]
+        rows.append({
+            "category": ref.product,
+            **{f"image_{k}": v for k, v in image_level.items()},
+            **{f"pixel_{k}": pixel_level[k] for k in ("auroc", "ap", "f1_max")},
+            "aupro": pixel_level["aupro"],
+            "pro_musc": pixel_level["pro_musc"],
+            "n_images": len(kept),
+            "n_anomalous": int(anomalous.sum()),
+            "pool_size": max(pools),
+        })
+    metric_names = [k for k in rows[0] if k not in ("category", "n_images", "n_anomalous", "pool_size")] if rows else []
+    if rows:
+        rows.append({
+            "category": "mean",
+            **{k: float(np.nanmean([r[k] for r in rows])) for k in metric_names},
+            "n_images": sum(r["n_images"] for r in rows),
+            "n_anomalous": sum(r["n_anomalous"] for r in rows),
+            "pool_size": max(r["pool_size"] for r in rows),
+        })
+    for row in rows:
+        row.update(backbone_key=backbone.key, image_size=size, mask_mode=mask_mode, run_id=run_id)
+    tables.publish_partition(
+        Path(out_dir) / "tables" / "metrics", {"dataset": dataset}, backbone.key,
+        tables.to_table(rows, tables.METRICS_SCHEMA), tables.METRICS_SCHEMA,
+    )
+    if TaskRunContext.get() is not None:
+        create_table_artifact(key=f"metrics-{_artifact_key(dataset)}", table=rows, description=f"MuSc metrics on {dataset}")
+    return rows

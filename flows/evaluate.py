@@ -1,0 +1,42 @@
+"""Evaluate on MVTec AD / VisA / BTAD with the paper's metrics, through the nightly stages."""
+
+from __future__ import annotations
+
+from datetime import date
+
+from prefect import flow
+
+from flows.score import Stages, score_catalog
+from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
+from musc_tasks.datasets import DEFAULT_RSCIN_K
+from musc_tasks.tasks import catalog_dataset, evaluate_metrics
+
+
+@flow(name="evaluate-dataset")
+def evaluate_dataset(
+    root: str,
+    layout: str,
+    out_dir: str,
+    categories: tuple[str, ...] | None = None,
+    divide_num: int | None = None,
+    backbone: BackboneSpec = PRESETS["paper"],
+    scoring: ScoringParams | None = None,
+    mask_mode: str = "paper",
+    run_date: date | None = None,
+    device: str = "auto",
+    dask_address: str | None = None,
+    refresh: bool = False,
+) -> list[dict]:
+    """Score every category's test set (one pool, or the paper's ``divide_num`` subsets) and
+    compute image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO/PRO per category.
+
+    ``scoring`` defaults to the paper's setting for the layout (RsCIN k 1,8,9 on VisA) with
+    the whole category in one pool.
+    """
+    scoring = scoring or ScoringParams(rscin_k=DEFAULT_RSCIN_K[layout], pool_size=100_000)
+    day = (run_date or date.today()).isoformat()
+    stages = Stages(refresh)
+    catalog, labels_path = stages.run("catalog", catalog_dataset, root, layout, categories, out_dir, day, divide_num)
+    _, scored = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
+    dataset = f"{layout}-{root.rstrip('/').split('/')[-1]}"
+    return evaluate_metrics(labels_path, scored, dataset, backbone, mask_mode, out_dir, stages.run_id)

@@ -1,0 +1,90 @@
+"""`musc evaluate` on a small MVTec-layout dataset built from the demo's planted defects."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+
+from musc_tasks import tables
+from musc_tasks.cli import main
+from musc_tasks.core import image_metrics, pixel_metrics, split_by_type, upsample_maps
+
+from ..conftest import TINY_CONFIG
+
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
+TINY = ["--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--pretrained", "none", "--image-size", "224", "--layers", "1,3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(demo_day, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    for image in demo_day.images:
+        kind = image.defect_kind if image.is_defective else "good"
+        target = root / image.product / "test" / kind / image.path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image.path, target)
+        if image.is_defective:
+            mask = image.mask_path
+            gt = root / image.product / "ground_truth" / kind / mask.name
+            gt.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(mask, gt)
+    return root
+
+
+def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvtec_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "AUROC-cls" in printed and "mean" in printed
+
+    metrics = tables.read_table(out / "tables" / "metrics").set_index("category")
+    scores = tables.read_table(out / "tables" / "scores")
+    categories = sorted(scores["product"].unique())
+    assert list(metrics.index) == [*categories, "mean"] or sorted(metrics.index) == sorted([*categories, "mean"])
+    for category in categories:
+        rows = scores[scores["product"] == category].sort_values("path")
+        labels = ~rows["path"].str.contains("/good/")
+        expected = image_metrics(rows["score"].to_numpy(), labels.to_numpy())
+        assert metrics.loc[category, "image_auroc"] == pytest.approx(expected["auroc"])
+        assert metrics.loc[category, "image_ap"] == pytest.approx(expected["ap"])
+
+        maps, masks = [], []
+        pools = {}
+        for store in (out / "cache" / "pools").rglob("*.zarr"):
+            group = zarr.open_group(store, mode="r")
+            for row, image_id in enumerate(group.attrs["image_ids"]):
+                pools[image_id] = (group, row)
+        for row in rows.itertuples():
+            group, index = pools[row.image_id]
+            patch = torch.from_numpy(group["patch_scores"][index : index + 1])
+            maps.append(upsample_maps(patch, tuple(group.attrs["grid"]), (224, 224))[0].numpy())
+            if "/good/" in row.path:
+                masks.append(np.zeros((224, 224), bool))
+            else:
+                kind = row.path.split("/")[-2]
+                stem = row.path.split("/")[-1][:-4]
+                with Image.open(mvtec_root / category / "ground_truth" / kind / f"{stem}_mask.png") as mask:
+                    resized = np.asarray(mask.convert("L").resize((224, 224), Image.Resampling.BILINEAR))
+                masks.append(resized == 255)
+        expected = pixel_metrics(np.stack(maps), np.stack(masks))
+        for key in ("auroc", "ap", "f1_max"):
+            assert metrics.loc[category, f"pixel_{key}"] == pytest.approx(expected[key])
+        assert metrics.loc[category, "aupro"] == pytest.approx(expected["aupro"])
+        assert metrics.loc[category, "n_images"] == len(rows)
+    assert metrics.loc["mean", "image_auroc"] == pytest.approx(metrics.loc[categories, "image_auroc"].mean())
+    assert (metrics["mask_mode"] == "paper").all()
+
+
+def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root, tmp_path):
+    out = tmp_path / "out"
+    assert main(["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), "--categories", "brick", "--divide-num", "2", *TINY]) == 0
+    stores = list((out / "cache" / "pools").rglob("*.zarr"))
+    assert len(stores) == 2
+    sizes = sorted(len(zarr.open_group(s, mode="r").attrs["image_ids"]) for s in stores)
+    types = sorted(p.parent.name for p in (mvtec_root / "brick" / "test").rglob("*.png"))
+    assert sizes == sorted(len(subset) for subset in split_by_type(types, 2))
+    metrics = tables.read_table(out / "tables" / "metrics")
+    assert set(metrics["category"]) == {"brick", "mean"} and (metrics["pool_size"] == max(sizes)).all()
