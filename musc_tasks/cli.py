@@ -192,6 +192,45 @@ def metrics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    from flows.rescore import rescore_days
+
+    outcome = rescore_days(
+        date_from=date.fromisoformat(args.date_from),
+        date_to=date.fromisoformat(args.date_to),
+        input_pattern=args.input_root,
+        out_dir=str(Path(args.out).resolve()),
+        backbone=backbone_from_args(args),
+        scoring=scoring_from_args(args),
+        device=args.device,
+        dask_address=args.dask_address,
+        force=args.force,
+    )
+    for day, what in outcome.items():
+        print(f"{day}  {what}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import tables
+    from .compare import compare_backbones, resolve_backbone_key
+
+    scores = tables.read_table(Path(args.out) / "tables" / "scores")
+    day = scores[scores["date"] == args.date] if not scores.empty else scores
+    available = sorted(day["backbone_key"].unique()) if not day.empty else []
+    names = args.backbones.split(",")
+    if len(names) != 2:
+        raise ValueError(f"--backbones takes two names, got {args.backbones!r}")
+    key_a, key_b = (resolve_backbone_key(name, available) for name in names)
+    summary, changed = compare_backbones(day, key_a, key_b)
+    print(f"{args.date}: A = {key_a}\n{' ' * len(args.date)}  B = {key_b}\n")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\n{len(changed)} image(s) changed flag:")
+    if len(changed):
+        print(changed.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from .backbone import resolve_checkpoint
 
@@ -234,6 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dask-address")
     add_backbone_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    rescore = commands.add_parser("rescore", help="re-score past days with another backbone")
+    rescore.add_argument("--from", dest="date_from", required=True, help="first day, YYYY-MM-DD")
+    rescore.add_argument("--to", dest="date_to", required=True, help="last day, YYYY-MM-DD (inclusive)")
+    rescore.add_argument("--input-root", required=True, help="input folder pattern containing {date}")
+    rescore.add_argument("--out", required=True)
+    rescore.add_argument("--force", action="store_true", help="re-score days already done with this backbone")
+    add_backbone_arguments(rescore)
+    add_scoring_arguments(rescore)
+    rescore.set_defaults(func=cmd_rescore)
+
+    compare = commands.add_parser("compare", help="rank correlation and changed flags between two backbones")
+    compare.add_argument("--out", required=True)
+    compare.add_argument("--date", required=True)
+    compare.add_argument("--backbones", required=True, help="A,B: backbone keys, preset names or unique parts of keys")
+    compare.set_defaults(func=cmd_compare)
 
     fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
     add_backbone_arguments(fetch)
