@@ -9,6 +9,7 @@ from prefect import flow
 from flows.score import Stages, score_catalog
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
 from musc_tasks.datasets import DEFAULT_RSCIN_K
+from musc_tasks.locks import run_lock
 from musc_tasks.tasks import catalog_dataset, evaluate_metrics
 
 
@@ -36,7 +37,8 @@ def evaluate_dataset(
     scoring = scoring or ScoringParams(rscin_k=DEFAULT_RSCIN_K[layout], pool_size=100_000)
     day = (run_date or date.today()).isoformat()
     stages = Stages(refresh)
-    catalog, labels_path = stages.run("catalog", catalog_dataset, root, layout, categories, out_dir, day, divide_num)
-    _, scored = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
-    dataset = f"{layout}-{root.rstrip('/').split('/')[-1]}"
-    return evaluate_metrics(labels_path, scored, dataset, backbone, mask_mode, out_dir, stages.run_id)
+    with run_lock(out_dir, day, backbone.key):
+        catalog, labels_path = stages.run("catalog", catalog_dataset, root, layout, categories, out_dir, day, divide_num)
+        _, scored = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
+        dataset = f"{layout}-{root.rstrip('/').split('/')[-1]}"
+        return evaluate_metrics(labels_path, scored, dataset, backbone, mask_mode, out_dir, stages.run_id)

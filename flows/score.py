@@ -9,7 +9,9 @@ from datetime import date, datetime, timedelta, timezone
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from musc_tasks.backbone import patch_size
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
+from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary
 from musc_tasks.tasks import catalog_images, extract_tokens, publish_results, rescore_products, score_pools
 
@@ -34,8 +36,11 @@ def score_captures(
     """
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
     stages = Stages(refresh)
-    catalog = stages.run("catalog", catalog_images, input_dir.replace("{date}", day), out_dir, day)
-    summary, _ = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
+    with run_lock(out_dir, day, backbone.key):
+        catalog = stages.run(
+            "catalog", catalog_images, input_dir.replace("{date}", day), out_dir, day, patch_size(backbone)
+        )
+        summary, _ = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
     return summary
 
 

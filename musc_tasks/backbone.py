@@ -294,3 +294,13 @@ def native_geometry(name: str, model_config_path: Path | None = None) -> tuple[i
     vision = config["vision_cfg"]
     size = vision["image_size"]
     return (size if isinstance(size, int) else size[0]), vision["layers"]
+
+
+def patch_size(spec: BackboneSpec) -> int:
+    """Pixels per patch side of the spec's ViT."""
+    if spec.model_config_path is not None:
+        register_model_config(spec.model_config_path)
+    config = open_clip.get_model_config(spec.name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {spec.name!r}; pass --model-config JSON to register it")
+    return int(config["vision_cfg"]["patch_size"])

@@ -14,7 +14,8 @@ from .backbone import Backbone
 from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
 from .preprocess import squash_normalise
-from .store import TokenLayout, exclusive_lock, next_free_block, prepare_token_store, token_index, write_token_block
+from .locks import exclusive_lock
+from .store import TokenLayout, next_free_block, prepare_token_store, token_index, write_token_block
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def extract_tokens_to_store(
     that share the store wait instead of interleaving.
     """
     wanted = dict(images)  # duplicates of one content share one row
-    with exclusive_lock(store_path.with_suffix(".lock")):
+    waiting = f"another run is writing tokens to {store_path}; waiting for it"
+    with exclusive_lock(store_path.with_suffix(".lock"), waiting_message=waiting):
         have = token_index(store_path)
         missing = [(image_id, path) for image_id, path in wanted.items() if image_id not in have]
         if on_progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -15,7 +16,7 @@ from .rescore import ProductScores, patch_score_rows, score_map
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageRecord", "ProductRows", "product_rows", "output_relpath"]
+__all__ = ["ImageRecord", "ProductRows", "output_relpath", "printable", "product_rows"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,14 @@ class ProductRows:
     regions: list[dict]
 
 
+def printable(path: str) -> str:
+    """A file name as valid UTF-8: undecodable bytes become ``\\xNN`` (tables need UTF-8)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def output_relpath(kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool) -> str:
     """Where a product image's mask or heatmap goes, relative to OUT; never outside it."""
-    source = PurePosixPath(relpath)
+    source = PurePosixPath(printable(relpath))
     if source.is_absolute() or ".." in source.parts:
         raise ValueError(f"relpath {relpath!r} must stay inside its product folder")
     name = source.name + ".png" if keep_suffix else source.stem + ".png"
@@ -70,16 +76,22 @@ def product_rows(
     stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
     clashing = {s for s in stems if stems.count(s) > 1}
     patch_rows = patch_score_rows(pool_paths)
+    small = None
+    if scores is not None and len(scores.images) < 5:
+        small = (
+            f"only {len(scores.images)} distinct images in this product: each is compared with its "
+            "single most similar other image (MuSc averages the nearest 30 % of 5 or more)"
+        )
     score_rows, region_rows_out = [], []
     for record, stem in zip(records, stems):
         row = {
             "image_id": record.image_id,
-            "path": record.path,
+            "path": printable(record.path),
             "width": record.width,
             "height": record.height,
             "backbone_key": backbone_key,
             "run_id": run_id,
-            "note": "; ".join(_notes(record)) or None,
+            "note": "; ".join(_notes(record) + ([small] if small and record.status == "ok" else [])) or None,
         }
         scored = by_id.get(record.image_id)
         if record.status != "ok":
@@ -107,7 +119,7 @@ def product_rows(
             region_rows_out.append(
                 {
                     "image_id": record.image_id,
-                    "path": record.path,
+                    "path": printable(record.path),
                     **{name: values[index].item() for name, values in regions.items()},
                     "backbone_key": backbone_key,
                     "run_id": run_id,
@@ -135,8 +147,10 @@ def product_rows(
 
 def _notes(record: ImageRecord) -> list[str]:
     notes = list(record.notes)
+    if printable(record.path) != record.path:
+        notes.append("file name is not valid UTF-8: undecodable bytes shown as \\xNN")
     if record.duplicate_of:
-        notes.append(f"same content as {record.duplicate_of}: scored once")
+        notes.append(f"same content as {printable(record.duplicate_of)}: scored once")
     return notes
 
 

@@ -17,13 +17,11 @@ touch the same file; a block without its record is simply redone.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +35,6 @@ __all__ = [
     "PoolLayout",
     "atomic_write_text",
     "create_pool_store",
-    "exclusive_lock",
     "mark_done",
     "is_done",
     "open_pool_store",
@@ -81,18 +78,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An advisory lock file: one writer per store, across processes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _layer_name(layer: int) -> str:

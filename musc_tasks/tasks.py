@@ -31,6 +31,8 @@ from .config import CODE_VERSION, BackboneSpec, ScoringParams
 from .core import auto_block_size, image_metrics, pixel_metrics, split_by_type, split_pool
 from .datasets import dataset_images, list_categories
 from .extract import extract_tokens_to_store
+from .faults import failpoint
+from .imageio import ImageReadError
 from .manifests import CatalogRef, PoolsRef, ProductRef, ProductScoresRef, RunSummary, TokensRef
 from .preprocess import read_mask, resize_mask
 from .publish import ImageRecord, product_rows
@@ -98,10 +100,31 @@ def _cache_dir(out_dir: str) -> Path:
     return Path(out_dir) / "cache"
 
 
-@task(name="catalog_images")
-def catalog_images(input_dir: str, out_dir: str, run_date: str) -> CatalogRef:
-    """Every file of the day: content hash, product, size, readable or why not."""
-    return _catalog_ref(scan_input(Path(input_dir)), out_dir, run_date)
+def _transient_io_error(task, task_run, state) -> bool:
+    """Retry a stage only for I/O hiccups (a busy network share), never for bad input."""
+    try:
+        state.result()
+    except (ImageReadError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError):
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _transient_io_error}
+
+
+@task(name="catalog_images", **RETRIES)
+def catalog_images(input_dir: str, out_dir: str, run_date: str, min_side: int = 1) -> CatalogRef:
+    """Every file of the day: content hash, product, size, readable or why not.
+
+    ``min_side`` is the backbone's patch size: a smaller image has no patch to score.
+    """
+    catalog = scan_input(Path(input_dir), min_side=min_side)
+    failpoint("catalog")
+    return _catalog_ref(catalog, out_dir, run_date)
 
 
 @task(name="catalog_dataset")
@@ -189,7 +212,7 @@ def _catalog_ref(catalog, out_dir: str, run_date: str, *, pools: dict | None = N
     )
 
 
-@task(name="extract_tokens", cache_policy=CACHED, persist_result=True)
+@task(name="extract_tokens", cache_policy=CACHED, persist_result=True, **RETRIES)
 def extract_tokens(
     catalog: CatalogRef, backbone: BackboneSpec, out_dir: str, device: str = "auto", code_version: str = CODE_VERSION
 ) -> tuple[TokensRef, ...]:
@@ -230,7 +253,7 @@ def extract_tokens(
     return tuple(refs)
 
 
-@task(name="score_pools", cache_policy=CACHED_ANYWHERE, persist_result=True)
+@task(name="score_pools", cache_policy=CACHED_ANYWHERE, persist_result=True, **RETRIES)
 def score_pools(
     tokens: tuple[TokensRef, ...],
     scoring: ScoringParams,
@@ -295,7 +318,7 @@ def score_pools(
     return tuple(out)
 
 
-@task(name="rescore_products", cache_policy=CACHED, persist_result=True)
+@task(name="rescore_products", cache_policy=CACHED, persist_result=True, **RETRIES)
 def rescore_products(
     pools: tuple[PoolsRef, ...], scoring: ScoringParams, image_size: int, out_dir: str, code_version: str = CODE_VERSION
 ) -> tuple[ProductScoresRef, ...]:
@@ -315,11 +338,12 @@ def rescore_products(
         key = pool_key(list(ref.pool_paths), {"rscin_k": list(scoring.rscin_k), "t": str(scoring.threshold), "p": str(scoring.pixel_threshold)})
         path = Path(ref.pool_paths[0]).parent / f"scores-{key}.json"
         write_product_scores(path, scores)
+        failpoint("rescore")
         refs.append(ProductScoresRef(product=ref.product, scores_path=str(path), pools=ref))
     return tuple(refs)
 
 
-@task(name="publish_results")
+@task(name="publish_results", **RETRIES)
 def publish_results(
     catalog: CatalogRef,
     scored: tuple[ProductScoresRef, ...],
@@ -358,6 +382,7 @@ def publish_results(
             tables.publish_partition(out / "tables" / "scores", partition, backbone.key, tables.to_table(rows.scores, tables.SCORES_SCHEMA), tables.SCORES_SCHEMA)
             tables.publish_partition(out / "tables" / "regions", partition, backbone.key, tables.to_table(rows.regions, tables.REGIONS_SCHEMA), tables.REGIONS_SCHEMA)
             published.append(partition)
+            failpoint("publish-product")
             all_scores.extend({**r, "product": product} for r in rows.scores)
             progress(done, len(records))
     finally:
