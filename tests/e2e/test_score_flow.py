@@ -11,6 +11,7 @@ import duckdb
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from flows.score import score_captures
@@ -150,7 +151,7 @@ score_captures(input_dir=sys.argv[1], out_dir=sys.argv[2], run_date=date(2026, 1
 """
 
 
-@pytest.mark.parametrize("kill_at", ["extract-block:1", "score-task:4"])
+@pytest.mark.parametrize("kill_at", ["catalog", "extract-block:1", "score-task:4", "rescore:2", "publish-product:2"])
 def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
     reference_dir, _ = first_run
     out_dir = tmp_path / "out"
@@ -164,8 +165,10 @@ def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, pr
     pair_markers = list((out_dir / "cache" / "pools").rglob("done/pair-*"))
     if kill_at.startswith("extract"):
         assert len(token_blocks) == 1 and not pair_markers  # one block per product store was written
-    else:
+    elif kill_at.startswith("score"):
         assert pair_markers and not list((out_dir / "tables").rglob("*.parquet"))
+    elif kill_at.startswith("publish"):
+        assert len(list((out_dir / "tables" / "scores").rglob("*.parquet"))) == 2  # 2 of 3 products
     cached_images = sum(len(json.loads(p.read_text())["image_ids"]) for p in token_blocks)
     wait_until_idle(dask_address)  # tasks already running on the cluster finish after the crash
     done_pairs = len(list((out_dir / "cache" / "pools").rglob("done/pair-*")))
@@ -176,8 +179,15 @@ def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, pr
     if kill_at.startswith("score"):
         assert summary.images_extracted == 0
         assert summary.pairs_cached == done_pairs and summary.pairs_computed > 0
+    if kill_at.startswith(("rescore", "publish")):
+        assert summary.images_extracted == 0 and summary.pairs_computed == 0
     for name in ("scores", "regions"):
         assert comparable(out_dir, name).equals(comparable(reference_dir, name)), f"{name} differ after resume"
     masks = sorted(p.relative_to(out_dir) for p in (out_dir / "masks").rglob("*.png"))
     assert masks == sorted(p.relative_to(reference_dir) for p in (reference_dir / "masks").rglob("*.png"))
     assert all((out_dir / m).read_bytes() == (reference_dir / m).read_bytes() for m in masks)
+    stores = sorted(p.relative_to(out_dir) for p in (out_dir / "cache" / "pools").rglob("*.zarr"))
+    assert stores == sorted(p.relative_to(reference_dir) for p in (reference_dir / "cache" / "pools").rglob("*.zarr"))
+    for store in stores:
+        ours, theirs = (zarr.open_group(d / store, mode="r")["patch_scores"][:] for d in (out_dir, reference_dir))
+        assert ours.tobytes() == theirs.tobytes(), f"{store}: maps differ after resume"
