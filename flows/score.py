@@ -13,7 +13,16 @@ from musc_tasks.backbone import patch_size
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary
-from musc_tasks.tasks import catalog_images, extract_tokens, publish_results, rescore_products, score_pools
+from musc_tasks.store import store_fingerprint
+from musc_tasks.tasks import (
+    catalog_images,
+    extract_tokens,
+    pool_stores_dir,
+    publish_results,
+    rescore_products,
+    score_pools,
+    token_stores_dir,
+)
 
 
 @flow(name="score-captures")
@@ -54,8 +63,12 @@ def score_catalog(
     stages: Stages,
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     """The stages after the catalog, shared by the nightly and the evaluation flows."""
-    tokens = stages.run("extract", extract_tokens, catalog, backbone, out_dir, device)
-    pools = stages.run("score", score_pools, tokens, scoring, backbone.key, out_dir, dask_address, device)
+    token_dir, pool_dir = token_stores_dir(out_dir, backbone.key), pool_stores_dir(out_dir, backbone.key)
+    tokens = stages.run("extract", extract_tokens, catalog, backbone, out_dir, device, store_fingerprint(token_dir))
+    pools = stages.run(
+        "score", score_pools, tokens, scoring, backbone.key, out_dir, dask_address, device,
+        store_fingerprint(token_dir, pool_dir),
+    )
     scored = stages.run("rescore", rescore_products, pools, scoring, backbone.image_size, out_dir)
 
     extracted = 0 if "extract" in stages.cached else sum(t.extracted for t in tokens)

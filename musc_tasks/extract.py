@@ -15,7 +15,7 @@ from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
 from .preprocess import squash_normalise
 from .locks import exclusive_lock
-from .store import TokenLayout, next_free_block, prepare_token_store, token_index, write_token_block
+from .store import TokenLayout, drop_damaged_blocks, next_free_block, prepare_token_store, token_index, write_token_block
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def extract_tokens_to_store(
     wanted = dict(images)  # duplicates of one content share one row
     waiting = f"another run is writing tokens to {store_path}; waiting for it"
     with exclusive_lock(store_path.with_suffix(".lock"), waiting_message=waiting):
+        drop_damaged_blocks(store_path, list(wanted))
         have = token_index(store_path)
         missing = [(image_id, path) for image_id, path in wanted.items() if image_id not in have]
         if on_progress:

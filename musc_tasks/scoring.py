@@ -28,6 +28,7 @@ from .store import (
     pool_is_complete,
     pool_layout,
     read_token_rows,
+    row_checksum,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,8 +119,9 @@ def assemble_row_block(job: PoolJob, a: int, *_after: str) -> str:
     own = torch.arange(rows.start, rows.stop)
     per_map = torch.stack([scores_from_similarities(s, own, k) for s in similarity])  # (R*Y, Ba, L)
     per_map = per_map.reshape(len(job.r_list), -1, *per_map.shape[1:])  # (R, Y, Ba, L)
-    group["patch_scores"][rows] = average_scores(per_map).numpy()
-    mark_done(pool_path, name)
+    patch_scores = average_scores(per_map).numpy()
+    group["patch_scores"][rows] = patch_scores
+    mark_done(pool_path, name, row_checksum(patch_scores))
     return name
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ import numpy as np
 import zarr
 
 from .config import CODE_VERSION
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TokenLayout",
@@ -168,14 +171,49 @@ def write_token_block(
     if len(image_ids) > layout.block_images:
         raise ValueError(f"a block holds at most {layout.block_images} images, got {len(image_ids)}")
     start = block * layout.block_images
-    stop = start + len(image_ids)
-    for layer, tokens in zip(layout.layers, layer_tokens):
-        group[_layer_name(layer)][start:stop] = tokens.astype(np.float16)
-    group["embeddings"][start:stop] = embeddings.astype(np.float32)
-    atomic_write_text(
-        path / "blocks" / f"{block:06d}.json",
-        json.dumps({"start": start, "image_ids": list(image_ids)}),
-    )
+    arrays = {_layer_name(layer): tokens.astype(np.float16) for layer, tokens in zip(layout.layers, layer_tokens)}
+    arrays["embeddings"] = embeddings.astype(np.float32)
+    for name, values in arrays.items():
+        # A block index is reused after a crash or damage: remove what is there first, or
+        # zarr would merge into (and first decode) a half-written or damaged shard.
+        shutil.rmtree(path / name / "c" / str(block), ignore_errors=True)
+        group[name][start : start + len(values)] = values
+    record = {"start": start, "image_ids": list(image_ids), "sha256": {k: _digest(v) for k, v in arrays.items()}}
+    atomic_write_text(path / "blocks" / f"{block:06d}.json", json.dumps(record))
+
+
+def drop_damaged_blocks(path: Path, image_ids: Sequence[str]) -> list[str]:
+    """Check the blocks holding ``image_ids`` against their checksums; forget damaged ones.
+
+    A block whose data no longer matches its record, or cannot be decoded, loses its
+    record, so its images count as missing and are extracted again into a new block.
+
+    Returns
+    -------
+    dropped : list of str
+        Record file names that were removed.
+    """
+    records = path / "blocks"
+    if not records.is_dir():
+        return []
+    wanted = set(image_ids)
+    group = zarr.open_group(path, mode="r")
+    dropped = []
+    for record_path in sorted(records.glob("*.json")):
+        try:
+            record = json.loads(record_path.read_text())
+            if not wanted.intersection(record["image_ids"]):
+                continue
+            rows = slice(record["start"], record["start"] + len(record["image_ids"]))
+            intact = all(_digest(group[name][rows]) == digest for name, digest in record["sha256"].items())
+        except Exception as error:  # any decode failure of a damaged chunk means: not intact
+            logger.warning("%s: unreadable (%s)", record_path, error)
+            intact = False
+        if not intact:
+            logger.warning("%s: tokens do not match their checksums; they will be extracted again", record_path)
+            record_path.unlink()
+            dropped.append(record_path.name)
+    return dropped
 
 
 def read_token_rows(path: Path, rows: Sequence[int]) -> list[np.ndarray]:
@@ -255,8 +293,50 @@ def pool_layout(path: Path) -> PoolLayout:
     )
 
 
-def mark_done(path: Path, name: str) -> None:
-    atomic_write_text(path / "done" / name, "")
+def mark_done(path: Path, name: str, content: str = "") -> None:
+    atomic_write_text(path / "done" / name, content)
+
+
+def row_checksum(values: np.ndarray) -> str:
+    return _digest(values)
+
+
+def pool_store_intact(path: Path) -> bool:
+    """A complete pool store's patch scores still match the checksums their rows recorded."""
+    if not pool_is_complete(path):
+        return True
+    layout = pool_layout(path)
+    try:
+        scores = zarr.open_group(path, mode="r")["patch_scores"]
+        for block in range(layout.n_blocks):
+            rows = slice(block * layout.block_images, (block + 1) * layout.block_images)
+            if (path / "done" / f"row-{block}").read_text() != _digest(scores[rows]):
+                return False
+    except Exception as error:  # a chunk that no longer decodes is damage too
+        logger.warning("%s: unreadable (%s)", path, error)
+        return False
+    return True
+
+
+def store_fingerprint(*dirs: Path) -> str:
+    """Names, sizes and modification times of every file below ``dirs``, hashed.
+
+    Cheap (no data is read) and changes whenever a store is written or damaged, so it can
+    be part of a cache key: a cached task result is only trusted while its stores stand.
+    """
+    digest = hashlib.sha256()
+    for root in dirs:
+        if not root.exists():
+            continue
+        for dirpath, _, files in sorted(os.walk(root)):
+            for name in sorted(files):
+                stat = os.stat(os.path.join(dirpath, name))
+                digest.update(f"{dirpath}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def is_done(path: Path, name: str) -> bool:

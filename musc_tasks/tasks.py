@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from datetime import datetime, timezone
@@ -44,6 +45,7 @@ from .store import (
     create_pool_store,
     pool_key,
     pool_layout,
+    pool_store_intact,
     token_index,
     token_store_layout,
 )
@@ -214,9 +216,19 @@ def _catalog_ref(catalog, out_dir: str, run_date: str, *, pools: dict | None = N
 
 @task(name="extract_tokens", cache_policy=CACHED, persist_result=True, **RETRIES)
 def extract_tokens(
-    catalog: CatalogRef, backbone: BackboneSpec, out_dir: str, device: str = "auto", code_version: str = CODE_VERSION
+    catalog: CatalogRef,
+    backbone: BackboneSpec,
+    out_dir: str,
+    device: str = "auto",
+    store_state: str = "",
+    code_version: str = CODE_VERSION,
 ) -> tuple[TokensRef, ...]:
-    """Stage 1: tokens of every readable image not already in the backbone's token stores."""
+    """Stage 1: tokens of every readable image not already in the backbone's token stores.
+
+    ``store_state`` (`store_fingerprint` of the token stores) is part of the cache key, so
+    a cached result is only reused while the stores it points to are untouched; otherwise
+    the task runs, checks every needed block against its checksums, and redoes the damaged.
+    """
     log = get_run_logger()
     loaded = []
 
@@ -229,7 +241,7 @@ def extract_tokens(
     for product in catalog.products:
         if product.not_scored_reason:
             continue
-        store = _cache_dir(out_dir) / "tokens" / backbone.key / f"{_segment(product.name)}.zarr"
+        store = token_stores_dir(out_dir, backbone.key) / f"{_segment(product.name)}.zarr"
         progress = _Progress(f"extract-{_artifact_key(product.name)}", f"tokens {product.name}")
         try:
             result = extract_tokens_to_store(store, product.images, load, on_progress=progress)
@@ -261,9 +273,13 @@ def score_pools(
     out_dir: str,
     dask_address: str | None = None,
     device: str = "auto",
+    store_state: str = "",
     code_version: str = CODE_VERSION,
 ) -> tuple[PoolsRef, ...]:
-    """Stage 2: MSM patch scores of every pool, block pairs computed on Dask."""
+    """Stage 2: MSM patch scores of every pool, block pairs computed on Dask.
+
+    A finished pool store whose scores no longer match their checksums is recomputed.
+    """
     log = get_run_logger()
     jobs, refs = [], []
     for ref in tokens:
@@ -285,7 +301,10 @@ def score_pools(
                 "interval": scoring.interval,
                 "block": block,
             }
-            path = _cache_dir(out_dir) / "pools" / backbone_key / _segment(ref.product) / f"{pool_key(ids, settings)}.zarr"
+            path = pool_stores_dir(out_dir, backbone_key) / _segment(ref.product) / f"{pool_key(ids, settings)}.zarr"
+            if path.exists() and not pool_store_intact(path):
+                log.warning("%s: damaged; computing the pool again", path)
+                shutil.rmtree(path)
             create_pool_store(
                 path,
                 PoolLayout(image_ids=ids, grid=layout.grid, n_maps=len(scoring.r_list) * len(layout.layers), block_images=block),
@@ -515,3 +534,11 @@ def evaluate_metrics(
     if TaskRunContext.get() is not None:
         create_table_artifact(key=f"metrics-{_artifact_key(dataset)}", table=rows, description=f"MuSc metrics on {dataset}")
     return rows
+
+
+def token_stores_dir(out_dir: str, backbone_key: str) -> Path:
+    return _cache_dir(out_dir) / "tokens" / backbone_key
+
+
+def pool_stores_dir(out_dir: str, backbone_key: str) -> Path:
+    return _cache_dir(out_dir) / "pools" / backbone_key
