@@ -104,20 +104,22 @@ def make_demo_day(
     ground_truth_dir = Path(root) / "ground_truth"
     images: list[DemoImage] = []
     for product_index, product in enumerate(PRODUCTS):
-        # One stream per product, so adding a product never changes the others.
-        rng = np.random.default_rng([seed, product_index])
+        # Separate streams per product and for photos vs defects: the clean photos do not
+        # depend on how many defects are planted, so a defect-free day is the exact reference.
+        photo_rng = np.random.default_rng([seed, product_index, 0])
+        defect_rng = np.random.default_rng([seed, product_index, 1])
         source = _source(product)
-        defective = set(rng.choice(images_per_product, size=defects_per_product, replace=False).tolist())
-        offset = int(rng.integers(len(DEFECT_KINDS)))
+        defective = set(defect_rng.choice(images_per_product, size=defects_per_product, replace=False).tolist())
+        offset = int(defect_rng.integers(len(DEFECT_KINDS)))
         kinds = [DEFECT_KINDS[(i + offset) % len(DEFECT_KINDS)] for i in range(defects_per_product)]
         (input_dir / product).mkdir(parents=True, exist_ok=True)
         for index in range(images_per_product):
-            photo = _photo(product, source, rng, size)
+            photo = _photo(product, source, photo_rng, size)
             name = f"{index:03d}"
             path = input_dir / product / f"{name}.png"
             if index in defective:
                 kind = kinds.pop()
-                photo, mask = _plant(photo, kind, rng)
+                photo, mask = _plant(photo, kind, defect_rng)
                 mask_path = ground_truth_dir / product / f"{name}_mask.png"
                 mask_path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(mask_path)

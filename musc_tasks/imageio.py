@@ -15,7 +15,8 @@ Decisions a caller must know
   masks and heatmaps written for it overlay the photo the way a person sees the part.
 * Alpha is dropped (``convert("RGB")``, as the reference pipeline does), not composited.
 * 16-bit grey is scaled by the type's full range (divided by 257), never min-max stretched,
-  so a dark frame stays dark.
+  so a dark frame stays dark. Float ("F") images are refused: they have no fixed range.
+* Truncation is detected only while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` stays False.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = ["ImageReadError", "read_rgb", "content_hash", "DEFAULT_MAX_PIXELS", "ALLOWED_FORMATS"]
 
@@ -46,6 +47,7 @@ _FORMAT_FAMILY = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TI
 _PREFIX_BYTES = 16
 
 _HASH_CHUNK_BYTES = 1 << 20
+_TEXT_SNIFF_BYTES = 4096
 
 
 class ImageReadError(ValueError):
@@ -204,7 +206,7 @@ def _unrecognised_reason(handle, name: str, prefix: bytes) -> str:
             return f"unsupported format '{fmt}'"
     handle.seek(0)
     try:
-        head = handle.read(4096)
+        head = handle.read(_TEXT_SNIFF_BYTES)
     except OSError:
         head = prefix
     suffix = Path(name).suffix or "without a suffix"
@@ -216,12 +218,11 @@ def _unrecognised_reason(handle, name: str, prefix: bytes) -> str:
 def _looks_like_text(head: bytes) -> bool:
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        # The 4096-byte cut can split a multi-byte character; allow that one at the end.
-        try:
-            text = head[:-3].decode("utf-8")
-        except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        # A cut at the read size can split one multi-byte character; forgive only that.
+        if len(head) < _TEXT_SNIFF_BYTES or exc.start < len(head) - 3:
             return False
+        text = head[: exc.start].decode("utf-8")
     return all(char.isprintable() or char in "\t\n\r\f\v" for char in text)
 
 
@@ -251,7 +252,7 @@ def _decode(image: Image.Image, name: str, family: str) -> list[str]:
 
 def _to_upright_rgb(image: Image.Image, name: str, notes: list[str]) -> tuple[Image.Image, list[str]]:
     try:
-        orientation = int(image.getexif().get(0x0112, 1))
+        orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # EXIF is optional metadata; a broken block must not fail a good image
         orientation = 1
         notes.append("EXIF unreadable; orientation not applied")
