@@ -9,4 +9,4 @@ unset PREFECT_API_URL
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 PREFECT_SERVER_UI_ENABLED=false
 export NO_PROXY=127.0.0.1,localhost HF_HUB_OFFLINE=1
 # pytest exits 5 when it collected no test: that is a failure here, and it stays one.
-exec .venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q "$@"
