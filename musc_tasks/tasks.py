@@ -8,6 +8,7 @@ on-disk markers, so a crashed run redoes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from .datasets import dataset_images, list_categories
 from .extract import extract_tokens_to_store
 from .faults import failpoint
 from .imageio import ImageReadError
+from .locks import exclusive_lock
 from .manifests import CatalogRef, PoolsRef, ProductRef, ProductScoresRef, RunSummary, TokensRef
 from .preprocess import read_mask, resize_mask
 from .publish import ImageRecord, product_rows
@@ -278,10 +280,12 @@ def score_pools(
 ) -> tuple[PoolsRef, ...]:
     """Stage 2: MSM patch scores of every pool, block pairs computed on Dask.
 
-    A finished pool store whose scores no longer match their checksums is recomputed.
+    Pool stores are content-addressed, so runs of other days over the same images share
+    them: each is locked while this task creates, checks or fills it. A finished pool store
+    whose scores no longer match their checksums is recomputed.
     """
     log = get_run_logger()
-    jobs, refs = [], []
+    planned, refs = [], []
     for ref in tokens:
         if len(ref.image_ids) < 2:
             continue
@@ -289,11 +293,11 @@ def score_pools(
         length = layout.grid[0] * layout.grid[1]
         block = scoring.block_images or auto_block_size(length)
         rows = dict(zip(ref.image_ids, ref.token_rows))
-        pool_paths = []
         if ref.pools is not None:
             pools = [tuple(i for i in pool if i in rows) for pool in ref.pools]
         else:
             pools = [tuple(ref.image_ids[i] for i in pool) for pool in split_pool(len(ref.image_ids), scoring.pool_size, seed=scoring.pool_seed)]
+        pool_paths = []
         for ids in pools:
             settings = {
                 "backbone": backbone_key,
@@ -302,30 +306,33 @@ def score_pools(
                 "block": block,
             }
             path = pool_stores_dir(out_dir, backbone_key) / _segment(ref.product) / f"{pool_key(ids, settings)}.zarr"
-            if path.exists() and not pool_store_intact(path):
-                log.warning("%s: damaged; computing the pool again", path)
-                shutil.rmtree(path)
-            create_pool_store(
-                path,
-                PoolLayout(image_ids=ids, grid=layout.grid, n_maps=len(scoring.r_list) * len(layout.layers), block_images=block),
-                settings,
+            layout_of_pool = PoolLayout(image_ids=ids, grid=layout.grid, n_maps=len(scoring.r_list) * len(layout.layers), block_images=block)
+            job = PoolJob(
+                pool_path=str(path),
+                token_path=ref.store_path,
+                token_rows=tuple(rows[i] for i in ids),
+                r_list=scoring.r_list,
+                interval=scoring.interval,
+                device=device,
             )
-            jobs.append(
-                PoolJob(
-                    pool_path=str(path),
-                    token_path=ref.store_path,
-                    token_rows=tuple(rows[i] for i in ids),
-                    r_list=scoring.r_list,
-                    interval=scoring.interval,
-                    device=device,
-                )
-            )
+            planned.append((path, layout_of_pool, settings, job))
             pool_paths.append(str(path))
         refs.append((ref, tuple(pool_paths)))
     progress = _Progress("mutual-scoring", "mutual scoring")
     try:
-        with dask_client(dask_address) as client:
-            counts = score_pools_with_dask(jobs, client, on_progress=progress)
+        with contextlib.ExitStack() as held:
+            # One global order of acquisition, so two runs sharing pools cannot deadlock.
+            for path in sorted({path for path, *_ in planned}):
+                held.enter_context(exclusive_lock(path.with_suffix(".lock"), waiting_message=f"{path} is being computed by another run; waiting for it"))
+            jobs = {}
+            for path, layout_of_pool, settings, job in planned:
+                if path.exists() and not pool_store_intact(path):
+                    log.warning("%s: damaged; computing the pool again", path)
+                    shutil.rmtree(path)
+                create_pool_store(path, layout_of_pool, settings)
+                jobs[job.pool_path] = job  # a pool listed twice is computed once
+            with dask_client(dask_address) as client:
+                counts = score_pools_with_dask(list(jobs.values()), client, on_progress=progress)
     finally:
         progress.close()
     out = []

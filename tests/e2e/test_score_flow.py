@@ -18,9 +18,11 @@ from flows.score import score_captures
 from musc_tasks import tables
 from musc_tasks.backbone import load_backbone
 from musc_tasks.config import ScoringParams
-from musc_tasks.core import image_metrics, image_scores, pool_patch_scores, rescore_images, upsample_maps
+from musc_tasks.core import image_scores, pixel_metrics, pool_patch_scores, rescore_images, upsample_maps
 from musc_tasks.imageio import read_rgb
-from musc_tasks.preprocess import squash_normalise
+from musc_tasks.preprocess import read_mask, squash_normalise
+from musc_tasks.rescore import patch_score_rows, score_map
+from musc_tasks.tasks import pool_stores_dir
 
 from .conftest import subprocess_env
 
@@ -83,15 +85,28 @@ def test_tables_masks_and_heatmaps(first_run, demo_day):
     assert len(runs) == 1 and runs["images_extracted"].iloc[0] == n_files
 
 
-def test_planted_defects_rank_above_normal_images(first_run, demo_day):
+def test_planted_defects_light_up_in_the_anomaly_maps(first_run, demo_day, tiny_backbone):
+    """Pixels inside planted defects score above the rest, product by product.
+
+    Pixel level, because with random-weight features and two defective images among ten the
+    image ranking is a weak statistic (an image AUROC is 16 comparisons); tens of thousands of
+    pixels are not, and a map shifted, flipped or given to the wrong image fails this at once.
+    """
     out_dir, _ = first_run
-    rows = query(out_dir, "select path, product, rank, score from {scores}")
-    defective = {str(image.path) for image in demo_day.images if image.is_defective}
-    rows["defective"] = rows["path"].isin(defective)
+    rows = query(out_dir, "select image_id, path, product from {scores}")
+    pools = sorted((pool_stores_dir(str(out_dir), tiny_backbone.key)).rglob("*.zarr"))
+    where = patch_score_rows(pools)
+    truth = {str(image.path): image.mask_path for image in demo_day.images}
     for product, group in rows.groupby("product"):
-        auroc = image_metrics(group["score"].to_numpy(), group["defective"].to_numpy())["auroc"]
-        assert auroc >= 0.75, f"{product}: planted defects do not rank above normal images (AUROC {auroc:.2f})"
-    assert rows.loc[rows["defective"], "rank"].mean() < rows.loc[~rows["defective"], "rank"].mean()
+        maps, masks = [], []
+        for row in group.itertuples():
+            with Image.open(row.path) as original:
+                width, height = original.size
+            maps.append(score_map(*where[row.image_id], height, width))
+            mask_path = truth[row.path]
+            masks.append(read_mask(mask_path) if mask_path else np.zeros((height, width), bool))
+        auroc = pixel_metrics(np.stack(maps), np.stack(masks), pro=False)["auroc"]
+        assert auroc >= 0.85, f"{product}: planted defects do not stand out in the maps (pixel AUROC {auroc:.3f})"
 
 
 def test_scores_equal_the_core_engine_in_memory(first_run, demo_day, tiny_backbone):
