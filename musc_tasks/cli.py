@@ -51,6 +51,10 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pool-size", type=int, default=200, help="largest pool scored together")
     group.add_argument("--threshold", type=_threshold, default="auto", help="image threshold on the final score: auto or a value")
     group.add_argument("--pixel-threshold", type=_threshold, default="auto", help="pixel threshold on the map: auto or a value")
+    group.add_argument(
+        "--msm-precision", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="GEMM input dtype of mutual scoring; bfloat16/float16 are for GPUs (scores move by ~1e-3)",
+    )
     group.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (default: a local one)")
 
 
@@ -85,6 +89,7 @@ def scoring_from_args(args: argparse.Namespace) -> ScoringParams:
         pool_size=args.pool_size,
         threshold=args.threshold,
         pixel_threshold=args.pixel_threshold,
+        msm_precision=args.msm_precision,
     )
 
 
@@ -160,6 +165,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         r_list=args.r,
         rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout],
         pool_size=args.pool_size or 100_000,
+        msm_precision=args.msm_precision,
     )
     rows = evaluate_dataset(
         root=str(Path(args.root).resolve()),
@@ -271,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--rscin-k", type=_int_list, help="default: 1,2,3 (MVTec AD, BTAD), 1,8,9 (VisA)")
     evaluate.add_argument("--mask-mode", choices=["paper", "half"], default="paper", help="ground-truth resize rule (README)")
     evaluate.add_argument("--dask-address")
+    evaluate.add_argument("--msm-precision", default="float32", choices=["float32", "bfloat16", "float16"])
     add_backbone_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -97,6 +97,10 @@ class ScoringParams(BaseModel):
     pixel_threshold: Literal["auto"] | float = "auto"
     # Images per mutual-scoring block (one Dask task per block pair); None picks by size.
     block_images: int | None = Field(None, ge=1)
+    # dtype of the MSM GEMM inputs. float32 reproduces the reference to ~1e-7; bfloat16 or
+    # float16 run the GEMMs on a GPU's tensor cores (float32 accumulation, scores within
+    # ~1e-3 / ~2e-4) and are no faster on a CPU.
+    msm_precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("r_list", "rscin_k")
     @classmethod

@@ -46,6 +46,7 @@ class PoolJob:
     r_list: tuple[int, ...]
     interval: float
     device: str = "auto"
+    msm_precision: str = "float32"
 
 
 @contextlib.contextmanager
@@ -85,13 +86,14 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
     device = resolve_device(job.device)
     tokens_a = read_token_rows(Path(job.token_path), job.token_rows[rows_a])
     tokens_b = tokens_a if a == b else read_token_rows(Path(job.token_path), job.token_rows[rows_b])
+    compute_dtype = None if job.msm_precision == "float32" else getattr(torch, job.msm_precision)
     a_to_b, b_to_a = [], []
     with torch.inference_mode():
         for r in job.r_list:
             for layer_a, layer_b in zip(tokens_a, tokens_b):
                 za = aggregate_tokens(torch.from_numpy(layer_a).to(device), layout.grid, r)
                 zb = za if a == b else aggregate_tokens(torch.from_numpy(layer_b).to(device), layout.grid, r)
-                ab, ba = nearest_similarities(za, zb)
+                ab, ba = nearest_similarities(za, zb, compute_dtype=compute_dtype)
                 a_to_b.append(ab.cpu())
                 b_to_a.append(ba.cpu())
     similarity = open_pool_store(pool_path, "r+")["similarity"]

@@ -304,6 +304,7 @@ def score_pools(
                 "r_list": list(scoring.r_list),
                 "interval": scoring.interval,
                 "block": block,
+                "msm_precision": scoring.msm_precision,
             }
             path = pool_stores_dir(out_dir, backbone_key) / _segment(ref.product) / f"{pool_key(ids, settings)}.zarr"
             layout_of_pool = PoolLayout(image_ids=ids, grid=layout.grid, n_maps=len(scoring.r_list) * len(layout.layers), block_images=block)
@@ -314,6 +315,7 @@ def score_pools(
                 r_list=scoring.r_list,
                 interval=scoring.interval,
                 device=device,
+                msm_precision=scoring.msm_precision,
             )
             planned.append((path, layout_of_pool, settings, job))
             pool_paths.append(str(path))

@@ -4,6 +4,19 @@ Tokens are unit vectors, so ``||u - v||^2 = 2 - 2 u.v`` and the nearest patch of
 image is the one with the largest inner product. One GEMM ``Z_a Z_b^T`` of two image blocks
 therefore serves both directions: its row maxima score block a against block b, its column
 maxima score block b against block a. Only the upper triangle of block pairs is computed.
+
+Precision: by default the GEMM runs in the tokens' own dtype (float32 from LNAMD, so the
+scores are exact up to float32 rounding). ``compute_dtype=torch.bfloat16`` (or float16)
+rounds the tokens to that dtype, accumulates their products in float32, and writes the
+product once, rounded to the compute dtype, as ``s - 1`` (one cuBLAS call on CUDA: addmm with
+a -1 bias, added in float32 before the rounding). ``1 - s = d^2 / 2`` is what the scores
+need, and storing it rather than ``s`` keeps a relative precision of u (2^-8 bf16, 2^-11 fp16)
+on every squared distance, where ``s`` itself in bf16 near 1 would lose ~0.01 on small
+distances. Against a float32 product the low-precision write halves the bytes of the
+product the two maxima read (H100, ViT-L shapes: 22 % faster; docs/performance.md). The CPU
+has no fast bf16 GEMM (hundreds of times slower than float32 here), so there the rounded
+tokens are multiplied in float32 and the result rounded the same way: the same numbers as
+on CUDA up to summation order, and no speed-up.
 """
 
 import torch
@@ -55,7 +68,29 @@ def auto_block_size(n_patches: int, *, target_rows: int = 4096) -> int:
     return max(1, target_rows // n_patches)
 
 
-def nearest_similarities(block_a: Tensor, block_b: Tensor) -> tuple[Tensor, Tensor]:
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _check_compute_dtype(compute_dtype: torch.dtype | None) -> None:
+    if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float64, *_LOW_PRECISION):
+        raise ValueError(
+            f"compute_dtype must be None, torch.float32, torch.float64, torch.bfloat16 or "
+            f"torch.float16, got {compute_dtype}"
+        )
+
+
+def _shifted_products(rows_a: Tensor, rows_b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rows_a @ rows_b.T - 1`` of two (M, C) matrices rounded to ``dtype``, accumulated in float32."""
+    rows_a, rows_b = rows_a.to(dtype), rows_b.to(dtype)
+    if rows_a.device.type == "cuda":
+        minus_one = torch.full((rows_b.shape[0],), -1.0, dtype=dtype, device=rows_a.device)
+        return torch.addmm(minus_one, rows_a, rows_b.T)  # bias added in float32, then one rounding
+    return (rows_a.float() @ rows_b.float().T - 1.0).to(dtype)
+
+
+def nearest_similarities(
+    block_a: Tensor, block_b: Tensor, *, compute_dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
     """Largest inner product of every patch with each image of the other block.
 
     Parameters
@@ -64,11 +99,18 @@ def nearest_similarities(block_a: Tensor, block_b: Tensor) -> tuple[Tensor, Tens
         Unit-length tokens of Ba images.
     block_b : (Bb, L, C) float tensor
         Unit-length tokens of Bb images, same L and C.
+    compute_dtype : torch.dtype, optional
+        dtype of the GEMM inputs. None: the blocks' own dtype (exact for float32 tokens).
+        torch.bfloat16 or torch.float16: the tokens are rounded to it, the products are
+        accumulated in float32 and kept as ``s - 1`` in that dtype (see the module notes);
+        each similarity then moves by at most ``2u + u^2 + u (1 - s)`` plus the float32
+        accumulation error (u = 2^-8 bf16, 2^-11 fp16). Meant for CUDA.
 
     Returns
     -------
     a_to_b : (Ba, L, Bb) tensor
-        ``a_to_b[i, p, j] = max_q <a[i, p], b[j, q]>``.
+        ``a_to_b[i, p, j] = max_q <a[i, p], b[j, q]>``; float32 for a low compute dtype,
+        else the product's dtype.
     b_to_a : (Bb, L, Ba) tensor
         ``b_to_a[j, q, i] = max_p <a[i, p], b[j, q]>``, from the same product.
     """
@@ -77,10 +119,20 @@ def nearest_similarities(block_a: Tensor, block_b: Tensor) -> tuple[Tensor, Tens
             f"blocks must be (B, L, C) with equal L and C, got {tuple(block_a.shape)} "
             f"and {tuple(block_b.shape)}"
         )
+    _check_compute_dtype(compute_dtype)
     n_a, length, channels = block_a.shape
     n_b = block_b.shape[0]
-    products = block_a.reshape(n_a * length, channels) @ block_b.reshape(n_b * length, channels).T
-    products = products.view(n_a, length, n_b, length)  # (Ba, L, Bb, L)
+    rows_a = block_a.reshape(n_a * length, channels)
+    rows_b = block_b.reshape(n_b * length, channels)
+    if compute_dtype in _LOW_PRECISION:
+        shifted = _shifted_products(rows_a, rows_b, compute_dtype).view(n_a, length, n_b, length)  # s - 1
+        # rounding is monotone, so the max of the rounded values is the rounded max
+        a_to_b = shifted.amax(dim=3).float() + 1.0  # (Ba, L, Bb)
+        b_to_a = shifted.amax(dim=1).permute(1, 2, 0).float() + 1.0  # (Bb, L, Ba)
+        return a_to_b, b_to_a
+    if compute_dtype is not None:
+        rows_a, rows_b = rows_a.to(compute_dtype), rows_b.to(compute_dtype)
+    products = (rows_a @ rows_b.T).view(n_a, length, n_b, length)  # (Ba, L, Bb, L)
     a_to_b = products.amax(dim=3)  # (Ba, L, Bb)
     b_to_a = products.amax(dim=1).permute(1, 2, 0)  # (Bb, L, Ba)
     return a_to_b, b_to_a
@@ -116,7 +168,13 @@ def scores_from_similarities(similarities: Tensor, own_index: Tensor, k: int) ->
     return nearest.mean(dim=2)
 
 
-def mutual_scores(tokens: Tensor, *, interval: float = 0.3, block: int | None = None) -> Tensor:
+def mutual_scores(
+    tokens: Tensor,
+    *,
+    interval: float = 0.3,
+    block: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Score each patch by its distance to the other images of its pool.
 
     Parameters
@@ -128,6 +186,14 @@ def mutual_scores(tokens: Tensor, *, interval: float = 0.3, block: int | None = 
         K = max(1, int(interval * (N - 1))).
     block : int, optional
         Images per GEMM block; default `auto_block_size`. Any value gives the same scores.
+    compute_dtype : torch.dtype, optional
+        GEMM input dtype, as in `nearest_similarities`. None keeps the tokens' dtype.
+        torch.bfloat16 / torch.float16 on CUDA run the GEMMs on the tensor cores with float32
+        accumulation. Rounding the unit tokens moves each similarity by up to 2u + u^2
+        (u = 2^-8 bf16, 2^-11 fp16), hence a distance d by about that over d; the rounded
+        ``s - 1`` adds at most a relative u/2 on d. Measured score errors: ~1e-3 for bf16
+        and ~1.5e-4 for fp16 (ViT-L shapes, pool-like tokens, scores ~0.3), larger where
+        patches nearly coincide (tests/unit/test_msm_precision.py, docs/performance.md).
 
     Returns
     -------
@@ -145,10 +211,15 @@ def mutual_scores(tokens: Tensor, *, interval: float = 0.3, block: int | None = 
     step = block or auto_block_size(length)
     if step < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    _check_compute_dtype(compute_dtype)
+    if compute_dtype is not None:
+        tokens = tokens.to(compute_dtype)  # round once, not once per block pair
     similarities = torch.empty(n_images, length, n_images, dtype=torch.float32, device=tokens.device)
     for a in range(0, n_images, step):
         for b in range(a, n_images, step):
-            a_to_b, b_to_a = nearest_similarities(tokens[a : a + step], tokens[b : b + step])
+            a_to_b, b_to_a = nearest_similarities(
+                tokens[a : a + step], tokens[b : b + step], compute_dtype=compute_dtype
+            )
             similarities[a : a + step, :, b : b + step] = a_to_b
             if b != a:
                 similarities[b : b + step, :, a : a + step] = b_to_a

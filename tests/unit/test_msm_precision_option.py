@@ -1,0 +1,72 @@
+"""The msm_precision option: from the command line to the Dask worker functions."""
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from musc_tasks.cli import build_parser, scoring_from_args
+from musc_tasks.config import ScoringParams
+from musc_tasks.core import pool_patch_scores
+from musc_tasks.scoring import PoolJob, assemble_row_block, score_block_pair
+from musc_tasks.store import (
+    PoolLayout,
+    TokenLayout,
+    create_pool_store,
+    open_pool_store,
+    prepare_token_store,
+    read_token_rows,
+    token_index,
+    write_token_block,
+)
+
+GRID, CHANNELS, LAYERS, R_LIST, N, BLOCK = (4, 4), 16, (0, 1), (1, 3), 5, 2
+
+
+def test_cli_passes_the_precision_to_the_scoring_params():
+    args = build_parser().parse_args(["score", "in", "--out", "o", "--msm-precision", "bfloat16"])
+    assert scoring_from_args(args).msm_precision == "bfloat16"
+    assert scoring_from_args(build_parser().parse_args(["score", "in", "--out", "o"])).msm_precision == "float32"
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValidationError):
+        ScoringParams(msm_precision="int8")
+
+
+@pytest.fixture
+def token_store(tmp_path):
+    path = tmp_path / "tokens.zarr"
+    layout = TokenLayout(layers=LAYERS, grid=GRID, channels=CHANNELS, embed_dim=4, block_images=N)
+    group = prepare_token_store(path, layout, N)
+    rng = np.random.default_rng(0)
+    common = rng.standard_normal((1, GRID[0] * GRID[1], CHANNELS), dtype=np.float32)
+    tokens = [common + 0.5 * rng.standard_normal((N, GRID[0] * GRID[1], CHANNELS), dtype=np.float32) for _ in LAYERS]
+    write_token_block(group, path, 0, [f"i{k}" for k in range(N)], tokens, np.zeros((N, 4), np.float32))
+    return path
+
+
+def worker_scores(tmp_path, token_path, precision):
+    """Patch scores as the Dask workers compute them, every pair then every row."""
+    ids = tuple(sorted(token_index(token_path)))
+    path = tmp_path / f"pool-{precision}.zarr"
+    create_pool_store(path, PoolLayout(image_ids=ids, grid=GRID, n_maps=len(R_LIST) * len(LAYERS), block_images=BLOCK), {})
+    job = PoolJob(str(path), str(token_path), tuple(range(N)), R_LIST, 0.3, "cpu", precision)
+    n_blocks = -(-N // BLOCK)
+    for a in range(n_blocks):
+        for b in range(a, n_blocks):
+            score_block_pair(job, a, b)
+    for a in range(n_blocks):
+        assemble_row_block(job, a)
+    return open_pool_store(path)["patch_scores"][:]
+
+
+@pytest.mark.parametrize("precision, atol", [("float32", 1e-6), ("bfloat16", 1e-2), ("float16", 2e-3)])
+def test_workers_score_like_the_core_engine_at_each_precision(tmp_path, token_store, precision, atol):
+    tokens = [torch.from_numpy(t) for t in read_token_rows(token_store, range(N))]
+    dtype = None if precision == "float32" else getattr(torch, precision)
+    expected = pool_patch_scores(tokens, GRID, R_LIST, block=BLOCK, compute_dtype=dtype).numpy()
+    got = worker_scores(tmp_path, token_store, precision)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # same arithmetic as the engine
+    exact = pool_patch_scores([t.double() for t in tokens], GRID, R_LIST).numpy()
+    np.testing.assert_allclose(got, exact, atol=atol, rtol=0)
