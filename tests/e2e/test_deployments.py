@@ -13,13 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
 from datetime import date, datetime, time as clock, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -29,10 +24,10 @@ import httpx
 import pytest
 
 from ..conftest import TINY_CONFIG
+from .processes import REPO, background, free_port, tail, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PREFECT = BIN / "prefect"
 DEPLOY_SH = REPO / "deployments" / "deploy.sh"
@@ -42,20 +37,6 @@ POOL = "musc-e2e"
 TIMEZONE = "Europe/Berlin"
 N_PER_PRODUCT = 6
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 80) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return f"<{path} not written>"
-    return f"--- last {min(lines, len(text))} lines of {path.name} ---\n" + "\n".join(text[-lines:])
 
 
 def base_env(prefect_home: Path) -> dict[str, str]:
@@ -72,57 +53,6 @@ def base_env(prefect_home: Path) -> dict[str, str]:
         PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
     )
     return env
-
-
-@contextmanager
-def background(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    """A process in its own group (its children die with it), output to ``log``."""
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen, grace: float = 15.0) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            # The leader is gone; children in the group may linger.
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float, logs: list[Path], interval: float = 1.0):
-    """Poll ``check`` until it returns something truthy; fail with the log tails otherwise."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except AssertionError:
-            raise
-        except Exception as error:  # noqa: BLE001 - keep polling, report the last one
-            last_error = error
-        time.sleep(interval)
-    pytest.fail(
-        f"timed out after {timeout:.0f} s waiting for {what}"
-        + (f" (last error: {last_error!r})" if last_error else "")
-        + "\n"
-        + "\n".join(tail(log) for log in logs)
-    )
 
 
 def cli(args: list[str], env: dict[str, str], logs: list[Path], timeout: float = 180) -> str:

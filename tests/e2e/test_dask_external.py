@@ -1,0 +1,71 @@
+"""Mutual scoring on a Dask cluster that someone else runs: `dask scheduler` and `dask worker`.
+
+The cluster is two separate processes on 127.0.0.1, as a site would start them; `musc score
+--dask-address` must send the pair and row tasks there and give the same scores as the
+LocalCluster it would otherwise start.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client
+
+from musc_tasks import tables
+
+from ..conftest import TINY_CONFIG
+from .conftest import subprocess_env
+from .processes import background, free_port, tail, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def external_cluster(tmp_path):
+    """(scheduler address, logs) of a scheduler and a 2-process worker started from the shell."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    scheduler_log, worker_log = tmp_path / "scheduler.log", tmp_path / "worker.log"
+    port = address.rsplit(":", 1)[1]
+    scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"]
+    worker = [str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"]
+    logs = [scheduler_log, worker_log]
+    with background(scheduler, dict(os.environ, PYTHONUNBUFFERED="1"), scheduler_log):
+        with background(worker, dict(os.environ, PYTHONUNBUFFERED="1"), worker_log):
+            with Client(address, timeout=120) as client:
+                wait_for("two Dask workers", lambda: len(client.scheduler_info()["workers"]) == 2, 120, logs)
+            yield address, logs
+
+
+def score(demo_day, out_dir, prefect_api, dask_address=None):
+    command = [
+        str(BIN / "musc"), "score", str(demo_day.input_dir), "--out", str(out_dir), "--date", "2026-11-20",
+        "--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--pretrained", "none",
+        "--image-size", "112", "--layers", "1,3", "--device", "cpu",
+    ]
+    if dask_address:
+        command += ["--dask-address", dask_address]
+    return subprocess.run(command, env=subprocess_env(prefect_api), capture_output=True, text=True, timeout=400)
+
+
+def test_score_runs_its_mutual_scoring_on_an_external_scheduler(external_cluster, demo_day, prefect_api, tmp_path):
+    address, logs = external_cluster
+    started = time.monotonic()
+    done = score(demo_day, tmp_path / "external", prefect_api, address)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + "\n".join(tail(log) for log in logs)
+
+    with Client(address, timeout=60) as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert {"score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
+
+    local = score(demo_day, tmp_path / "local", prefect_api)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    columns = ["path", "raw_score", "score", "rank"]
+    external_scores = tables.read_table(tmp_path / "external" / "tables" / "scores")[columns].sort_values("path")
+    local_scores = tables.read_table(tmp_path / "local" / "tables" / "scores")[columns].sort_values("path")
+    assert len(external_scores) == len(demo_day.images), f"took {time.monotonic() - started:.0f} s"
+    assert external_scores.reset_index(drop=True).equals(local_scores.reset_index(drop=True))
