@@ -19,7 +19,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from .backbone import resolve_device
 from .faults import failpoint
-from .core import aggregate_tokens, average_scores, nearest_similarities, neighbour_count, scores_from_similarities
+from .core import aggregate_tokens, auto_block_size, average_scores, nearest_similarities, neighbour_count, scores_from_similarities
 from .store import (
     finish_pool_store,
     is_done,
@@ -33,7 +33,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PoolJob", "dask_client", "score_pools_with_dask", "score_block_pair", "assemble_row_block"]
+__all__ = ["PoolJob", "dask_client", "score_pools_with_dask", "score_block_pair", "assemble_row_block", "task_block_size"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,18 @@ def dask_client(address: str | None = None, *, n_workers: int | None = None) -> 
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+def task_block_size(n_patches: int, n_images: int) -> int:
+    """Images per block of a pool's Dask tasks (one task per pair of blocks).
+
+    A pair task aggregates (LNAMD) the tokens of both its blocks, so each block is aggregated
+    once per task it takes part in, n_blocks + 1 times in all: blocks of about 16384 patches
+    keep that small next to the GEMMs, which `nearest_similarities` tiles at its own smaller
+    size so memory stays bounded. At least 4 blocks per pool leave the workers something to
+    share.
+    """
+    return max(1, min(auto_block_size(n_patches, target_rows=16384), -(-n_images // 4)))
 
 
 def _block_slice(block: int, block_images: int, n: int) -> slice:

@@ -30,7 +30,7 @@ from . import tables
 from .backbone import load_backbone
 from .catalog import catalog_files, scan_input
 from .config import CODE_VERSION, BackboneSpec, ScoringParams
-from .core import auto_block_size, image_metrics, pixel_metrics, split_by_type, split_pool
+from .core import image_metrics, pixel_metrics, split_by_type, split_pool
 from .datasets import dataset_images, list_categories
 from .extract import extract_tokens_to_store
 from .faults import failpoint
@@ -40,7 +40,7 @@ from .manifests import CatalogRef, PoolsRef, ProductRef, ProductScoresRef, RunSu
 from .preprocess import read_mask, resize_mask
 from .publish import ImageRecord, product_rows
 from .rescore import patch_score_rows, read_product_scores, rescore_product, score_map, write_product_scores
-from .scoring import PoolJob, dask_client, score_pools_with_dask
+from .scoring import PoolJob, dask_client, score_pools_with_dask, task_block_size
 from .store import (
     PoolLayout,
     atomic_write_text,
@@ -291,7 +291,6 @@ def score_pools(
             continue
         layout = token_store_layout(Path(ref.store_path))
         length = layout.grid[0] * layout.grid[1]
-        block = scoring.block_images or auto_block_size(length)
         rows = dict(zip(ref.image_ids, ref.token_rows))
         if ref.pools is not None:
             pools = [tuple(i for i in pool if i in rows) for pool in ref.pools]
@@ -299,6 +298,7 @@ def score_pools(
             pools = [tuple(ref.image_ids[i] for i in pool) for pool in split_pool(len(ref.image_ids), scoring.pool_size, seed=scoring.pool_seed)]
         pool_paths = []
         for ids in pools:
+            block = scoring.block_images or task_block_size(length, len(ids))
             settings = {
                 "backbone": backbone_key,
                 "r_list": list(scoring.r_list),

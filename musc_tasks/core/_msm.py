@@ -89,7 +89,11 @@ def _shifted_products(rows_a: Tensor, rows_b: Tensor, dtype: torch.dtype) -> Ten
 
 
 def nearest_similarities(
-    block_a: Tensor, block_b: Tensor, *, compute_dtype: torch.dtype | None = None
+    block_a: Tensor,
+    block_b: Tensor,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    tile: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Largest inner product of every patch with each image of the other block.
 
@@ -98,13 +102,18 @@ def nearest_similarities(
     block_a : (Ba, L, C) float tensor
         Unit-length tokens of Ba images.
     block_b : (Bb, L, C) float tensor
-        Unit-length tokens of Bb images, same L and C.
+        Unit-length tokens of Bb images, same L and C. Passing ``block_a`` itself computes
+        only the upper triangle of tiles (the two directions are then equal).
     compute_dtype : torch.dtype, optional
         dtype of the GEMM inputs. None: the blocks' own dtype (exact for float32 tokens).
         torch.bfloat16 or torch.float16: the tokens are rounded to it, the products are
         accumulated in float32 and kept as ``s - 1`` in that dtype (see the module notes);
         each similarity then moves by at most ``2u + u^2 + u (1 - s)`` plus the float32
         accumulation error (u = 2^-8 bf16, 2^-11 fp16). Meant for CUDA.
+    tile : int, optional
+        Images per GEMM tile; default `auto_block_size`. Bounds the product held in memory
+        at (tile * L)^2 values, so blocks can be as large as the caller likes. Any value
+        gives the same result.
 
     Returns
     -------
@@ -112,7 +121,7 @@ def nearest_similarities(
         ``a_to_b[i, p, j] = max_q <a[i, p], b[j, q]>``; float32 for a low compute dtype,
         else the product's dtype.
     b_to_a : (Bb, L, Ba) tensor
-        ``b_to_a[j, q, i] = max_p <a[i, p], b[j, q]>``, from the same product.
+        ``b_to_a[j, q, i] = max_p <a[i, p], b[j, q]>``, from the same products.
     """
     if block_a.ndim != 3 or block_b.ndim != 3 or block_a.shape[1:] != block_b.shape[1:]:
         raise ValueError(
@@ -120,6 +129,27 @@ def nearest_similarities(
             f"and {tuple(block_b.shape)}"
         )
     _check_compute_dtype(compute_dtype)
+    n_a, length, _ = block_a.shape
+    n_b = block_b.shape[0]
+    step = auto_block_size(length) if tile is None else tile
+    if step < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    if n_a <= step and n_b <= step:
+        return _tile_similarities(block_a, block_b, compute_dtype)
+    same = block_b is block_a
+    dtype = torch.float32 if compute_dtype in _LOW_PRECISION else (compute_dtype or block_a.dtype)
+    a_to_b = torch.empty(n_a, length, n_b, dtype=dtype, device=block_a.device)
+    b_to_a = a_to_b if same else torch.empty(n_b, length, n_a, dtype=dtype, device=block_a.device)
+    for i in range(0, n_a, step):
+        for j in range(i if same else 0, n_b, step):
+            ab, ba = _tile_similarities(block_a[i : i + step], block_b[j : j + step], compute_dtype)
+            a_to_b[i : i + step, :, j : j + step] = ab
+            b_to_a[j : j + step, :, i : i + step] = ba
+    return a_to_b, b_to_a
+
+
+def _tile_similarities(block_a: Tensor, block_b: Tensor, compute_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """`nearest_similarities` of two blocks in one GEMM."""
     n_a, length, channels = block_a.shape
     n_b = block_b.shape[0]
     rows_a = block_a.reshape(n_a * length, channels)
@@ -130,6 +160,12 @@ def nearest_similarities(
         a_to_b = shifted.amax(dim=3).float() + 1.0  # (Ba, L, Bb)
         b_to_a = shifted.amax(dim=1).permute(1, 2, 0).float() + 1.0  # (Bb, L, Ba)
         return a_to_b, b_to_a
+    if compute_dtype is not None:
+        rows_a, rows_b = rows_a.to(compute_dtype), rows_b.to(compute_dtype)
+    products = (rows_a @ rows_b.T).view(n_a, length, n_b, length)  # (Ba, L, Bb, L)
+    a_to_b = products.amax(dim=3)  # (Ba, L, Bb)
+    b_to_a = products.amax(dim=1).permute(1, 2, 0)  # (Bb, L, Ba)
+    return a_to_b, b_to_a
     if compute_dtype is not None:
         rows_a, rows_b = rows_a.to(compute_dtype), rows_b.to(compute_dtype)
     products = (rows_a @ rows_b.T).view(n_a, length, n_b, length)  # (Ba, L, Bb, L)
@@ -218,7 +254,7 @@ def mutual_scores(
     for a in range(0, n_images, step):
         for b in range(a, n_images, step):
             a_to_b, b_to_a = nearest_similarities(
-                tokens[a : a + step], tokens[b : b + step], compute_dtype=compute_dtype
+                tokens[a : a + step], tokens[b : b + step], compute_dtype=compute_dtype, tile=step
             )
             similarities[a : a + step, :, b : b + step] = a_to_b
             if b != a:

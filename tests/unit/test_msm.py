@@ -52,6 +52,34 @@ def test_both_directions_come_from_one_product():
             torch.testing.assert_close(b_to_a[j, :, i], dots.max(dim=0).values)
 
 
+def plain_similarities(a, b):
+    """(Ba, L, Bb) and (Bb, L, Ba) maxima of every pair of images, one pair at a time."""
+    a_to_b = torch.stack([torch.stack([(x @ y.T).max(dim=1).values for y in b], dim=1) for x in a])
+    b_to_a = torch.stack([torch.stack([(x @ y.T).max(dim=0).values for x in a], dim=1) for y in b])
+    return a_to_b, b_to_a
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 4, 100])
+def test_tiles_give_the_plain_result(tile):
+    a, b = unit_tokens(7, 5, 8, seed=6), unit_tokens(4, 5, 8, seed=7)
+    for got, expected in zip(nearest_similarities(a, b, tile=tile), plain_similarities(a, b)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("tile", [1, 2, 3, 7])
+def test_a_block_against_itself_fills_both_triangles(tile):
+    a = unit_tokens(7, 5, 8, seed=8)
+    a_to_b, b_to_a = nearest_similarities(a, a, tile=tile)
+    expected, _ = plain_similarities(a, a)
+    torch.testing.assert_close(a_to_b, expected)
+    torch.testing.assert_close(b_to_a, expected)
+
+
+def test_tile_must_be_positive():
+    with pytest.raises(ValueError, match="tile"):
+        nearest_similarities(unit_tokens(3, 4, 4), unit_tokens(3, 4, 4), tile=0)
+
+
 @pytest.mark.parametrize("n, k", [(2, 1), (3, 1), (4, 1), (5, 1), (6, 1), (11, 3), (21, 6), (200, 59)])
 def test_neighbour_count(n, k):
     assert neighbour_count(n) == k

@@ -1,4 +1,4 @@
-"""The msm_precision option: from the command line to the Dask worker functions."""
+"""The Dask worker functions of mutual scoring: precision option, block sizes, agreement with the core."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from musc_tasks.cli import build_parser, scoring_from_args
 from musc_tasks.config import ScoringParams
 from musc_tasks.core import pool_patch_scores
-from musc_tasks.scoring import PoolJob, assemble_row_block, score_block_pair
+from musc_tasks.scoring import PoolJob, assemble_row_block, score_block_pair, task_block_size
 from musc_tasks.store import (
     PoolLayout,
     TokenLayout,
@@ -70,3 +70,13 @@ def test_workers_score_like_the_core_engine_at_each_precision(tmp_path, token_st
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # same arithmetic as the engine
     exact = pool_patch_scores([t.double() for t in tokens], GRID, R_LIST).numpy()
     np.testing.assert_allclose(got, exact, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("n_patches, n_images", [(1369, 200), (1024, 200), (64, 200), (256, 10), (1369, 2), (20000, 50)])
+def test_task_blocks_are_large_but_leave_work_to_share(n_patches, n_images):
+    block = task_block_size(n_patches, n_images)
+    assert block >= 1
+    assert block == 1 or block * n_patches <= 16384  # two aggregated blocks stay ~100 MB at C = 1024
+    assert block <= -(-n_images // 4)  # at least 4 blocks: 10 pair tasks for the workers
+    if n_patches == 1369 and n_images == 200:
+        assert block == 11  # LNAMD redone 20 times per image rather than 101 with GEMM-sized blocks
