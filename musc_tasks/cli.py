@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     os.environ.setdefault("MUSC_PROGRESS", "1")
+    # Without a Prefect server, each command starts a temporary one whose first start in a
+    # fresh PREFECT_HOME creates its database: Prefect's 20 s limit is too short on a busy
+    # small machine. Set before Prefect is first imported, which reads its settings then.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     warnings.filterwarnings("default", message=".*RANDOM weights")
     try:
         return args.func(args)
