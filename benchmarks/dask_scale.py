@@ -1,14 +1,14 @@
 """Dask scale-out of mutual scoring: the real pair/row task graph on 1 vs 2 single-threaded workers.
 
 Usage (from the repository root):
-    .venv/bin/python benchmarks/dask_scale.py [--n 24 --length 576 --channels 768 --block-images 2]
+    .venv/bin/python benchmarks/dask_scale.py [--n 24 --length 576 --channels 768 --block-images B]
                                               [--layers 2] [--r 1 3] [--workers 1 2] [--json out.json]
 
 Writes a synthetic token store with `musc_tasks.store` (float16, as extraction writes it),
 creates one pool store per run, and times `score_pools_with_dask` on a fresh LocalCluster of
-each size (cluster start and worker imports are not timed). The default shapes make every
-pair task a few GEMMs of (2*576, 768) x (768, 2*576), so the graph is compute-bound and
-should scale with cores. Prints the speed-up over one worker and checks that every run gave
+each size (cluster start and worker imports are not timed). The default shapes and the
+pipeline's own block size (6 images: 10 pair tasks) make every pair task several GEMMs of
+(6*576, 768) x (768, 6*576) rows, so the graph is compute-bound and should scale with cores. Prints the speed-up over one worker and checks that every run gave
 the same patch scores.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_tasks.scoring import PoolJob, dask_client, score_pools_with_dask
+from musc_tasks.scoring import PoolJob, dask_client, score_pools_with_dask, task_block_size
 from musc_tasks.store import (
     PoolLayout,
     TokenLayout,
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24, help="images in the pool")
     parser.add_argument("--length", type=int, default=576, help="patches per image, a square")
     parser.add_argument("--channels", type=int, default=768)
-    parser.add_argument("--block-images", type=int, default=2)
+    parser.add_argument("--block-images", type=int, default=None, help="images per task block; default as the pipeline picks")
     parser.add_argument("--layers", type=int, default=2, help="feature layers in the store")
     parser.add_argument("--r", nargs="+", type=int, default=[1, 3], help="LNAMD aggregation degrees")
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
@@ -130,6 +130,7 @@ def main() -> None:
     if side * side != args.length:
         raise SystemExit(f"--length must be a square, got {args.length}")
     grid = (side, side)
+    args.block_images = args.block_images or task_block_size(args.length, args.n)
     layers = tuple(range(args.layers))
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
