@@ -166,12 +166,6 @@ def _tile_similarities(block_a: Tensor, block_b: Tensor, compute_dtype: torch.dt
     a_to_b = products.amax(dim=3)  # (Ba, L, Bb)
     b_to_a = products.amax(dim=1).permute(1, 2, 0)  # (Bb, L, Ba)
     return a_to_b, b_to_a
-    if compute_dtype is not None:
-        rows_a, rows_b = rows_a.to(compute_dtype), rows_b.to(compute_dtype)
-    products = (rows_a @ rows_b.T).view(n_a, length, n_b, length)  # (Ba, L, Bb, L)
-    a_to_b = products.amax(dim=3)  # (Ba, L, Bb)
-    b_to_a = products.amax(dim=1).permute(1, 2, 0)  # (Bb, L, Ba)
-    return a_to_b, b_to_a
 
 
 def scores_from_similarities(similarities: Tensor, own_index: Tensor, k: int) -> Tensor:
