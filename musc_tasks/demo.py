@@ -178,6 +178,13 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
+def _rotated_frame(size: int, centre: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S, S) coordinates of every pixel along and across a shape's axes, from its centre."""
+    rows, cols = _grid(size)
+    d_row, d_col = rows - centre[0], cols - centre[1]
+    return d_row * np.cos(angle) + d_col * np.sin(angle), -d_row * np.sin(angle) + d_col * np.cos(angle)
+
+
 def _scratch(photo: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A thin curve (quadratic Bezier), anti-aliased by distance to its centre line."""
     size = photo.shape[0]
@@ -209,10 +216,7 @@ def _stain(photo: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     radius_b = radius_a * aspect
     centre = rng.uniform(0.3, 0.7, size=2) * size
     angle = rng.uniform(0, np.pi)
-    rows, cols = _grid(size)
-    d_row, d_col = rows - centre[0], cols - centre[1]
-    u = d_row * np.cos(angle) + d_col * np.sin(angle)
-    v = -d_row * np.sin(angle) + d_col * np.cos(angle)
+    u, v = _rotated_frame(size, centre, angle)
     theta = np.arctan2(v, u)
     phases = rng.uniform(0, 2 * np.pi, size=3)
     wobble = 1 + 0.12 * sum(np.sin(k * theta + phase) for k, phase in zip((2, 3, 5), phases))
@@ -235,10 +239,7 @@ def _missing(photo: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     half_short = half_long * aspect
     centre = rng.uniform(0.3, 0.7, size=2) * size
     angle = rng.uniform(0, np.pi)
-    rows, cols = _grid(size)
-    d_row, d_col = rows - centre[0], cols - centre[1]
-    u = d_row * np.cos(angle) + d_col * np.sin(angle)
-    v = -d_row * np.sin(angle) + d_col * np.cos(angle)
+    u, v = _rotated_frame(size, centre, angle)
     alpha = ((np.abs(u) <= half_long) & (np.abs(v) <= half_short)).astype(np.float64)
     return alpha, np.array([12.0, 12.0, 14.0])
 

@@ -4,9 +4,10 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from musc_tasks.core._metrics import aupro, image_metrics, pixel_metrics, pro_musc
+
+from ..references import sklearn_metrics
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -21,23 +22,12 @@ def _maps_and_masks(draw):
     return maps, masks
 
 
-def _sklearn(scores, labels):
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * precision * recall / (precision + recall)
-    return {
-        "auroc": roc_auc_score(labels, scores),
-        "ap": average_precision_score(labels, scores),
-        "f1_max": np.max(f1[np.isfinite(f1)]),
-    }
-
-
 @SETTINGS
 @given(_maps_and_masks())
 def test_pixel_metrics_match_sklearn(data):
     maps, masks = data
     got = pixel_metrics(maps, masks, pro=False)
-    want = _sklearn(maps.ravel(), masks.ravel())
+    want = sklearn_metrics(maps.ravel(), masks.ravel())
     for key, value in want.items():
         assert abs(got[key] - value) < 1e-9, key
 
@@ -51,7 +41,7 @@ def test_image_metrics_match_sklearn(scores, data):
     labels = data.draw(arrays(bool, scores.shape))
     assume(labels.any() and not labels.all())
     got = image_metrics(scores, labels)
-    want = _sklearn(scores, labels)
+    want = sklearn_metrics(scores, labels)
     for key, value in want.items():
         assert abs(got[key] - value) < 1e-9, key
 

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_tasks import imageio
 from musc_tasks.catalog import Catalog, scan_input
+
+from ..references import unreadable
 
 
 def _png(path, seed=0, size=(20, 16)):
@@ -136,19 +137,10 @@ def test_max_pixels_is_passed_on(tmp_path):
     assert entry.status == "failed" and "decompression bomb" in entry.reason
 
 
-def test_unreadable_bytes_get_a_path_id(tmp_path, monkeypatch):
+def test_unreadable_bytes_get_a_path_id(tmp_path):
     path = _png(tmp_path / "in" / "p" / "locked.png")
-    path.chmod(0)
-    try:
-        if os.access(path, os.R_OK):
-            # Running as root: the OS will not refuse, so make the open refuse the way it would.
-            def _refuse(name, *args, **kwargs):
-                raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(name))
-
-            monkeypatch.setattr(imageio, "open", _refuse, raising=False)
+    with unreadable(path):
         catalog = scan_input(tmp_path / "in")
-    finally:
-        path.chmod(0o644)
     (entry,) = catalog.entries
     assert entry.status == "failed" and entry.reason == "permission denied"
     assert entry.image_id == "path:" + hashlib.sha256(os.fsencode(str(path))).hexdigest()

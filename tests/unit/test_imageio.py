@@ -1,6 +1,5 @@
 """read_rgb and content_hash: each bad file gets its reason, each odd mode its RGB and note."""
 
-import errno
 import hashlib
 import os
 import pickle
@@ -11,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_tasks import imageio
 from musc_tasks.imageio import ImageReadError, content_hash, read_rgb
+
+from ..references import unreadable
 
 
 def _pattern(height=24, width=32):
@@ -172,22 +172,13 @@ def test_max_pixels_is_our_limit(tmp_path):
     assert read_rgb(path, max_pixels=600)[0].size == (30, 20)
 
 
-def test_permission_denied(tmp_path, monkeypatch):
+def test_permission_denied(tmp_path):
     path = tmp_path / "locked.png"
     Image.fromarray(_pattern()).save(path)
-    path.chmod(0)
-    try:
-        if os.access(path, os.R_OK):
-            # Running as root: the OS will not refuse, so make the open refuse the way it would.
-            def _refuse(name, *args, **kwargs):
-                raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(name))
-
-            monkeypatch.setattr(imageio, "open", _refuse, raising=False)
+    with unreadable(path):
         assert _reason(path) == "permission denied"
         with pytest.raises(ImageReadError, match="permission denied"):
             content_hash(path)
-    finally:
-        path.chmod(0o644)
 
 
 def test_missing_file_and_directory(tmp_path):

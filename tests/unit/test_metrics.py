@@ -6,26 +6,17 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from skimage import measure
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc
 
 from musc_tasks.core._metrics import aupro, image_metrics, pixel_metrics, pro_musc
+
+from ..references import sklearn_metrics
 
 TOL = 1e-9
 
 
 # --------------------------------------------------------------------------
 # slow references
-
-
-def _sk_metrics(scores, labels):
-    precision, recall, _ = precision_recall_curve(labels, scores)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * precision * recall / (precision + recall)
-    return {
-        "auroc": roc_auc_score(labels, scores),
-        "ap": average_precision_score(labels, scores),
-        "f1_max": np.max(f1[np.isfinite(f1)]),
-    }
 
 
 def _ref_aupro(maps, masks, fpr_limit=0.3):
@@ -114,7 +105,7 @@ def test_image_metrics_match_sklearn(seed, n, decimals):
     if decimals is not None:
         scores = np.round(scores, decimals)
     got = image_metrics(scores, labels.astype(int))
-    want = _sk_metrics(scores, labels)
+    want = sklearn_metrics(scores, labels)
     assert set(got) == {"auroc", "ap", "f1_max"}
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=TOL), key
@@ -128,7 +119,7 @@ def test_pixel_metrics_match_sklearn(seed, decimals, dtype):
     masks = _blob_masks()
     maps = _blob_maps(masks, seed, decimals=decimals, dtype=dtype)
     got = pixel_metrics(maps, masks, pro=False)
-    want = _sk_metrics(maps.ravel(), masks.ravel())
+    want = sklearn_metrics(maps.ravel(), masks.ravel())
     assert set(got) == {"auroc", "ap", "f1_max"}
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=TOL), key
@@ -270,7 +261,7 @@ def test_all_equal_scores_match_sklearn():
     labels = np.array([0, 1, 0, 0, 1, 0])
     scores = np.full(6, 0.25)
     got = image_metrics(scores, labels)
-    want = _sk_metrics(scores, labels)
+    want = sklearn_metrics(scores, labels)
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=TOL)
     assert got["auroc"] == 0.5
