@@ -23,13 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_tasks.scoring import PoolJob, dask_client, score_pools_with_dask, task_block_size
+from musc_tasks.config import MsmParams
+from musc_tasks.scoring import dask_client, open_pool, plan_pool, score_pools_with_dask, task_block_size
 from musc_tasks.store import (
-    PoolLayout,
     TokenLayout,
-    create_pool_store,
     open_pool_store,
-    pool_key,
     prepare_token_store,
     token_index,
     write_token_block,
@@ -67,36 +65,6 @@ def write_synthetic_tokens(
         embeddings = rng.standard_normal((count, embed_dim), dtype=np.float32)
         write_token_block(group, store_path, block, ids, layer_tokens, embeddings)
     return token_index(store_path)
-
-
-def make_pool_job(
-    pools_dir: Path,
-    token_path: Path,
-    rows: dict[str, int],
-    image_ids: tuple[str, ...],
-    *,
-    grid: tuple[int, int],
-    n_layers: int,
-    r_list: tuple[int, ...],
-    block_images: int,
-    interval: float = 0.3,
-) -> PoolJob:
-    """Create the pool store of ``image_ids`` (as the score_pools task does) and its job."""
-    settings = {"r_list": list(r_list), "interval": interval, "block": block_images}
-    path = pools_dir / f"{pool_key(image_ids, settings)}.zarr"
-    create_pool_store(
-        path,
-        PoolLayout(image_ids=image_ids, grid=grid, n_maps=len(r_list) * n_layers, block_images=block_images),
-        settings,
-    )
-    return PoolJob(
-        pool_path=str(path),
-        token_path=str(token_path),
-        token_rows=tuple(rows[i] for i in image_ids),
-        r_list=r_list,
-        interval=interval,
-        device="cpu",
-    )
 
 
 def _warm_worker() -> int:
@@ -154,10 +122,12 @@ def main() -> None:
 
         runs, reference_scores = [], None
         for workers in args.workers:
-            job = make_pool_job(
-                Path(tmp) / f"pools-{workers}", token_path, rows, ids,
-                grid=grid, n_layers=len(layers), r_list=tuple(args.r), block_images=args.block_images,
+            job = plan_pool(
+                Path(tmp) / f"pools-{workers}", ids, token_path, [rows[i] for i in ids],
+                grid=grid, n_layers=len(layers), msm=MsmParams(r_list=tuple(args.r), interval=0.3, precision="float32"),
+                backbone_key="synthetic", block_images=args.block_images, device="cpu",
             )
+            open_pool(job)
             with dask_client(n_workers=workers) as client:
                 threads = sorted(set(client.run(_warm_worker).values()))
                 started = time.perf_counter()

@@ -6,11 +6,11 @@ from datetime import date
 
 from prefect import flow
 
-from flows.score import Stages, score_catalog
+from flows.score import score_catalog, token_geometry
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
 from musc_tasks.datasets import DEFAULT_RSCIN_K
 from musc_tasks.locks import run_lock
-from musc_tasks.tasks import catalog_dataset, evaluate_metrics
+from musc_tasks.tasks import Stages, catalog_dataset, evaluate_metrics
 
 
 @flow(name="evaluate-dataset")
@@ -38,7 +38,13 @@ def evaluate_dataset(
     day = (run_date or date.today()).isoformat()
     stages = Stages(refresh)
     with run_lock(out_dir, day, backbone.key):
-        catalog, labels_path = stages.run("catalog", catalog_dataset, root, layout, categories, out_dir, day, divide_num)
-        _, scored = score_catalog(catalog, backbone, scoring, out_dir, device, dask_address, stages)
+        catalog, labels_path = stages.run(
+            "catalog", catalog_dataset,
+            root=root, layout=layout, categories=categories, out_dir=out_dir, run_date=day, divide_num=divide_num,
+        )
+        _, scored = score_catalog(catalog, backbone, token_geometry(backbone), scoring, out_dir, device, dask_address, stages)
         dataset = f"{layout}-{root.rstrip('/').split('/')[-1]}"
-        return evaluate_metrics(labels_path, scored, dataset, backbone, mask_mode, out_dir, stages.run_id)
+        return evaluate_metrics(
+            labels_path=labels_path, scored=scored, dataset=dataset, backbone=backbone, mask_mode=mask_mode,
+            out_dir=out_dir, run_id=stages.run_id,
+        )

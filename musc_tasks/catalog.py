@@ -20,6 +20,7 @@ Decisions a caller must know
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path, PurePosixPath
@@ -27,9 +28,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_serializer
 
+from .atomic import write_atomic
+from .identity import params_key
 from .imageio import DEFAULT_MAX_PIXELS, ImageReadError, content_hash, read_rgb
+from .layout import catalog_path
+from .manifests import CatalogRef, ImageRecord, ProductRef
 
-__all__ = ["IMAGE_SUFFIXES", "CatalogEntry", "Catalog", "catalog_files", "scan_input"]
+__all__ = ["IMAGE_SUFFIXES", "CatalogEntry", "Catalog", "catalog_files", "catalog_manifest", "scan_input"]
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +181,89 @@ def scan_input(
         len(catalog.empty_products),
     )
     return catalog
+
+
+def catalog_manifest(
+    catalog: Catalog,
+    out_dir: str | os.PathLike,
+    run_date: str,
+    *,
+    pools: dict[str, tuple[tuple[str, ...], ...]] | None = None,
+    logger: logging.Logger = log,
+) -> CatalogRef:
+    """Write the day's catalog records under OUT and return the manifest the stages pass on.
+
+    A product with fewer than 2 readable images gets its ``not_scored_reason``; ``pools``
+    (product -> fixed pools of image ids) pins evaluation's split instead of ``pool_size``.
+    """
+    records: dict[str, list[dict]] = {}
+    for entry in catalog.entries:
+        record = ImageRecord(
+            image_id=entry.image_id,
+            path=entry.path,
+            relpath=_within_product(entry.relpath, entry.product),
+            width=entry.width,
+            height=entry.height,
+            status=entry.status,
+            reason=entry.reason,
+            notes=tuple(entry.notes),
+            duplicate_of=entry.duplicate_of,
+        )
+        records.setdefault(entry.product, []).append(record.model_dump())
+    products = [
+        ProductRef(
+            name=name,
+            images=tuple(sorted({e.image_id: e.path for e in catalog.ok_entries(name)}.items())),
+            n_files=len(records[name]),
+            pools=(pools or {}).get(name),
+        )
+        for name in catalog.products
+    ]
+    products = [_with_size_check(product, logger) for product in products]
+    for name in catalog.empty_products:
+        logger.warning("product folder %r holds no image files", name)
+    body = json.dumps(records, sort_keys=True)
+    path = catalog_path(out_dir, run_date, params_key(records, length=32))
+    write_atomic(path, body)
+    logger.info("%d files in %d products, %d unreadable", len(catalog.entries), len(products), catalog.n_failed)
+    return CatalogRef(
+        input_dir=catalog.input_dir,
+        run_date=run_date,
+        catalog_path=str(path),
+        products=tuple(products),
+        empty_products=tuple(catalog.empty_products),
+        n_files=len(catalog.entries),
+        n_failed=catalog.n_failed,
+    )
+
+
+def read_records(catalog: CatalogRef) -> dict[str, list[ImageRecord]]:
+    """The catalog records `catalog_manifest` wrote, product by product."""
+    raw = json.loads(Path(catalog.catalog_path).read_text())
+    return {product: [ImageRecord(**record) for record in records] for product, records in raw.items()}
+
+
+def _with_size_check(product: ProductRef, logger: logging.Logger) -> ProductRef:
+    if len(product.images) < 2:
+        reason = (
+            f"product {product.name!r} has {len(product.images)} readable image(s); MuSc scores an image "
+            "against the other images of its product, so it needs at least 2"
+        )
+        logger.warning(reason)
+        return product.model_copy(update={"not_scored_reason": reason})
+    if len(product.images) < 5:
+        logger.warning(
+            "product %r has only %d images: each image is compared with its nearest other image only",
+            product.name,
+            len(product.images),
+        )
+    return product
+
+
+def _within_product(relpath: str, product: str) -> str:
+    """The catalog's path relative to INPUT, made relative to the product folder."""
+    prefix = product + "/"
+    return relpath[len(prefix) :] if relpath.startswith(prefix) else relpath
 
 
 def catalog_files(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .identity import file_digest
 
 # Bump when a change alters any stored token, map, score or table, so caches keyed on it miss.
 CODE_VERSION = "2026.11.1"
@@ -71,14 +72,34 @@ class BackboneSpec(BaseModel):
         if self.pretrained is None:
             weights = f"random{self.seed}"
         elif Path(self.pretrained).is_file():
-            weights = "ckpt-" + _file_digest(Path(self.pretrained))[:12]
+            weights = "ckpt-" + file_digest(self.pretrained)[:12]
         else:
             weights = self.pretrained
         if self.model_config_path is not None:
-            weights += "-cfg" + _file_digest(Path(self.model_config_path))[:8]
+            weights += "-cfg" + file_digest(self.model_config_path)[:8]
         layers = "-".join(str(layer) for layer in self.layers)
         raw = f"{self.name}__{weights}__{self.image_size}__L{layers}"
         return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+
+
+class MsmParams(BaseModel):
+    """What decides a pool's patch scores besides its tokens (MUSC_SPEC §3-4); sent whole to workers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    r_list: tuple[int, ...]
+    interval: float
+    precision: Literal["float32", "bfloat16", "float16"]
+
+
+class RscinParams(BaseModel):
+    """What decides a product's image scores and thresholds given its patch scores (MUSC_SPEC §5-6)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    k_list: tuple[int, ...]
+    threshold: Literal["auto"] | float
+    pixel_threshold: Literal["auto"] | float
 
 
 class ScoringParams(BaseModel):
@@ -101,6 +122,14 @@ class ScoringParams(BaseModel):
     # float16 run the GEMMs on a GPU's tensor cores (float32 accumulation, scores within
     # ~1e-3 / ~2e-4) and are no faster on a CPU.
     msm_precision: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @property
+    def msm(self) -> MsmParams:
+        return MsmParams(r_list=self.r_list, interval=self.interval, precision=self.msm_precision)
+
+    @property
+    def rscin(self) -> RscinParams:
+        return RscinParams(k_list=self.rscin_k, threshold=self.threshold, pixel_threshold=self.pixel_threshold)
 
     @field_validator("r_list", "rscin_k")
     @classmethod
@@ -126,10 +155,3 @@ PRESETS: dict[str, BackboneSpec] = {
     ),
 }
 
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

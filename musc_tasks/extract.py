@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,15 +14,73 @@ import torch
 from .backbone import Backbone
 from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
-from .preprocess import squash_normalise
+from .layout import token_store_path
 from .locks import exclusive_lock
+from .manifests import CatalogRef, TokenGeometry, TokensRef
+from .preprocess import squash_normalise
 from .store import TokenLayout, drop_damaged_blocks, next_free_block, prepare_token_store, token_index, write_token_block
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractResult", "extract_tokens_to_store"]
+__all__ = ["ExtractResult", "extract_catalog", "extract_tokens_to_store"]
 
 Progress = Callable[[int, int], None]
+# product -> a context manager yielding that product's progress callback
+ProductProgress = Callable[[str], AbstractContextManager[Progress | None]]
+
+
+def _no_progress(product: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+def extract_catalog(
+    catalog: CatalogRef,
+    backbone_key: str,
+    geometry: TokenGeometry,
+    out_dir: str | Path,
+    load_backbone: Callable[[], Backbone],
+    *,
+    progress: ProductProgress = _no_progress,
+    log: logging.Logger = logger,
+) -> tuple[TokensRef, ...]:
+    """Stage 1: tokens of every readable image not already in the backbone's token stores.
+
+    ``load_backbone`` is called at most once, and only when some image lacks tokens.
+    """
+    loaded: list[Backbone] = []
+
+    def load_once() -> Backbone:
+        if not loaded:
+            backbone = load_backbone()
+            if backbone.grid != geometry.grid:
+                raise ValueError(f"{backbone.spec.name} cuts a {backbone.grid} grid, the run resolved {geometry.grid}")
+            loaded.append(backbone)
+        return loaded[0]
+
+    refs = []
+    for product in catalog.products:
+        if product.not_scored_reason:
+            continue
+        store = token_store_path(out_dir, backbone_key, product.name)
+        with progress(product.name) as on_progress:
+            result = extract_tokens_to_store(store, product.images, load_once, on_progress=on_progress)
+        index = token_index(store)
+        kept = tuple(i for i, _ in product.images if i in index)
+        log.info("%s: %d extracted, %d from cache", product.name, result.extracted, result.reused)
+        refs.append(
+            TokensRef(
+                product=product.name,
+                store_path=str(store),
+                geometry=geometry,
+                image_ids=kept,
+                token_rows=tuple(index[i] for i in kept),
+                extracted=result.extracted,
+                reused=result.reused,
+                failed=tuple(sorted(result.failed.items())),
+                pools=product.pools,
+            )
+        )
+    return tuple(refs)
 
 
 @dataclass(frozen=True)

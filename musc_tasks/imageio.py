@@ -22,7 +22,6 @@ Decisions a caller must know
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import warnings
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
+
+from .identity import file_digest
 
 __all__ = ["ImageReadError", "read_rgb", "content_hash", "DEFAULT_MAX_PIXELS", "ALLOWED_FORMATS"]
 
@@ -46,7 +47,6 @@ _FORMAT_FAMILY = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TI
 # PIL sniffs formats from the first 16 bytes; reading the same keeps our detection identical.
 _PREFIX_BYTES = 16
 
-_HASH_CHUNK_BYTES = 1 << 20
 _TEXT_SNIFF_BYTES = 4096
 
 
@@ -117,7 +117,7 @@ def read_rgb(
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB chunks.
+    """`identity.file_digest` of an image file, with read errors as `ImageReadError`.
 
     Parameters
     ----------
@@ -134,14 +134,10 @@ def content_hash(path: str | os.PathLike) -> str:
     ImageReadError
         When the bytes cannot be read (reason as in ``read_rgb``).
     """
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_HASH_CHUNK_BYTES):
-                digest.update(chunk)
+        return file_digest(path)
     except OSError as exc:
         raise ImageReadError(path, _os_reason(exc)) from None
-    return digest.hexdigest()
 
 
 def _os_reason(exc: OSError) -> str:

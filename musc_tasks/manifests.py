@@ -9,6 +9,20 @@ class _Manifest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class ImageRecord(_Manifest):
+    """One catalogued file, as publishing needs it."""
+
+    image_id: str
+    path: str
+    relpath: str  # within its product folder
+    width: int | None
+    height: int | None
+    status: str  # "ok" or "failed"
+    reason: str | None
+    notes: tuple[str, ...]
+    duplicate_of: str | None
+
+
 class ProductRef(_Manifest):
     name: str
     # unique readable contents: (image id, first path in sorted order)
@@ -29,13 +43,28 @@ class CatalogRef(_Manifest):
     n_failed: int
 
 
+class TokenGeometry(_Manifest):
+    """How a backbone cuts an image: resolved once per run from the backbone's config."""
+
+    image_size: int  # side S of the squashed image, pixels
+    patch_size: int  # side of one patch, pixels
+    n_layers: int  # feature layers Y stored per image
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+
 class TokensRef(_Manifest):
     product: str
     store_path: str
+    geometry: TokenGeometry
     image_ids: tuple[str, ...]
     token_rows: tuple[int, ...]
     extracted: int
     reused: int
+    # image id -> reason, for files that were readable when catalogued and broke before extraction
     failed: tuple[tuple[str, str], ...] = ()
     pools: tuple[tuple[str, ...], ...] | None = None
 

@@ -1,37 +1,149 @@
-"""Stage 4: masks, heatmaps and the score and region tables of one product."""
+"""Stage 4: masks, heatmaps and the score, region and run tables of a day, published atomically."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from . import tables
+from .catalog import read_records
+from .config import BackboneSpec, ScoringParams
+from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
+from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, TokensRef
 from .render import heatmap_overlay, mask_pixels, region_rows, write_png
-from .rescore import ProductScores, patch_score_rows, score_map
+from .rscin import ProductScores, patch_score_rows, read_product_scores, score_map
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageRecord", "ProductRows", "output_relpath", "printable", "product_rows"]
+__all__ = ["ProductRows", "output_relpath", "printable", "product_rows", "publish_day"]
+
+VERSIONED_PACKAGES = ("musc-pipeline", "torch", "open-clip-torch", "prefect", "zarr", "dask", "distributed", "numpy", "pyarrow")
 
 
 @dataclass(frozen=True)
-class ImageRecord:
-    """One catalogued file, as publishing needs it."""
+class RunInfo:
+    """Who ran the day and how: what the run table records beside the counts."""
 
-    image_id: str
-    path: str
-    relpath: str
-    width: int | None
-    height: int | None
-    status: str  # "ok" or "failed"
-    reason: str | None
-    notes: tuple[str, ...]
-    duplicate_of: str | None
+    run_id: str
+    flow_run_id: str | None
+    started_at: str  # ISO 8601, UTC
+    seconds: Mapping[str, float]  # stage -> seconds, publish excluded
+    cache_counts: Mapping[str, int]  # images_extracted, images_token_cached, pairs_computed, pairs_cached
+
+
+def publish_day(
+    catalog: CatalogRef,
+    tokens: Sequence[TokensRef],
+    scored: Sequence[ProductScoresRef],
+    backbone: BackboneSpec,
+    scoring: ScoringParams,
+    out_dir: str | Path,
+    run: RunInfo,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+    log: logging.Logger = logger,
+) -> tuple[RunSummary, list[dict]]:
+    """Publish every product's rows, masks and heatmaps, then the run's row.
+
+    Returns
+    -------
+    summary : RunSummary
+    ranked : list of dict
+        Score rows of the scored images, most anomalous first, each with its ``product``.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    records = read_records(catalog)
+    by_product = {ref.product: ref for ref in scored}
+    reasons = {p.name: p.not_scored_reason for p in catalog.products}
+    failed = {image_id: reason for ref in tokens for image_id, reason in ref.failed}
+    all_scores, published = [], []
+    for done, (product, product_records) in enumerate(sorted(records.items()), start=1):
+        ref = by_product.get(product)
+        rows = product_rows(
+            out,
+            catalog.run_date,
+            product,
+            product_records,
+            read_product_scores(Path(ref.scores_path)) if ref else None,
+            [Path(p) for p in ref.pools.pool_paths] if ref else [],
+            backbone_key=backbone.key,
+            run_id=run.run_id,
+            not_scored_reason=reasons.get(product) or "not scored",
+            failed_at_extraction=failed,
+        )
+        partition = {"date": catalog.run_date, "product": product}
+        for name, schema, table_rows in (
+            ("scores", tables.SCORES_SCHEMA, rows.scores),
+            ("regions", tables.REGIONS_SCHEMA, rows.regions),
+        ):
+            tables.publish_partition(out / "tables" / name, partition, backbone.key, tables.to_table(table_rows, schema), schema)
+        published.append(partition)
+        failpoint("publish-product")
+        all_scores.extend({**r, "product": product} for r in rows.scores)
+        if on_progress:
+            on_progress(done, len(records))
+    for name in ("scores", "regions"):
+        tables.remove_stale(out / "tables" / name, {"date": catalog.run_date}, backbone.key, published)
+
+    ranked = sorted((r for r in all_scores if r["status"] == "scored"), key=lambda r: (-r["score"], r["path"]))
+    seconds = {**run.seconds, "publish": time.perf_counter() - started}
+    summary = RunSummary(
+        run_id=run.run_id,
+        run_date=catalog.run_date,
+        out_dir=str(out),
+        backbone_key=backbone.key,
+        n_images=len(all_scores),
+        n_scored=len(ranked),
+        n_flagged=sum(1 for r in ranked if r["flagged"]),
+        n_failed=sum(1 for r in all_scores if r["status"] == "failed"),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        top=tuple((r["product"], r["path"], r["score"]) for r in ranked[:10]),
+        **run.cache_counts,
+    )
+    parameters = {"backbone": backbone.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
+    run_row = {
+        "run_id": run.run_id,
+        "flow_run_id": run.flow_run_id,
+        "started_at": datetime.fromisoformat(run.started_at),
+        "finished_at": datetime.now(timezone.utc),
+        "backbone_key": backbone.key,
+        "parameters": json.dumps(parameters, sort_keys=True),
+        "versions": json.dumps(_package_versions(), sort_keys=True),
+        "input_dir": catalog.input_dir,
+        "n_images": summary.n_images,
+        "n_scored": summary.n_scored,
+        "n_flagged": summary.n_flagged,
+        "n_failed": summary.n_failed,
+        # the RsCIN stage keeps its first column name, so existing run tables stay one schema
+        **{f"seconds_{'rescore' if k == 'rscin' else k}": v for k, v in seconds.items()},
+        **run.cache_counts,
+        "status": "completed",
+    }
+    runs_table = tables.to_table([run_row], tables.RUNS_SCHEMA)
+    tables.publish_partition(out / "tables" / "runs", {"date": catalog.run_date}, run.run_id, runs_table, tables.RUNS_SCHEMA)
+    log.info("published %d rows for %s", len(all_scores), catalog.run_date)
+    return summary, ranked
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
 
 
 @dataclass(frozen=True)
@@ -65,12 +177,16 @@ def product_rows(
     backbone_key: str,
     run_id: str,
     not_scored_reason: str | None = None,
+    failed_at_extraction: Mapping[str, str] | None = None,
 ) -> ProductRows:
     """Write every scored image's mask and heatmap; return its score and region rows.
 
     Duplicates (same content) share their original's scores and rank; every path gets its
-    own row, mask and heatmap. Files that could not be read get a row with their reason.
+    own row, mask and heatmap. Files that could not be read get a row with their reason:
+    at cataloguing (the record's), at extraction (``failed_at_extraction``, image id ->
+    reason) or here.
     """
+    failed_at_extraction = failed_at_extraction or {}
     by_id = {s.image_id: s for s in (scores.images if scores else ())}
     ranks = _ranks(scores)
     stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
@@ -96,6 +212,10 @@ def product_rows(
         scored = by_id.get(record.image_id)
         if record.status != "ok":
             score_rows.append({**row, "status": "failed", "error": record.reason})
+            continue
+        if record.image_id in failed_at_extraction:
+            reason = failed_at_extraction[record.image_id]
+            score_rows.append({**row, "status": "failed", "error": f"unreadable at extraction: {reason}"})
             continue
         if scored is None or scores is None:
             score_rows.append({**row, "status": "not_scored", "error": not_scored_reason})

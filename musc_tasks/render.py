@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from skimage.measure import label, regionprops_table
 
-from .tables import write_bytes_atomic
+from .atomic import write_atomic
 
 __all__ = ["region_rows", "mask_pixels", "heatmap_overlay", "write_png"]
 
@@ -195,6 +195,6 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
         raise ValueError(f"pixels must be (H, W) or (H, W, 3) uint8, got shape {pixels.shape} dtype {pixels.dtype}")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    write_bytes_atomic(Path(path), buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     logger.debug("wrote %s", path)
     return Path(path)

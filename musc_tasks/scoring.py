@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,35 +20,161 @@ import torch
 from distributed import Client, LocalCluster, as_completed
 
 from .backbone import resolve_device
-from .faults import failpoint
+from .config import CODE_VERSION, MsmParams, ScoringParams
 from .core import aggregate_tokens, auto_block_size, average_scores, nearest_similarities, neighbour_count, scores_from_similarities
+from .core import split_pool
+from .faults import failpoint
+from .identity import array_digest, params_key
+from .layout import pool_stores_dir
+from .locks import exclusive_lock
+from .manifests import PoolsRef, TokensRef
 from .store import (
+    PoolLayout,
+    create_pool_store,
     finish_pool_store,
     is_done,
     mark_done,
     open_pool_store,
     pool_is_complete,
-    pool_layout,
+    pool_store_intact,
     read_token_rows,
-    row_checksum,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PoolJob", "dask_client", "score_pools_with_dask", "score_block_pair", "assemble_row_block", "task_block_size"]
+__all__ = [
+    "PoolJob",
+    "assemble_row_block",
+    "dask_client",
+    "open_pool",
+    "plan_pool",
+    "score_block_pair",
+    "score_pools_with_dask",
+    "score_products",
+    "task_block_size",
+]
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class PoolJob:
-    """Everything a worker needs to score one pool, as paths and numbers."""
+    """Everything a worker needs to score one pool: where, which token rows, which layout, how."""
 
     pool_path: str
     token_path: str
     token_rows: tuple[int, ...]  # row of each pool image in the token store, pool order
-    r_list: tuple[int, ...]
-    interval: float
+    layout: PoolLayout
+    msm: MsmParams
+    backbone_key: str
     device: str = "auto"
-    msm_precision: str = "float32"
+
+    @property
+    def settings(self) -> dict:
+        """What decides the pool's scores besides its images, as stored in the pool store."""
+        return {
+            "backbone": self.backbone_key,
+            "r_list": list(self.msm.r_list),
+            "interval": self.msm.interval,
+            "block": self.layout.block_images,
+            "msm_precision": self.msm.precision,
+        }
+
+
+def plan_pool(
+    pools_dir: Path,
+    image_ids: Sequence[str],
+    token_path: str | Path,
+    token_rows: Sequence[int],
+    *,
+    grid: tuple[int, int],
+    n_layers: int,
+    msm: MsmParams,
+    backbone_key: str,
+    block_images: int | None = None,
+    device: str = "auto",
+) -> PoolJob:
+    """The job of one pool: its content-addressed store path, its layout and its parameters.
+
+    The store's name is a key of the pool's images, the backbone, the MSM parameters and the
+    task block size, so runs of other days over the same images find and share it.
+    ``block_images`` (images per Dask task block) defaults to `task_block_size`.
+    """
+    ids = tuple(image_ids)
+    block = block_images or task_block_size(grid[0] * grid[1], len(ids))
+    layout = PoolLayout(image_ids=ids, grid=grid, n_maps=len(msm.r_list) * n_layers, block_images=block)
+    unnamed = PoolJob("", str(token_path), tuple(token_rows), layout, msm, backbone_key, device)
+    key = params_key({"ids": sorted(ids), "settings": unnamed.settings, "code": CODE_VERSION}, length=20)
+    return replace(unnamed, pool_path=str(Path(pools_dir) / f"{key}.zarr"))
+
+
+def open_pool(job: PoolJob, log: logging.Logger = logger) -> None:
+    """Create the job's pool store, or keep the one a previous run left unless it is damaged."""
+    path = Path(job.pool_path)
+    if path.exists() and not pool_store_intact(path):
+        log.warning("%s: damaged; computing the pool again", path)
+        shutil.rmtree(path)
+    create_pool_store(path, job.layout, job.settings)
+
+
+def product_pools(tokens: TokensRef, scoring: ScoringParams) -> list[tuple[str, ...]]:
+    """A product's pools of image ids: the catalog's fixed pools, or a seeded split by pool size."""
+    if tokens.pools is not None:
+        present = set(tokens.image_ids)
+        return [tuple(i for i in pool if i in present) for pool in tokens.pools]
+    split = split_pool(len(tokens.image_ids), scoring.pool_size, seed=scoring.pool_seed)
+    return [tuple(tokens.image_ids[i] for i in pool) for pool in split]
+
+
+def score_products(
+    tokens: Sequence[TokensRef],
+    scoring: ScoringParams,
+    backbone_key: str,
+    out_dir: str | Path,
+    *,
+    dask_address: str | None = None,
+    device: str = "auto",
+    on_progress: Progress | None = None,
+    log: logging.Logger = logger,
+) -> tuple[PoolsRef, ...]:
+    """Stage 2: MSM patch scores of every pool of every product, block pairs computed on Dask.
+
+    Pool stores are content-addressed, so runs of other days over the same images share
+    them: each is locked while this stage creates, checks or fills it. A finished pool store
+    whose scores no longer match their checksums is recomputed.
+    """
+    planned: dict[str, PoolJob] = {}  # a pool listed twice is computed once
+    products = []
+    for ref in tokens:
+        if len(ref.image_ids) < 2:
+            continue
+        rows = dict(zip(ref.image_ids, ref.token_rows))
+        jobs = [
+            plan_pool(
+                pool_stores_dir(out_dir, backbone_key, ref.product), ids, ref.store_path, [rows[i] for i in ids],
+                grid=ref.geometry.grid, n_layers=ref.geometry.n_layers, msm=scoring.msm,
+                backbone_key=backbone_key, block_images=scoring.block_images, device=device,
+            )
+            for ids in product_pools(ref, scoring)
+        ]
+        planned.update((job.pool_path, job) for job in jobs)
+        products.append((ref, tuple(job.pool_path for job in jobs)))
+    with contextlib.ExitStack() as held:
+        # One global order of acquisition, so two runs sharing pools cannot deadlock.
+        for path in sorted(planned):
+            waiting = f"{path} is being computed by another run; waiting for it"
+            held.enter_context(exclusive_lock(Path(path).with_suffix(".lock"), waiting_message=waiting))
+        for job in planned.values():
+            open_pool(job, log)
+        with dask_client(dask_address) as client:
+            counts = score_pools_with_dask(list(planned.values()), client, on_progress=on_progress)
+    out = []
+    for ref, paths in products:
+        computed = sum(counts[p][0] for p in paths)
+        reused = sum(counts[p][1] for p in paths)
+        log.info("%s: %d block pairs computed, %d from cache", ref.product, computed, reused)
+        out.append(PoolsRef(product=ref.product, tokens=ref, pool_paths=paths, pairs_computed=computed, pairs_reused=reused))
+    return tuple(out)
 
 
 @contextlib.contextmanager
@@ -60,7 +188,6 @@ def dask_client(address: str | None = None, *, n_workers: int | None = None) -> 
         with Client(address) as client:
             yield client
         return
-    import os
 
     workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
     with LocalCluster(
@@ -91,17 +218,17 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
-    layout = pool_layout(pool_path)
+    layout = job.layout
     n = len(layout.image_ids)
     rows_a = _block_slice(a, layout.block_images, n)
     rows_b = _block_slice(b, layout.block_images, n)
     device = resolve_device(job.device)
     tokens_a = read_token_rows(Path(job.token_path), job.token_rows[rows_a])
     tokens_b = tokens_a if a == b else read_token_rows(Path(job.token_path), job.token_rows[rows_b])
-    compute_dtype = None if job.msm_precision == "float32" else getattr(torch, job.msm_precision)
+    compute_dtype = None if job.msm.precision == "float32" else getattr(torch, job.msm.precision)
     a_to_b, b_to_a = [], []
     with torch.inference_mode():
-        for r in job.r_list:
+        for r in job.msm.r_list:
             for layer_a, layer_b in zip(tokens_a, tokens_b):
                 za = aggregate_tokens(torch.from_numpy(layer_a).to(device), layout.grid, r)
                 zb = za if a == b else aggregate_tokens(torch.from_numpy(layer_b).to(device), layout.grid, r)
@@ -122,20 +249,20 @@ def assemble_row_block(job: PoolJob, a: int, *_after: str) -> str:
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
-    layout = pool_layout(pool_path)
+    layout = job.layout
     n = len(layout.image_ids)
     rows = _block_slice(a, layout.block_images, n)
     group = open_pool_store(pool_path, "r+")
     similarity = torch.from_numpy(group["similarity"][:, rows])  # (R*Y, Ba, L, N)
     if torch.isnan(similarity).any():
         raise RuntimeError(f"{pool_path}: block {a} has unwritten similarities; a pair task is missing")
-    k = neighbour_count(n, job.interval)
+    k = neighbour_count(n, job.msm.interval)
     own = torch.arange(rows.start, rows.stop)
     per_map = torch.stack([scores_from_similarities(s, own, k) for s in similarity])  # (R*Y, Ba, L)
-    per_map = per_map.reshape(len(job.r_list), -1, *per_map.shape[1:])  # (R, Y, Ba, L)
+    per_map = per_map.reshape(len(job.msm.r_list), -1, *per_map.shape[1:])  # (R, Y, Ba, L)
     patch_scores = average_scores(per_map).numpy()
     group["patch_scores"][rows] = patch_scores
-    mark_done(pool_path, name, row_checksum(patch_scores))
+    mark_done(pool_path, name, array_digest(patch_scores))
     return name
 
 
@@ -155,7 +282,7 @@ def score_pools_with_dask(
     counts = {}
     for job in jobs:
         pool_path = Path(job.pool_path)
-        n_blocks = pool_layout(pool_path).n_blocks
+        n_blocks = job.layout.n_blocks
         n_pairs = n_blocks * (n_blocks + 1) // 2
         if pool_is_complete(pool_path):
             counts[job.pool_path] = (0, n_pairs)

@@ -17,10 +17,8 @@ touch the same file; a block without its record is simply redone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,19 +27,19 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .atomic import write_atomic
 from .config import CODE_VERSION
+from .identity import array_digest
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TokenLayout",
     "PoolLayout",
-    "atomic_write_text",
     "create_pool_store",
     "mark_done",
     "is_done",
     "open_pool_store",
-    "pool_key",
     "read_token_rows",
     "read_embeddings",
     "token_index",
@@ -70,17 +68,6 @@ class PoolLayout:
     @property
     def n_blocks(self) -> int:
         return -(-len(self.image_ids) // self.block_images)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _layer_name(layer: int) -> str:
@@ -178,8 +165,8 @@ def write_token_block(
         # zarr would merge into (and first decode) a half-written or damaged shard.
         shutil.rmtree(path / name / "c" / str(block), ignore_errors=True)
         group[name][start : start + len(values)] = values
-    record = {"start": start, "image_ids": list(image_ids), "sha256": {k: _digest(v) for k, v in arrays.items()}}
-    atomic_write_text(path / "blocks" / f"{block:06d}.json", json.dumps(record))
+    record = {"start": start, "image_ids": list(image_ids), "sha256": {k: array_digest(v) for k, v in arrays.items()}}
+    write_atomic(path / "blocks" / f"{block:06d}.json", json.dumps(record))
 
 
 def drop_damaged_blocks(path: Path, image_ids: Sequence[str]) -> list[str]:
@@ -205,7 +192,7 @@ def drop_damaged_blocks(path: Path, image_ids: Sequence[str]) -> list[str]:
             if not wanted.intersection(record["image_ids"]):
                 continue
             rows = slice(record["start"], record["start"] + len(record["image_ids"]))
-            intact = all(_digest(group[name][rows]) == digest for name, digest in record["sha256"].items())
+            intact = all(array_digest(group[name][rows]) == digest for name, digest in record["sha256"].items())
         except Exception as error:  # any decode failure of a damaged chunk means: not intact
             logger.warning("%s: unreadable (%s)", record_path, error)
             intact = False
@@ -233,12 +220,6 @@ def read_embeddings(path: Path, rows: Sequence[int]) -> np.ndarray:
 
 
 # -- pool store -------------------------------------------------------------------------
-
-
-def pool_key(image_ids: Sequence[str], settings: dict) -> str:
-    """Content address of a pool: its images and everything that decides its scores."""
-    payload = json.dumps({"ids": sorted(image_ids), "settings": settings, "code": CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.Group:
@@ -294,11 +275,7 @@ def pool_layout(path: Path) -> PoolLayout:
 
 
 def mark_done(path: Path, name: str, content: str = "") -> None:
-    atomic_write_text(path / "done" / name, content)
-
-
-def row_checksum(values: np.ndarray) -> str:
-    return _digest(values)
+    write_atomic(path / "done" / name, content)
 
 
 def pool_store_intact(path: Path) -> bool:
@@ -310,33 +287,12 @@ def pool_store_intact(path: Path) -> bool:
         scores = zarr.open_group(path, mode="r")["patch_scores"]
         for block in range(layout.n_blocks):
             rows = slice(block * layout.block_images, (block + 1) * layout.block_images)
-            if (path / "done" / f"row-{block}").read_text() != _digest(scores[rows]):
+            if (path / "done" / f"row-{block}").read_text() != array_digest(scores[rows]):
                 return False
     except Exception as error:  # a chunk that no longer decodes is damage too
         logger.warning("%s: unreadable (%s)", path, error)
         return False
     return True
-
-
-def store_fingerprint(*dirs: Path) -> str:
-    """Names, sizes and modification times of every file below ``dirs``, hashed.
-
-    Cheap (no data is read) and changes whenever a store is written or damaged, so it can
-    be part of a cache key: a cached task result is only trusted while its stores stand.
-    """
-    digest = hashlib.sha256()
-    for root in dirs:
-        if not root.exists():
-            continue
-        for dirpath, _, files in sorted(os.walk(root)):
-            for name in sorted(files):
-                stat = os.stat(os.path.join(dirpath, name))
-                digest.update(f"{dirpath}/{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _digest(values: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
 
 
 def is_done(path: Path, name: str) -> bool:

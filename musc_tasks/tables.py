@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from .atomic import write_atomic
+from .identity import path_segment
 
 __all__ = [
     "SCORES_SCHEMA",
@@ -52,7 +54,6 @@ __all__ = [
     "publish_partition",
     "remove_stale",
     "read_table",
-    "write_bytes_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,6 @@ ROW_GROUP_ROWS = 65_536
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
 
-_SAFE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-# An empty directory removed by remove_stale() between our mkdir and our open is retried.
-_PUBLISH_ATTEMPTS = 3
 
 
 def _required(name: str, type_: pa.DataType) -> pa.Field:
@@ -183,16 +181,10 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
 }
 
 
-def _encode_segment(value: str) -> str:
-    return "".join(
-        char if char in _SAFE_CHARS else "".join(f"%{byte:02X}" for byte in char.encode("utf-8")) for char in value
-    )
-
-
 def _check_stem(stem: str) -> str:
     if not isinstance(stem, str) or not stem or stem.startswith("."):
         raise ValueError(f"stem must be a non-empty string not starting with '.', got {stem!r}")
-    return _encode_segment(stem) + ".parquet"
+    return path_segment(stem) + ".parquet"
 
 
 def partition_path(partition: Mapping[str, str]) -> Path:
@@ -215,7 +207,7 @@ def partition_path(partition: Mapping[str, str]) -> Path:
             raise ValueError(f"partition key must be an identifier, got {key!r}")
         if not isinstance(value, str) or not value:
             raise ValueError(f"partition value for {key!r} must be a non-empty string, got {value!r}")
-        segments.append(f"{key}={_encode_segment(value)}")
+        segments.append(f"{key}={path_segment(value)}")
     return Path(*segments)
 
 
@@ -315,54 +307,6 @@ def _conform(table: pa.Table | pd.DataFrame, schema: pa.Schema, what: str) -> pa
     return conformed
 
 
-def _fsync_dir(dir_path: Path) -> None:
-    fd = os.open(dir_path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write a file so that readers see the old content or the new, never a partial file.
-
-    The bytes go to a hidden temp file in the same directory, are fsynced, replace ``path``
-    with ``os.replace``, and then the directory is fsynced so the rename survives a crash.
-
-    Parameters
-    ----------
-    path : Path
-        Final location; parent directories are created.
-    data : bytes
-
-    Returns
-    -------
-    path : Path
-    """
-    path = Path(path)
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    for attempt in range(_PUBLISH_ATTEMPTS):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # "x" rather than mkstemp so the file gets the umask's permissions, not 0600.
-            handle = open(temp_path, "xb")
-            break
-        except FileNotFoundError:
-            if attempt == _PUBLISH_ATTEMPTS - 1:
-                raise
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(
@@ -407,7 +351,7 @@ def publish_partition(
     what = f"table {Path(table_dir).name!r}"
     conformed = _conform(table, schema, what)
     path = Path(table_dir) / partition_path(partition) / file_name
-    write_bytes_atomic(path, _parquet_bytes(conformed))
+    write_atomic(path, _parquet_bytes(conformed))
     logger.debug("published %d rows to %s", conformed.num_rows, path)
     return path
 

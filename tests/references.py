@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from musc_tasks import imageio
+from musc_tasks import identity, imageio
 
 
 def sklearn_metrics(scores, labels):
@@ -34,7 +34,8 @@ def unreadable(path):
                 def _refuse(name, *args, **kwargs):
                     raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(name))
 
-                patch.setattr(imageio, "open", _refuse, raising=False)
+                for module in (imageio, identity):  # decoding and content hashing
+                    patch.setattr(module, "open", _refuse, raising=False)
             yield path
     finally:
         path.chmod(0o644)

@@ -15,7 +15,7 @@ from ._msm import (
     scores_from_similarities,
 )
 from ._pool import pool_patch_scores
-from ._pools import split_by_type, split_pool
+from ._split import split_by_type, split_pool
 from ._rscin import rescore_images
 
 __all__ = [

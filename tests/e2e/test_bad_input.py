@@ -136,3 +136,37 @@ def test_missing_input_and_read_only_out_are_clear_errors(prefect_api, tiny_back
     read_only.mkdir(mode=0o555)
     with pytest.raises(PermissionError, match="not writable"):
         score_captures(input_dir=str(tmp_path), out_dir=str(read_only / "out"), backbone=tiny_backbone, device="cpu")
+
+
+def test_image_that_breaks_after_cataloguing_is_failed_with_its_reason(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
+    from prefect import flow
+
+    from flows.score import score_catalog, token_geometry
+    from musc_tasks.tasks import Stages, catalog_images
+
+    product = tmp_path / "in" / "brick"
+    product.mkdir(parents=True)
+    for image in [i for i in demo_day.images if i.product == "brick"][:5]:
+        shutil.copy(image.path, product / image.path.name)
+    victim = sorted(product.iterdir())[2]
+    out = tmp_path / "out"
+
+    @flow
+    def breaks_between_stages():
+        geometry = token_geometry(tiny_backbone)
+        stages = Stages()
+        catalog = stages.run(
+            "catalog", catalog_images,
+            input_dir=str(tmp_path / "in"), out_dir=str(out), run_date="2026-11-22", min_side=geometry.patch_size,
+        )
+        assert catalog.n_failed == 0  # readable when catalogued
+        victim.write_bytes(victim.read_bytes()[:300])  # truncated before its tokens are extracted
+        summary, _ = score_catalog(catalog, tiny_backbone, geometry, ScoringParams(), str(out), "cpu", dask_address, stages)
+        return summary
+
+    summary = breaks_between_stages()
+    rows = tables.read_table(out / "tables" / "scores")
+    row = rows[rows["path"] == str(victim)].iloc[0]
+    assert row["status"] == "failed"
+    assert "unreadable at extraction" in row["error"] and "truncat" in row["error"].lower()
+    assert summary.n_failed == 1 and summary.n_scored == 4

@@ -21,8 +21,8 @@ from musc_tasks.config import ScoringParams
 from musc_tasks.core import image_scores, pixel_metrics, pool_patch_scores, rescore_images, upsample_maps
 from musc_tasks.imageio import read_rgb
 from musc_tasks.preprocess import read_mask, squash_normalise
-from musc_tasks.rescore import patch_score_rows, score_map
-from musc_tasks.tasks import pool_stores_dir
+from musc_tasks.rscin import patch_score_rows, score_map
+from musc_tasks.layout import pool_stores_dir
 
 from .conftest import subprocess_env
 
@@ -166,7 +166,7 @@ score_captures(input_dir=sys.argv[1], out_dir=sys.argv[2], run_date=date(2026, 1
 """
 
 
-@pytest.mark.parametrize("kill_at", ["catalog", "extract-block:1", "score-task:4", "rescore:2", "publish-product:2"])
+@pytest.mark.parametrize("kill_at", ["catalog", "extract-block:1", "score-task:4", "rscin:2", "publish-product:2"])
 def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
     reference_dir, _ = first_run
     out_dir = tmp_path / "out"
@@ -194,7 +194,7 @@ def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, pr
     if kill_at.startswith("score"):
         assert summary.images_extracted == 0
         assert summary.pairs_cached == done_pairs and summary.pairs_computed > 0
-    if kill_at.startswith(("rescore", "publish")):
+    if kill_at.startswith(("rscin", "publish")):
         assert summary.images_extracted == 0 and summary.pairs_computed == 0
     for name in ("scores", "regions"):
         assert comparable(out_dir, name).equals(comparable(reference_dir, name)), f"{name} differ after resume"

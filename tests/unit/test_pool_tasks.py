@@ -1,18 +1,18 @@
 """The Dask worker functions of mutual scoring: precision option, block sizes, agreement with the core."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
 from musc_tasks.cli import build_parser, scoring_from_args
-from musc_tasks.config import ScoringParams
+from musc_tasks.config import MsmParams, ScoringParams
 from musc_tasks.core import pool_patch_scores
-from musc_tasks.scoring import PoolJob, assemble_row_block, score_block_pair, task_block_size
+from musc_tasks.scoring import assemble_row_block, open_pool, plan_pool, score_block_pair, task_block_size
 from musc_tasks.store import (
-    PoolLayout,
     TokenLayout,
-    create_pool_store,
     open_pool_store,
     prepare_token_store,
     read_token_rows,
@@ -48,17 +48,21 @@ def token_store(tmp_path):
 
 def worker_scores(tmp_path, token_path, precision):
     """Patch scores as the Dask workers compute them, every pair then every row."""
-    ids = tuple(sorted(token_index(token_path)))
-    path = tmp_path / f"pool-{precision}.zarr"
-    create_pool_store(path, PoolLayout(image_ids=ids, grid=GRID, n_maps=len(R_LIST) * len(LAYERS), block_images=BLOCK), {})
-    job = PoolJob(str(path), str(token_path), tuple(range(N)), R_LIST, 0.3, "cpu", precision)
+    index = token_index(token_path)
+    ids = tuple(sorted(index))
+    msm = MsmParams(r_list=R_LIST, interval=0.3, precision=precision)
+    job = plan_pool(
+        tmp_path / precision, ids, token_path, [index[i] for i in ids],
+        grid=GRID, n_layers=len(LAYERS), msm=msm, backbone_key="test", block_images=BLOCK, device="cpu",
+    )
+    open_pool(job)
     n_blocks = -(-N // BLOCK)
     for a in range(n_blocks):
         for b in range(a, n_blocks):
             score_block_pair(job, a, b)
     for a in range(n_blocks):
         assemble_row_block(job, a)
-    return open_pool_store(path)["patch_scores"][:]
+    return open_pool_store(Path(job.pool_path))["patch_scores"][:]
 
 
 @pytest.mark.parametrize("precision, atol", [("float32", 1e-6), ("bfloat16", 1e-2), ("float16", 2e-3)])

@@ -1,4 +1,4 @@
-"""Stage 3: raw image scores, RsCIN over the whole product, and thresholds."""
+"""Stage 3 (rscin): raw image scores, RsCIN over the whole product, and thresholds."""
 
 from __future__ import annotations
 
@@ -10,16 +10,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import write_atomic
+from .config import CODE_VERSION, RscinParams
 from .core import image_scores, rescore_images, upsample_maps
-from .store import atomic_write_text, open_pool_store, pool_layout, read_embeddings
+from .faults import failpoint
+from .identity import params_key
+from .manifests import PoolsRef, ProductScoresRef
+from .store import open_pool_store, pool_layout, read_embeddings
 
 __all__ = [
     "ImageScore",
     "ProductScores",
     "patch_score_rows",
+    "product_scores",
     "read_product_scores",
-    "rescore_product",
     "robust_threshold",
+    "rscin_products",
     "score_map",
 ]
 
@@ -70,16 +76,36 @@ def robust_threshold(values: np.ndarray, *, sigmas: float = AUTO_SIGMAS) -> floa
     return median + sigmas * MAD_TO_SIGMA * mad
 
 
-def rescore_product(
+def rscin_products(pools: Sequence[PoolsRef], rscin: RscinParams) -> tuple[ProductScoresRef, ...]:
+    """Stage 3: the scores of every product, each written next to its pool stores."""
+    refs = []
+    for ref in pools:
+        tokens = ref.tokens
+        scores = product_scores(
+            ref.product,
+            [Path(p) for p in ref.pool_paths],
+            Path(tokens.store_path),
+            dict(zip(tokens.image_ids, tokens.token_rows)),
+            image_size=tokens.geometry.image_size,
+            rscin=rscin,
+        )
+        settings = {"rscin_k": list(rscin.k_list), "t": str(rscin.threshold), "p": str(rscin.pixel_threshold)}
+        key = params_key({"ids": sorted(ref.pool_paths), "settings": settings, "code": CODE_VERSION}, length=20)
+        path = Path(ref.pool_paths[0]).parent / f"scores-{key}.json"
+        write_atomic(path, json.dumps(asdict(scores), sort_keys=True))
+        failpoint("rscin")
+        refs.append(ProductScoresRef(product=ref.product, scores_path=str(path), pools=ref))
+    return tuple(refs)
+
+
+def product_scores(
     product: str,
     pool_paths: Sequence[Path],
     token_path: Path,
     token_rows: dict[str, int],
     *,
     image_size: int,
-    rscin_k: Sequence[int],
-    threshold: float | str = "auto",
-    pixel_threshold: float | str = "auto",
+    rscin: RscinParams,
 ) -> ProductScores:
     """Raw scores (max of each S x S map), RsCIN across all pools of the product, thresholds.
 
@@ -100,9 +126,9 @@ def rescore_product(
         sizes.extend([len(layout.image_ids)] * len(layout.image_ids))
     raw_scores = np.asarray(raw, dtype=np.float64)
     embeddings = read_embeddings(token_path, [token_rows[i] for i in ids])
-    final = rescore_images(raw_scores, embeddings, rscin_k)
-    image_threshold = robust_threshold(final) if threshold == "auto" else float(threshold)
-    map_threshold = robust_threshold(raw_scores) if pixel_threshold == "auto" else float(pixel_threshold)
+    final = rescore_images(raw_scores, embeddings, rscin.k_list)
+    image_threshold = robust_threshold(final) if rscin.threshold == "auto" else float(rscin.threshold)
+    map_threshold = robust_threshold(raw_scores) if rscin.pixel_threshold == "auto" else float(rscin.pixel_threshold)
     images = tuple(
         ImageScore(image_id=i, pool_index=p, pool_images=s, raw_score=float(r), score=float(f))
         for i, p, s, r, f in zip(ids, pools, sizes, raw_scores, final)
@@ -115,10 +141,6 @@ def rescore_product(
         map_max=map_max,
         images=images,
     )
-
-
-def write_product_scores(path: Path, scores: ProductScores) -> None:
-    atomic_write_text(path, json.dumps(asdict(scores), sort_keys=True))
 
 
 def read_product_scores(path: Path) -> ProductScores:

@@ -1,0 +1,42 @@
+"""Where everything lives: the input folder of a day and every store under OUT.
+
+OUT/cache/catalogs/<date>/<key>.json           the day's catalog (one record per file)
+OUT/cache/tokens/<backbone_key>/<product>.zarr  token store, shared by every day
+OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr, scores-<key>.json
+OUT/tables/, OUT/masks/, OUT/heatmaps/          the published results
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .identity import path_segment
+
+__all__ = ["catalog_path", "day_input", "pool_stores_dir", "token_store_path", "token_stores_dir"]
+
+
+def day_input(pattern: str, day: str) -> str:
+    """The input folder of ``day`` (YYYY-MM-DD): ``pattern`` with ``{date}`` filled in."""
+    return pattern.replace("{date}", day)
+
+
+def _cache_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "cache"
+
+
+def catalog_path(out_dir: str | Path, run_date: str, key: str) -> Path:
+    return _cache_dir(out_dir) / "catalogs" / run_date / f"{key}.json"
+
+
+def token_stores_dir(out_dir: str | Path, backbone_key: str) -> Path:
+    return _cache_dir(out_dir) / "tokens" / backbone_key
+
+
+def token_store_path(out_dir: str | Path, backbone_key: str, product: str) -> Path:
+    return token_stores_dir(out_dir, backbone_key) / f"{path_segment(product)}.zarr"
+
+
+def pool_stores_dir(out_dir: str | Path, backbone_key: str, product: str | None = None) -> Path:
+    """The pool stores of a backbone, or of one of its products."""
+    root = _cache_dir(out_dir) / "pools" / backbone_key
+    return root if product is None else root / path_segment(product)
