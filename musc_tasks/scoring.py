@@ -15,14 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from distributed import Client, LocalCluster, as_completed
 
 from .backbone import resolve_device
 from .config import CODE_VERSION, MsmParams, ScoringParams
-from .core import aggregate_tokens, auto_block_size, average_scores, nearest_similarities, neighbour_count, scores_from_similarities
-from .core import split_pool
+from .core import auto_block_size, block_pair_similarities, block_patch_scores, neighbour_count, split_pool
 from .faults import failpoint
 from .identity import array_digest, params_key
 from .layout import pool_stores_dir
@@ -151,9 +149,16 @@ def score_products(
         rows = dict(zip(ref.image_ids, ref.token_rows))
         jobs = [
             plan_pool(
-                pool_stores_dir(out_dir, backbone_key, ref.product), ids, ref.store_path, [rows[i] for i in ids],
-                grid=ref.geometry.grid, n_layers=ref.geometry.n_layers, msm=scoring.msm,
-                backbone_key=backbone_key, block_images=scoring.block_images, device=device,
+                pool_stores_dir(out_dir, backbone_key, ref.product),
+                ids,
+                ref.store_path,
+                [rows[i] for i in ids],
+                grid=ref.geometry.grid,
+                n_layers=ref.geometry.n_layers,
+                msm=scoring.msm,
+                backbone_key=backbone_key,
+                block_images=scoring.block_images,
+                device=device,
             )
             for ids in product_pools(ref, scoring)
         ]
@@ -173,7 +178,9 @@ def score_products(
         computed = sum(counts[p][0] for p in paths)
         reused = sum(counts[p][1] for p in paths)
         log.info("%s: %d block pairs computed, %d from cache", ref.product, computed, reused)
-        out.append(PoolsRef(product=ref.product, tokens=ref, pool_paths=paths, pairs_computed=computed, pairs_reused=reused))
+        out.append(
+            PoolsRef(product=ref.product, tokens=ref, pool_paths=paths, pairs_computed=computed, pairs_reused=reused)
+        )
     return tuple(out)
 
 
@@ -190,9 +197,10 @@ def dask_client(address: str | None = None, *, n_workers: int | None = None) -> 
         return
 
     workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
-    with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -208,8 +216,10 @@ def task_block_size(n_patches: int, n_images: int) -> int:
     return max(1, min(auto_block_size(n_patches, target_rows=16384), -(-n_images // 4)))
 
 
-def _block_slice(block: int, block_images: int, n: int) -> slice:
-    return slice(block * block_images, min((block + 1) * block_images, n))
+def _block_rows(job: PoolJob, block: int) -> slice:
+    """The pool rows of image block ``block`` of the job's Dask tasks."""
+    size, n = job.layout.block_images, len(job.layout.image_ids)
+    return slice(block * size, min((block + 1) * size, n))
 
 
 def score_block_pair(job: PoolJob, a: int, b: int) -> str:
@@ -218,27 +228,26 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
-    layout = job.layout
-    n = len(layout.image_ids)
-    rows_a = _block_slice(a, layout.block_images, n)
-    rows_b = _block_slice(b, layout.block_images, n)
+    rows_a, rows_b = _block_rows(job, a), _block_rows(job, b)
     device = resolve_device(job.device)
-    tokens_a = read_token_rows(Path(job.token_path), job.token_rows[rows_a])
-    tokens_b = tokens_a if a == b else read_token_rows(Path(job.token_path), job.token_rows[rows_b])
+
+    def tokens(rows: slice) -> list[torch.Tensor]:
+        return [torch.from_numpy(t).to(device) for t in read_token_rows(Path(job.token_path), job.token_rows[rows])]
+
     compute_dtype = None if job.msm.precision == "float32" else getattr(torch, job.msm.precision)
-    a_to_b, b_to_a = [], []
     with torch.inference_mode():
-        for r in job.msm.r_list:
-            for layer_a, layer_b in zip(tokens_a, tokens_b):
-                za = aggregate_tokens(torch.from_numpy(layer_a).to(device), layout.grid, r)
-                zb = za if a == b else aggregate_tokens(torch.from_numpy(layer_b).to(device), layout.grid, r)
-                ab, ba = nearest_similarities(za, zb, compute_dtype=compute_dtype)
-                a_to_b.append(ab.cpu())
-                b_to_a.append(ba.cpu())
+        a_to_b, b_to_a = block_pair_similarities(
+            tokens(rows_a),
+            None if a == b else tokens(rows_b),
+            job.layout.grid,
+            job.msm.r_list,
+            compute_dtype=compute_dtype,
+        )
+    # stored with the (r, layer) maps on one axis, r major: (R*Y, N, L, N)
     similarity = open_pool_store(pool_path, "r+")["similarity"]
-    similarity[:, rows_a, :, rows_b] = torch.stack(a_to_b).numpy()
+    similarity[:, rows_a, :, rows_b] = a_to_b.flatten(0, 1).cpu().numpy()
     if a != b:
-        similarity[:, rows_b, :, rows_a] = torch.stack(b_to_a).numpy()
+        similarity[:, rows_b, :, rows_a] = b_to_a.flatten(0, 1).cpu().numpy()
     mark_done(pool_path, name)
     return name
 
@@ -249,18 +258,15 @@ def assemble_row_block(job: PoolJob, a: int, *_after: str) -> str:
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
-    layout = job.layout
-    n = len(layout.image_ids)
-    rows = _block_slice(a, layout.block_images, n)
+    rows = _block_rows(job, a)
     group = open_pool_store(pool_path, "r+")
     similarity = torch.from_numpy(group["similarity"][:, rows])  # (R*Y, Ba, L, N)
     if torch.isnan(similarity).any():
         raise RuntimeError(f"{pool_path}: block {a} has unwritten similarities; a pair task is missing")
-    k = neighbour_count(n, job.msm.interval)
-    own = torch.arange(rows.start, rows.stop)
-    per_map = torch.stack([scores_from_similarities(s, own, k) for s in similarity])  # (R*Y, Ba, L)
-    per_map = per_map.reshape(len(job.msm.r_list), -1, *per_map.shape[1:])  # (R, Y, Ba, L)
-    patch_scores = average_scores(per_map).numpy()
+    n_layers = job.layout.n_maps // len(job.msm.r_list)
+    per_map = similarity.unflatten(0, (len(job.msm.r_list), n_layers))  # (R, Y, Ba, L, N)
+    k = neighbour_count(len(job.layout.image_ids), job.msm.interval)
+    patch_scores = block_patch_scores(per_map, torch.arange(rows.start, rows.stop), k).numpy()
     group["patch_scores"][rows] = patch_scores
     mark_done(pool_path, name, array_digest(patch_scores))
     return name

@@ -14,15 +14,17 @@ from ._msm import (
     neighbour_count,
     scores_from_similarities,
 )
-from ._pool import pool_patch_scores
-from ._split import split_by_type, split_pool
+from ._pool import block_pair_similarities, block_patch_scores, pool_patch_scores
 from ._rscin import rescore_images
+from ._split import split_by_type, split_pool
 
 __all__ = [
     "aggregate_tokens",
     "aupro",
     "auto_block_size",
     "average_scores",
+    "block_pair_similarities",
+    "block_patch_scores",
     "image_metrics",
     "image_scores",
     "mutual_scores",
