@@ -8,8 +8,8 @@ Writes a synthetic token store with `musc_tasks.store` (float16, as extraction w
 creates one pool store per run, and times `score_pools_with_dask` on a fresh LocalCluster of
 each size (cluster start and worker imports are not timed). The default shapes and the
 pipeline's own block size (6 images: 10 pair tasks) make every pair task several GEMMs of
-(6*576, 768) x (768, 6*576) rows, so the graph is compute-bound and should scale with cores. Prints the speed-up over one worker and checks that every run gave
-the same patch scores.
+(6*576, 768) x (768, 6*576) rows, so the graph is compute-bound and should scale with cores.
+Prints the speed-up over one worker and checks that every run gave the same patch scores.
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=24, help="images in the pool")
     parser.add_argument("--length", type=int, default=576, help="patches per image, a square")
     parser.add_argument("--channels", type=int, default=768)
-    parser.add_argument("--block-images", type=int, default=None, help="images per task block; default as the pipeline picks")
+    parser.add_argument(
+        "--block-images", type=int, default=None, help="images per task block; default as the pipeline picks"
+    )
     parser.add_argument("--layers", type=int, default=2, help="feature layers in the store")
     parser.add_argument("--r", nargs="+", type=int, default=[1, 3], help="LNAMD aggregation degrees")
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
@@ -123,9 +125,16 @@ def main() -> None:
         runs, reference_scores = [], None
         for workers in args.workers:
             job = plan_pool(
-                Path(tmp) / f"pools-{workers}", ids, token_path, [rows[i] for i in ids],
-                grid=grid, n_layers=len(layers), msm=MsmParams(r_list=tuple(args.r), interval=0.3, precision="float32"),
-                backbone_key="synthetic", block_images=args.block_images, device="cpu",
+                Path(tmp) / f"pools-{workers}",
+                ids,
+                token_path,
+                [rows[i] for i in ids],
+                grid=grid,
+                n_layers=len(layers),
+                msm=MsmParams(r_list=tuple(args.r), interval=0.3, precision="float32"),
+                backbone_key="synthetic",
+                block_images=args.block_images,
+                device="cpu",
             )
             open_pool(job)
             with dask_client(n_workers=workers) as client:
@@ -137,22 +146,31 @@ def main() -> None:
             scores = open_pool_store(Path(job.pool_path))["patch_scores"][:]
             if reference_scores is None:
                 reference_scores = scores
-            runs.append({
-                "workers": workers, "seconds": seconds, "gflops": flops / seconds / 1e9,
-                "torch_threads_per_worker": threads, "worker_peak_rss_mib": worker_rss,
-                "max_abs_diff_vs_first": float(np.abs(scores - reference_scores).max()),
-            })
+            runs.append(
+                {
+                    "workers": workers,
+                    "seconds": seconds,
+                    "gflops": flops / seconds / 1e9,
+                    "torch_threads_per_worker": threads,
+                    "worker_peak_rss_mib": worker_rss,
+                    "max_abs_diff_vs_first": float(np.abs(scores - reference_scores).max()),
+                }
+            )
 
     base = runs[0]["seconds"]
-    print(f"pool N={args.n}, L={args.length}, C={args.channels}, block {args.block_images} images, "
-          f"{len(layers)} layers x r {tuple(args.r)}: {n_pairs} pair tasks + {n_blocks} row tasks, "
-          f"{flops / 1e9:.0f} GFLOP; token store written in {write_seconds:.1f} s; load average before {load_before}")
+    print(
+        f"pool N={args.n}, L={args.length}, C={args.channels}, block {args.block_images} images, "
+        f"{len(layers)} layers x r {tuple(args.r)}: {n_pairs} pair tasks + {n_blocks} row tasks, "
+        f"{flops / 1e9:.0f} GFLOP; token store written in {write_seconds:.1f} s; load average before {load_before}"
+    )
     print()
     print("| workers (1 thread each) | seconds | GFLOP/s | speed-up vs first | worker peak RSS MiB | max abs diff |")
     print("| --- | --- | --- | --- | --- | --- |")
     for run in runs:
-        print(f"| {run['workers']} | {run['seconds']:.2f} | {run['gflops']:.1f} | {base / run['seconds']:.2f}x | "
-              f"{run['worker_peak_rss_mib']:.0f} | {run['max_abs_diff_vs_first']:.1e} |")
+        print(
+            f"| {run['workers']} | {run['seconds']:.2f} | {run['gflops']:.1f} | {base / run['seconds']:.2f}x | "
+            f"{run['worker_peak_rss_mib']:.0f} | {run['max_abs_diff_vs_first']:.1e} |"
+        )
         run["speedup"] = base / run["seconds"]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,9 @@ class TreeMemory:
 
 def one_product_day(root: Path, n_images: int, size: int, seed: int) -> Path:
     """A folder holding one product ("brick") of n_images photos, 5 % with planted defects."""
-    day = make_demo_day(root, seed=seed, images_per_product=n_images, defects_per_product=max(1, n_images // 20), size=size)
+    day = make_demo_day(
+        root, seed=seed, images_per_product=n_images, defects_per_product=max(1, n_images // 20), size=size
+    )
     for other in ("coffee", "gravel"):
         shutil.rmtree(day.input_dir / other)
     return day.input_dir
@@ -83,13 +85,36 @@ def one_product_day(root: Path, n_images: int, size: int, seed: int) -> Path:
 
 def score_day(input_dir: Path, out_dir: Path, args: argparse.Namespace) -> dict:
     command = [
-        str(Path(sys.executable).parent / "musc"), "score", str(input_dir), "--out", str(out_dir),
-        "--date", "2026-11-22", "--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG),
-        "--pretrained", "none", "--image-size", str(args.size), "--layers", "1,3", "--device", "cpu",
-        "--pool-size", str(args.pool_size),
+        str(Path(sys.executable).parent / "musc"),
+        "score",
+        str(input_dir),
+        "--out",
+        str(out_dir),
+        "--date",
+        "2026-11-22",
+        "--backbone",
+        "musc-tiny-vit",
+        "--model-config",
+        str(TINY_CONFIG),
+        "--pretrained",
+        "none",
+        "--image-size",
+        str(args.size),
+        "--layers",
+        "1,3",
+        "--device",
+        "cpu",
+        "--pool-size",
+        str(args.pool_size),
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_UI_ENABLED="false", NO_PROXY="127.0.0.1,localhost")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        NO_PROXY="127.0.0.1,localhost",
+    )
     env.pop("PREFECT_API_URL", None)
     with tempfile.TemporaryDirectory(prefix="musc-day-scale-home-") as home:
         env["PREFECT_HOME"] = home
@@ -135,26 +160,34 @@ def main() -> None:
                 raise SystemExit(f"{n_images} images in, {result['n_scored']} scored")
             results.append({"images": n_images, **result})
 
-    print(f"one product, pool size {args.pool_size}, tiny ViT at {args.size} px on the CPU; "
-          f"load average before {load_before}")
+    print(
+        f"one product, pool size {args.pool_size}, tiny ViT at {args.size} px on the CPU; "
+        f"load average before {load_before}"
+    )
     print()
-    print("| images | pools | wall s | ms/image (wall) | ms/image (stages) | extract | score | publish "
-          "| peak RSS all processes MiB | peak RSS one process MiB |")
+    print(
+        "| images | pools | wall s | ms/image (wall) | ms/image (stages) | extract | score | publish "
+        "| peak RSS all processes MiB | peak RSS one process MiB |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         n = r["images"]
         pools = -(-n // args.pool_size)
-        print(f"| {n} | {pools} | {r['seconds']:.1f} | {1e3 * r['seconds'] / n:.1f} | {1e3 * stage_seconds(r) / n:.1f} | "
-              f"{1e3 * r['seconds_extract'] / n:.2f} | {1e3 * r['seconds_score'] / n:.2f} | "
-              f"{1e3 * r['seconds_publish'] / n:.2f} | {r['peak_tree_rss_mib']:.0f} | {r['peak_process_rss_mib']:.0f} |")
+        print(
+            f"| {n} | {pools} | {r['seconds']:.1f} | {1e3 * r['seconds'] / n:.1f} | {1e3 * stage_seconds(r) / n:.1f} | "
+            f"{1e3 * r['seconds_extract'] / n:.2f} | {1e3 * r['seconds_score'] / n:.2f} | "
+            f"{1e3 * r['seconds_publish'] / n:.2f} | {r['peak_tree_rss_mib']:.0f} | {r['peak_process_rss_mib']:.0f} |"
+        )
     first, last = results[0], results[-1]
     print()
     # Wall time also holds a fixed start (Prefect's ephemeral server, the Dask cluster); the
     # stages' own seconds are the work that must stay linear in the day.
-    print(f"time per image in the stages, {last['images']} vs {first['images']} images: "
-          f"{(stage_seconds(last) / last['images']) / (stage_seconds(first) / first['images']):.2f}x; "
-          f"wall: {(last['seconds'] / last['images']) / (first['seconds'] / first['images']):.2f}x; "
-          f"peak RSS (all processes): {last['peak_tree_rss_mib'] / first['peak_tree_rss_mib']:.2f}x")
+    print(
+        f"time per image in the stages, {last['images']} vs {first['images']} images: "
+        f"{(stage_seconds(last) / last['images']) / (stage_seconds(first) / first['images']):.2f}x; "
+        f"wall: {(last['seconds'] / last['images']) / (first['seconds'] / first['images']):.2f}x; "
+        f"peak RSS (all processes): {last['peak_tree_rss_mib'] / first['peak_tree_rss_mib']:.2f}x"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"pool_size": args.pool_size, "size": args.size, "runs": results}, indent=2))

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from msm import gemm_rate, msm_by_cdist  # benchmarks/msm.py, beside this script
 
 from musc_tasks.backbone import load_backbone
@@ -89,10 +88,7 @@ def msm_flops(n: int, length: int, channels: int, block: int) -> int:
     """Multiply-adds x 2 of the GEMMs `mutual_scores` runs (upper triangle of block pairs)."""
     starts = range(0, n, block)
     return sum(
-        2 * min(block, n - a) * min(block, n - b) * length * length * channels
-        for a in starts
-        for b in starts
-        if b >= a
+        2 * min(block, n - a) * min(block, n - b) * length * length * channels for a in starts for b in starts if b >= a
     )
 
 
@@ -151,7 +147,7 @@ def bench_extraction(shape: Shape, device: torch.device, n_images: int, batch: i
 
 
 def bench_lnamd(shape: Shape, device: torch.device, n_images: int) -> dict:
-    """ms per image for every r of one layer, times the number of layers."""
+    """Ms per image for every r of one layer, times the number of layers."""
     side = int(round(shape.length**0.5))
     raw = torch.randn(n_images, shape.length, shape.channels, generator=torch.Generator().manual_seed(1)).to(device)
     for r in R_LIST:
@@ -192,8 +188,12 @@ def bench_msm(
     ours, seconds = timed(device, mutual_scores, tokens, block=step)
     rate = msm_flops(n, shape.length, shape.channels, step) / seconds
     row = {
-        "shape": shape.key, "n": n, "block": step, "msm_seconds": seconds,
-        "msm_gflops": rate / 1e9, "msm_of_gemm": rate / gemm_peak,
+        "shape": shape.key,
+        "n": n,
+        "block": step,
+        "msm_seconds": seconds,
+        "msm_gflops": rate / 1e9,
+        "msm_of_gemm": rate / gemm_peak,
     }
     if n <= reference_max_n:
         reference, reference_seconds = timed(device, msm_by_cdist, tokens)
@@ -213,18 +213,25 @@ def bench_msm(
                     best = (low_block, low_seconds, (low - ours).abs().max().item())
                 del low
             low_rate = msm_flops(n, shape.length, shape.channels, best[0]) / best[1]
-            row.update({
-                f"{name}_block": best[0], f"{name}_seconds": best[1], f"{name}_tflops": low_rate / 1e12,
-                f"{name}_of_gemm": low_rate / low_peak, f"{name}_max_abs_diff_vs_fp32": best[2],
-                f"{name}_speedup_vs_fp32": seconds / best[1],
-            })
+            row.update(
+                {
+                    f"{name}_block": best[0],
+                    f"{name}_seconds": best[1],
+                    f"{name}_tflops": low_rate / 1e12,
+                    f"{name}_of_gemm": low_rate / low_peak,
+                    f"{name}_max_abs_diff_vs_fp32": best[2],
+                    f"{name}_speedup_vs_fp32": seconds / best[1],
+                }
+            )
     del tokens, ours
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def bench_pool(shape: Shape, backbone, device: torch.device, n: int, batch: int, block: int, dtype: torch.dtype) -> dict:
+def bench_pool(
+    shape: Shape, backbone, device: torch.device, n: int, batch: int, block: int, dtype: torch.dtype
+) -> dict:
     """One whole pool: extract n images, then LNAMD + MSM of every layer and r, on the device.
 
     Timed twice: through `Backbone.extract`, which hands the tokens to the host as the
@@ -248,16 +255,20 @@ def bench_pool(shape: Shape, backbone, device: torch.device, n: int, batch: int,
             bucket.append(tokens)
     synchronize(device)
     extract_seconds = time.perf_counter() - started
-    layer_tokens, upload_seconds = timed(device, lambda: [torch.cat(b).to(device) for b in per_layer])
+    layer_tokens, upload_seconds = timed(device, lambda buckets: [torch.cat(b).to(device) for b in buckets], per_layer)
     scores, score_seconds = timed(device, score, layer_tokens)
     assert scores.shape == (n, shape.length) and torch.isfinite(scores).all()
     del per_layer, layer_tokens, scores
     total = extract_seconds + upload_seconds + score_seconds
-    out.update({
-        "pool_extract_seconds": extract_seconds, "pool_upload_seconds": upload_seconds,
-        "pool_score_seconds": score_seconds, "pool_ms_per_image": total / n * 1e3,
-        "pool_speedup_vs_paper": PAPER_MS_PER_IMAGE / (total / n * 1e3),
-    })
+    out.update(
+        {
+            "pool_extract_seconds": extract_seconds,
+            "pool_upload_seconds": upload_seconds,
+            "pool_score_seconds": score_seconds,
+            "pool_ms_per_image": total / n * 1e3,
+            "pool_speedup_vs_paper": PAPER_MS_PER_IMAGE / (total / n * 1e3),
+        }
+    )
 
     # 2. tokens stay on the device
     on_device = images.to(device)
@@ -277,11 +288,14 @@ def bench_pool(shape: Shape, backbone, device: torch.device, n: int, batch: int,
     scores, score_seconds = timed(device, score, layer_tokens)
     assert torch.isfinite(scores).all()
     total = forward_seconds + score_seconds
-    out.update({
-        "device_pool_forward_seconds": forward_seconds, "device_pool_score_seconds": score_seconds,
-        "device_pool_ms_per_image": total / n * 1e3,
-        "device_pool_speedup_vs_paper": PAPER_MS_PER_IMAGE / (total / n * 1e3),
-    })
+    out.update(
+        {
+            "device_pool_forward_seconds": forward_seconds,
+            "device_pool_score_seconds": score_seconds,
+            "device_pool_ms_per_image": total / n * 1e3,
+            "device_pool_speedup_vs_paper": PAPER_MS_PER_IMAGE / (total / n * 1e3),
+        }
+    )
     return out
 
 
@@ -363,9 +377,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES), help="default: vit-l vit-b")
-    parser.add_argument("--n", nargs="+", type=int, default=None, help="pool sizes; default 32 64 (CPU), 32 64 200 (CUDA)")
-    parser.add_argument("--block", type=int, default=None, help="images per GEMM block (fp32 MSM); default auto_block_size")
-    parser.add_argument("--low-blocks", nargs="+", type=int, default=[2, 4, 8, 16], help="CUDA: blocks tried for bf16/fp16")
+    parser.add_argument(
+        "--n", nargs="+", type=int, default=None, help="pool sizes; default 32 64 (CPU), 32 64 200 (CUDA)"
+    )
+    parser.add_argument(
+        "--block", type=int, default=None, help="images per GEMM block (fp32 MSM); default auto_block_size"
+    )
+    parser.add_argument(
+        "--low-blocks", nargs="+", type=int, default=[2, 4, 8, 16], help="CUDA: blocks tried for bf16/fp16"
+    )
     parser.add_argument("--reference-max-n", type=int, default=None, help="run the cdist reference up to this N")
     parser.add_argument("--extract-images", type=int, default=None, help="images timed through the ViT")
     parser.add_argument("--extract-batch", type=int, default=None)
@@ -374,8 +394,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     cuda = device.type == "cuda"
     if args.smoke:
         shapes, sizes = [SHAPES["tiny"]], args.n or [6, 12]
@@ -392,7 +415,9 @@ def main() -> None:
     load_before = " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
     machine = {
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": load_before,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_before": load_before,
     }
     if cuda:
         machine["fp32_gemm_gflops"] = cuda_gemm_rate(device, torch.float32, 8192, 8192, 8192) / 1e9
@@ -415,8 +440,13 @@ def main() -> None:
         for n in sizes:
             results["msm"].append(
                 bench_msm(
-                    shape, n, device, block=args.block, gemm_peak=machine["fp32_gemm_gflops"] * 1e9,
-                    reference_max_n=reference_max_n, low_blocks=tuple(args.low_blocks),
+                    shape,
+                    n,
+                    device,
+                    block=args.block,
+                    gemm_peak=machine["fp32_gemm_gflops"] * 1e9,
+                    reference_max_n=reference_max_n,
+                    low_blocks=tuple(args.low_blocks),
                     low_peak=machine.get("bf16_gemm_tflops", 0) * 1e12,
                 )
             )

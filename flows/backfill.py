@@ -1,4 +1,4 @@
-"""Re-score past days with another backbone; results land beside the old ones."""
+"""Backfill: score past days (typically with another backbone); results land beside the old ones."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from prefect import flow, get_run_logger
 from flows.score import score_captures
 from musc_tasks import tables
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
+from musc_tasks.layout import day_input
 
 
-@flow(name="rescore-days")
-def rescore_days(
+@flow(name="backfill-days")
+def backfill_days(
     date_from: date,
     date_to: date,
     input_pattern: str,
@@ -40,15 +41,20 @@ def rescore_days(
     day = date_from
     while day <= date_to:
         iso = day.isoformat()
-        input_dir = input_pattern.replace("{date}", iso)
+        input_dir = day_input(input_pattern, iso)
         if not Path(input_dir).is_dir():
             outcome[iso] = f"no input folder {input_dir}"
         elif not force and _already_scored(Path(out_dir), iso, backbone, scoring, input_dir):
             outcome[iso] = "already scored with this backbone"
         else:
             summary = score_captures(
-                input_dir=input_dir, out_dir=out_dir, run_date=day, backbone=backbone,
-                scoring=scoring, device=device, dask_address=dask_address,
+                input_dir=input_dir,
+                out_dir=out_dir,
+                run_date=day,
+                backbone=backbone,
+                scoring=scoring,
+                device=device,
+                dask_address=dask_address,
             )
             outcome[iso] = f"scored {summary.n_scored}, flagged {summary.n_flagged}"
         log.info("%s: %s", iso, outcome[iso])

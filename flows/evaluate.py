@@ -7,10 +7,11 @@ from datetime import date
 from prefect import flow
 
 from flows.score import score_catalog, token_geometry
+from flows.stages import Stages
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
 from musc_tasks.datasets import DEFAULT_RSCIN_K
 from musc_tasks.locks import run_lock
-from musc_tasks.tasks import Stages, catalog_dataset, evaluate_metrics
+from musc_tasks.tasks import catalog_dataset, evaluate_metrics
 
 
 @flow(name="evaluate-dataset")
@@ -28,8 +29,10 @@ def evaluate_dataset(
     dask_address: str | None = None,
     refresh: bool = False,
 ) -> list[dict]:
-    """Score every category's test set (one pool, or the paper's ``divide_num`` subsets) and
-    compute image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO/PRO per category.
+    """The paper's metrics of every category's test set, scored through the nightly stages.
+
+    Each category is one pool, or the paper's ``divide_num`` subsets; the metrics are image
+    AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO/PRO per category.
 
     ``scoring`` defaults to the paper's setting for the layout (RsCIN k 1,8,9 on VisA) with
     the whole category in one pool.
@@ -39,12 +42,25 @@ def evaluate_dataset(
     stages = Stages(refresh)
     with run_lock(out_dir, day, backbone.key):
         catalog, labels_path = stages.run(
-            "catalog", catalog_dataset,
-            root=root, layout=layout, categories=categories, out_dir=out_dir, run_date=day, divide_num=divide_num,
+            "catalog",
+            catalog_dataset,
+            root=root,
+            layout=layout,
+            categories=categories,
+            out_dir=out_dir,
+            run_date=day,
+            divide_num=divide_num,
         )
-        _, scored = score_catalog(catalog, backbone, token_geometry(backbone), scoring, out_dir, device, dask_address, stages)
+        _, scored = score_catalog(
+            catalog, backbone, token_geometry(backbone), scoring, out_dir, device, dask_address, stages
+        )
         dataset = f"{layout}-{root.rstrip('/').split('/')[-1]}"
         return evaluate_metrics(
-            labels_path=labels_path, scored=scored, dataset=dataset, backbone=backbone, mask_mode=mask_mode,
-            out_dir=out_dir, run_id=stages.run_id,
+            labels_path=labels_path,
+            scored=scored,
+            dataset=dataset,
+            backbone=backbone,
+            mask_mode=mask_mode,
+            out_dir=out_dir,
+            run_id=stages.run_id,
         )

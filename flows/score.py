@@ -7,12 +7,13 @@ from datetime import date, timedelta
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.stages import Stages
 from musc_tasks.backbone import patch_size
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
-from musc_tasks.tasks import Stages, catalog_images, extract_tokens, publish_results, rscin_scores, score_pools
+from musc_tasks.tasks import catalog_images, extract_tokens, publish_results, rscin_scores, score_pools
 
 
 @flow(name="score-captures")
@@ -38,8 +39,12 @@ def score_captures(
     stages = Stages(refresh)
     with run_lock(out_dir, day, backbone.key):
         catalog = stages.run(
-            "catalog", catalog_images,
-            input_dir=day_input(input_dir, day), out_dir=out_dir, run_date=day, min_side=geometry.patch_size,
+            "catalog",
+            catalog_images,
+            input_dir=day_input(input_dir, day),
+            out_dir=out_dir,
+            run_date=day,
+            min_side=geometry.patch_size,
         )
         summary, _ = score_catalog(catalog, backbone, geometry, scoring, out_dir, device, dask_address, stages)
     return summary
@@ -60,15 +65,28 @@ def score_catalog(
         "extract", extract_tokens, catalog=catalog, backbone=backbone, geometry=geometry, out_dir=out_dir, device=device
     )
     pools = stages.run(
-        "score", score_pools, tokens=tokens, scoring=scoring, backbone_key=backbone.key, out_dir=out_dir,
-        dask_address=dask_address, device=device,
+        "score",
+        score_pools,
+        tokens=tokens,
+        scoring=scoring,
+        backbone_key=backbone.key,
+        out_dir=out_dir,
+        dask_address=dask_address,
+        device=device,
     )
     scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
     summary = publish_results(
-        catalog=catalog, tokens=tokens, scored=scored, backbone=backbone, scoring=scoring, out_dir=out_dir,
+        catalog=catalog,
+        tokens=tokens,
+        scored=scored,
+        backbone=backbone,
+        scoring=scoring,
+        out_dir=out_dir,
         run=stages.info(tokens, pools),
     )
-    create_markdown_artifact(key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}")
+    create_markdown_artifact(
+        key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
+    )
     get_run_logger().info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
     return summary, scored
 

@@ -116,9 +116,7 @@ def build_vit(spec: BackboneSpec, *, quick_gelu: bool = False) -> nn.Module:
     if not isinstance(patch, int) or "timm_model_name" in config["vision_cfg"]:
         raise ValueError(f"{spec.name} is not a plain open_clip ViT (no integer patch_size)")
     if spec.image_size % patch:
-        raise ValueError(
-            f"image_size {spec.image_size} is not a multiple of {spec.name}'s patch size {patch}"
-        )
+        raise ValueError(f"image_size {spec.image_size} is not a multiple of {spec.name}'s patch size {patch}")
     n_blocks = config["vision_cfg"]["layers"]
     if max(spec.layers) >= n_blocks:
         raise ValueError(f"layers {spec.layers} out of range: {spec.name} has {n_blocks} blocks")
@@ -155,9 +153,7 @@ def resize_pos_embed_exact(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
         return pos_embed
     cls_embed, grid_embed = pos_embed[:1], pos_embed[1:]
     grid_embed = grid_embed.float().reshape(1, old_side, old_side, channels).permute(0, 3, 1, 2)
-    grid_embed = F.interpolate(
-        grid_embed, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False
-    )
+    grid_embed = F.interpolate(grid_embed, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False)
     grid_embed = grid_embed.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], channels)
     return torch.cat([cls_embed.float(), grid_embed]).to(pos_embed.dtype)
 

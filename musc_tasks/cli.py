@@ -9,6 +9,7 @@ import sys
 import warnings
 from datetime import date
 from pathlib import Path
+from typing import get_args
 
 from .config import PRESETS, BackboneSpec, ScoringParams
 
@@ -34,28 +35,80 @@ def _threshold(text: str) -> str | float:
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """The backbone options: a preset and what overrides it."""
     group = parser.add_argument_group("backbone")
-    group.add_argument("--preset", choices=sorted(PRESETS), default="paper", help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="paper",
+        help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512",
+    )
     group.add_argument("--backbone", help="open_clip model name (overrides the preset's)")
-    group.add_argument("--pretrained", help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights")
-    group.add_argument("--model-config", type=Path, help="open_clip model config JSON registering an extra architecture")
+    group.add_argument(
+        "--pretrained", help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights"
+    )
+    group.add_argument(
+        "--model-config", type=Path, help="open_clip model config JSON registering an extra architecture"
+    )
     group.add_argument("--image-size", type=int, help="side S the images are squashed to (multiple of the patch size)")
     group.add_argument("--layers", type=_int_list, help="0-based blocks to score, e.g. 5,11,17,23")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
-def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("scoring")
-    group.add_argument("--r", type=_int_list, default=(1, 3, 5), help="LNAMD aggregation degrees")
-    group.add_argument("--rscin-k", type=_int_list, default=(1, 2, 3), help="RsCIN window sizes")
-    group.add_argument("--pool-size", type=int, default=200, help="largest pool scored together")
-    group.add_argument("--threshold", type=_threshold, default="auto", help="image threshold on the final score: auto or a value")
-    group.add_argument("--pixel-threshold", type=_threshold, default="auto", help="pixel threshold on the map: auto or a value")
+def _default(field: str):
+    """The default of a ScoringParams field: the one place a default is set."""
+    return ScoringParams.model_fields[field].default
+
+
+def _shown(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def add_msm_arguments(group: argparse._ArgumentGroup) -> None:
+    """Mutual scoring options shared by every command that scores."""
     group.add_argument(
-        "--msm-precision", default="float32", choices=["float32", "bfloat16", "float16"],
+        "--r",
+        type=_int_list,
+        default=_default("r_list"),
+        help=f"LNAMD aggregation degrees (default {_shown(_default('r_list'))})",
+    )
+    group.add_argument(
+        "--msm-precision",
+        default=_default("msm_precision"),
+        choices=get_args(ScoringParams.model_fields["msm_precision"].annotation),
         help="GEMM input dtype of mutual scoring; bfloat16/float16 are for GPUs (scores move by ~1e-3)",
     )
     group.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (default: a local one)")
+
+
+def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scoring options of the score and backfill commands, defaults from ScoringParams."""
+    group = parser.add_argument_group("scoring")
+    add_msm_arguments(group)
+    group.add_argument(
+        "--rscin-k",
+        type=_int_list,
+        default=_default("rscin_k"),
+        help=f"RsCIN window sizes (default {_shown(_default('rscin_k'))})",
+    )
+    group.add_argument(
+        "--pool-size",
+        type=int,
+        default=_default("pool_size"),
+        help=f"largest pool scored together (default {_default('pool_size')})",
+    )
+    group.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=_default("threshold"),
+        help="image threshold on the final score: auto or a value",
+    )
+    group.add_argument(
+        "--pixel-threshold",
+        type=_threshold,
+        default=_default("pixel_threshold"),
+        help="pixel threshold on the map: auto or a value",
+    )
 
 
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
@@ -83,6 +136,7 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
 
 
 def scoring_from_args(args: argparse.Namespace) -> ScoringParams:
+    """ScoringParams from the scoring options."""
     return ScoringParams(
         r_list=args.r,
         rscin_k=args.rscin_k,
@@ -94,11 +148,12 @@ def scoring_from_args(args: argparse.Namespace) -> ScoringParams:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """``musc score``: one day's folder."""
     from flows.score import score_captures
 
     run_date = date.fromisoformat(args.date) if args.date else date.today()
     summary = score_captures(
-        input_dir=str(Path(args.input).resolve()) if "{date}" not in args.input else args.input,
+        input_dir=args.input if "{date}" in args.input else str(Path(args.input).resolve()),
         out_dir=str(Path(args.out).resolve()),
         run_date=run_date,
         backbone=backbone_from_args(args),
@@ -112,11 +167,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def print_summary(summary) -> None:
+    """A run's counts, timings, most anomalous images and output folders, for a person."""
     print()
     print(f"MuSc {summary.run_date}  backbone {summary.backbone_key}")
-    print(f"  images {summary.n_images}: scored {summary.n_scored}, flagged {summary.n_flagged}, failed {summary.n_failed}")
+    counts = f"scored {summary.n_scored}, flagged {summary.n_flagged}, failed {summary.n_failed}"
+    print(f"  images {summary.n_images}: {counts}")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items()))
-    print(f"  tokens extracted {summary.images_extracted} (cached {summary.images_token_cached}); block pairs computed {summary.pairs_computed} (cached {summary.pairs_cached})")
+    tokens = f"tokens extracted {summary.images_extracted} (cached {summary.images_token_cached})"
+    print(f"  {tokens}; block pairs computed {summary.pairs_computed} (cached {summary.pairs_cached})")
     if summary.top:
         print("  most anomalous:")
         for product, path, score in summary.top[:5]:
@@ -128,6 +186,7 @@ def print_summary(summary) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``musc demo``: a synthetic day with planted defects, scored (offline: tiny random ViT)."""
     from flows.score import score_captures
 
     from .backbone import WeightsUnavailable, resolve_checkpoint
@@ -140,9 +199,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         resolve_checkpoint(backbone)
     except WeightsUnavailable as error:
         banner = "!" * 78
-        print(f"{banner}\nOFFLINE: {error}\nThe demo runs the tiny RANDOM ViT instead: the pipeline runs end to end, "
-              f"but the scores carry no learned meaning.\n{banner}", file=sys.stderr)
-        backbone = BackboneSpec(name="musc-tiny-vit", pretrained=None, image_size=224, layers=(1, 2, 3), model_config_path=TINY_CONFIG)
+        print(
+            f"{banner}\nOFFLINE: {error}\nThe demo runs the tiny RANDOM ViT instead: the pipeline runs end to end, "
+            f"but the scores carry no learned meaning.\n{banner}",
+            file=sys.stderr,
+        )
+        backbone = BackboneSpec(
+            name="musc-tiny-vit", pretrained=None, image_size=224, layers=(1, 2, 3), model_config_path=TINY_CONFIG
+        )
     summary = score_captures(
         input_dir=str(day.input_dir),
         out_dir=str(out),
@@ -157,6 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``musc evaluate``: the paper's metrics on a benchmark dataset."""
     from flows.evaluate import evaluate_dataset
 
     from .datasets import DEFAULT_RSCIN_K
@@ -186,9 +251,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def metrics_table(rows: list[dict]) -> str:
     """The paper's Table 1 layout, in percent."""
     columns = [
-        ("AUROC-cls", "image_auroc"), ("F1-cls", "image_f1_max"), ("AP-cls", "image_ap"),
-        ("AUROC-seg", "pixel_auroc"), ("F1-seg", "pixel_f1_max"), ("AP-seg", "pixel_ap"),
-        ("AUPRO@0.3", "aupro"), ("PRO-musc", "pro_musc"),
+        ("AUROC-cls", "image_auroc"),
+        ("F1-cls", "image_f1_max"),
+        ("AP-cls", "image_ap"),
+        ("AUROC-seg", "pixel_auroc"),
+        ("F1-seg", "pixel_f1_max"),
+        ("AP-seg", "pixel_ap"),
+        ("AUPRO@0.3", "aupro"),
+        ("PRO-musc", "pro_musc"),
     ]
     width = max([len(r["category"]) for r in rows] + [8])
     lines = [f"{'category':<{width}} " + " ".join(f"{name:>9}" for name, _ in columns)]
@@ -198,10 +268,16 @@ def metrics_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cmd_rescore(args: argparse.Namespace) -> int:
-    from flows.rescore import rescore_days
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """``musc backfill`` (deprecated alias ``rescore``): score a range of past days."""
+    from flows.backfill import backfill_days
 
-    outcome = rescore_days(
+    if args.command == "rescore":
+        print(
+            "musc: 'rescore' is deprecated and will be removed in the next release; use 'musc backfill'",
+            file=sys.stderr,
+        )
+    outcome = backfill_days(
         date_from=date.fromisoformat(args.date_from),
         date_to=date.fromisoformat(args.date_to),
         input_pattern=args.input_root,
@@ -218,6 +294,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``musc compare``: two backbones' scores of one day side by side."""
     from . import tables
     from .compare import compare_backbones, resolve_backbone_key
 
@@ -238,6 +315,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    """``musc fetch-weights``: download a backbone's weights into the Hugging Face cache."""
     from .backbone import resolve_checkpoint
 
     path = resolve_checkpoint(backbone_from_args(args))
@@ -246,7 +324,10 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musc", description="Zero-shot anomaly detection (MuSc) for a day's product photos.")
+    """The ``musc`` argument parser with every command."""
+    parser = argparse.ArgumentParser(
+        prog="musc", description="Zero-shot anomaly detection (MuSc) for a day's product photos."
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -273,23 +354,27 @@ def build_parser() -> argparse.ArgumentParser:
     pools = evaluate.add_mutually_exclusive_group()
     pools.add_argument("--pool-size", type=int, help="split each category into seeded pools of at most N")
     pools.add_argument("--divide-num", type=int, help="the paper's split into D subsets stratified by defect type")
-    evaluate.add_argument("--r", type=_int_list, default=(1, 3, 5))
     evaluate.add_argument("--rscin-k", type=_int_list, help="default: 1,2,3 (MVTec AD, BTAD), 1,8,9 (VisA)")
-    evaluate.add_argument("--mask-mode", choices=["paper", "half"], default="paper", help="ground-truth resize rule (README)")
-    evaluate.add_argument("--dask-address")
-    evaluate.add_argument("--msm-precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument(
+        "--mask-mode", choices=["paper", "half"], default="paper", help="ground-truth resize rule (README)"
+    )
+    add_msm_arguments(evaluate.add_argument_group("scoring"))
     add_backbone_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    rescore = commands.add_parser("rescore", help="re-score past days with another backbone")
-    rescore.add_argument("--from", dest="date_from", required=True, help="first day, YYYY-MM-DD")
-    rescore.add_argument("--to", dest="date_to", required=True, help="last day, YYYY-MM-DD (inclusive)")
-    rescore.add_argument("--input-root", required=True, help="input folder pattern containing {date}")
-    rescore.add_argument("--out", required=True)
-    rescore.add_argument("--force", action="store_true", help="re-score days already done with this backbone")
-    add_backbone_arguments(rescore)
-    add_scoring_arguments(rescore)
-    rescore.set_defaults(func=cmd_rescore)
+    backfill = commands.add_parser(
+        "backfill",
+        aliases=["rescore"],
+        help="score past days, e.g. with another backbone ('rescore': deprecated alias)",
+    )
+    backfill.add_argument("--from", dest="date_from", required=True, help="first day, YYYY-MM-DD")
+    backfill.add_argument("--to", dest="date_to", required=True, help="last day, YYYY-MM-DD (inclusive)")
+    backfill.add_argument("--input-root", required=True, help="input folder pattern containing {date}")
+    backfill.add_argument("--out", required=True)
+    backfill.add_argument("--force", action="store_true", help="score again days already done with this backbone")
+    add_backbone_arguments(backfill)
+    add_scoring_arguments(backfill)
+    backfill.set_defaults(func=cmd_backfill)
 
     compare = commands.add_parser("compare", help="rank correlation and changed flags between two backbones")
     compare.add_argument("--out", required=True)
@@ -304,8 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``musc`` command; bad paths and values end with a one-line error and status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("distributed").setLevel(logging.WARNING)
     os.environ.setdefault("MUSC_PROGRESS", "1")
     # Without a Prefect server, each command starts a temporary one whose first start in a

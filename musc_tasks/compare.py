@@ -18,9 +18,8 @@ def resolve_backbone_key(name: str, available: list[str]) -> str:
     matches = [key for key in available if name in key]
     if len(matches) == 1:
         return matches[0]
-    raise ValueError(
-        f"backbone {name!r} matches {len(matches)} of the scored backbones; use one of: {', '.join(sorted(available)) or 'none'}"
-    )
+    choices = ", ".join(sorted(available)) or "none"
+    raise ValueError(f"backbone {name!r} matches {len(matches)} of the scored backbones; use one of: {choices}")
 
 
 def compare_backbones(scores: pd.DataFrame, key_a: str, key_b: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -47,14 +46,16 @@ def compare_backbones(scores: pd.DataFrame, key_a: str, key_b: str) -> tuple[pd.
     for product, group in both.groupby("product", sort=True):
         # Spearman = Pearson of the ranks; ties share their average rank
         spearman = group["score_a"].rank().corr(group["score_b"].rank()) if len(group) > 1 else float("nan")
-        rows.append({
-            "product": product,
-            "images": len(group),
-            "spearman": spearman,
-            "flagged_a": int(group["flagged_a"].sum()),
-            "flagged_b": int(group["flagged_b"].sum()),
-            "changed": int((group["flagged_a"] != group["flagged_b"]).sum()),
-        })
+        rows.append(
+            {
+                "product": product,
+                "images": len(group),
+                "spearman": spearman,
+                "flagged_a": int(group["flagged_a"].sum()),
+                "flagged_b": int(group["flagged_b"].sum()),
+                "changed": int((group["flagged_a"] != group["flagged_b"]).sum()),
+            }
+        )
     summary = pd.DataFrame(rows, columns=["product", "images", "spearman", "flagged_a", "flagged_b", "changed"])
     changed = both[both["flagged_a"] != both["flagged_b"]].sort_values(["product", "path"]).reset_index(drop=True)
     return summary, changed

@@ -118,9 +118,8 @@ class ScoringParams(BaseModel):
     pixel_threshold: Literal["auto"] | float = "auto"
     # Images per mutual-scoring block (one Dask task per block pair); None picks by size.
     block_images: int | None = Field(None, ge=1)
-    # dtype of the MSM GEMM inputs. float32 reproduces the reference to ~1e-7; bfloat16 or
-    # float16 run the GEMMs on a GPU's tensor cores (float32 accumulation, scores within
-    # ~1e-3 / ~2e-4) and are no faster on a CPU.
+    # dtype of the MSM GEMM inputs: float32 reproduces the reference; bfloat16 or float16 run
+    # the GEMMs on a GPU's tensor cores with float32 accumulation (errors: docs/performance.md).
     msm_precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @property
@@ -147,11 +146,6 @@ class ScoringParams(BaseModel):
 
 
 PRESETS: dict[str, BackboneSpec] = {
-    "paper": BackboneSpec(
-        name="ViT-L-14-336", pretrained="openai", image_size=518, layers=(5, 11, 17, 23)
-    ),
-    "fast": BackboneSpec(
-        name="ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=512, layers=(2, 5, 8, 11)
-    ),
+    "paper": BackboneSpec(name="ViT-L-14-336", pretrained="openai", image_size=518, layers=(5, 11, 17, 23)),
+    "fast": BackboneSpec(name="ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=512, layers=(2, 5, 8, 11)),
 }
-

@@ -92,35 +92,48 @@ def metric_rows(
         anomalous = np.array([i["anomalous"] for i in kept])
         image_level = image_metrics(np.array([scores[i["image_id"]].score for i in kept]), anomalous)
         maps = np.stack([score_map(*where[i["image_id"]], size, size) for i in kept])  # (N, S, S)
-        masks = np.stack([
-            resize_mask(read_mask(Path(i["mask"])), size, mode=mask_mode) if i["mask"] else np.zeros((size, size), bool)
-            for i in kept
-        ])
+        masks = np.stack(
+            [
+                resize_mask(read_mask(Path(i["mask"])), size, mode=mask_mode)
+                if i["mask"]
+                else np.zeros((size, size), bool)
+                for i in kept
+            ]
+        )
         pixel_level = pixel_metrics(maps, masks)
         pools = [len(pool_layout(Path(p)).image_ids) for p in ref.pools.pool_paths]
-        rows.append({
-            "category": ref.product,
-            **{f"image_{k}": v for k, v in image_level.items()},
-            **{f"pixel_{k}": pixel_level[k] for k in ("auroc", "ap", "f1_max")},
-            "aupro": pixel_level["aupro"],
-            "pro_musc": pixel_level["pro_musc"],
-            "n_images": len(kept),
-            "n_anomalous": int(anomalous.sum()),
-            "pool_size": max(pools),
-        })
+        rows.append(
+            {
+                "category": ref.product,
+                **{f"image_{k}": v for k, v in image_level.items()},
+                **{f"pixel_{k}": pixel_level[k] for k in ("auroc", "ap", "f1_max")},
+                "aupro": pixel_level["aupro"],
+                "pro_musc": pixel_level["pro_musc"],
+                "n_images": len(kept),
+                "n_anomalous": int(anomalous.sum()),
+                "pool_size": max(pools),
+            }
+        )
     if rows:
         metric_names = [k for k in rows[0] if k not in _COUNTS]
-        rows.append({
-            "category": "mean",
-            **{k: float(np.nanmean([r[k] for r in rows])) for k in metric_names},
-            "n_images": sum(r["n_images"] for r in rows),
-            "n_anomalous": sum(r["n_anomalous"] for r in rows),
-            "pool_size": max(r["pool_size"] for r in rows),
-        })
-    return [{**row, "backbone_key": backbone_key, "image_size": size, "mask_mode": mask_mode, "run_id": run_id} for row in rows]
+        rows.append(
+            {
+                "category": "mean",
+                **{k: float(np.nanmean([r[k] for r in rows])) for k in metric_names},
+                "n_images": sum(r["n_images"] for r in rows),
+                "n_anomalous": sum(r["n_anomalous"] for r in rows),
+                "pool_size": max(r["pool_size"] for r in rows),
+            }
+        )
+    return [
+        {**row, "backbone_key": backbone_key, "image_size": size, "mask_mode": mask_mode, "run_id": run_id}
+        for row in rows
+    ]
 
 
 def publish_metrics(rows: list[dict], dataset: str, backbone_key: str, out_dir: str) -> None:
     """The metric rows into ``tables/metrics/dataset=NAME/``, one file per backbone."""
     table = tables.to_table(rows, tables.METRICS_SCHEMA)
-    tables.publish_partition(Path(out_dir) / "tables" / "metrics", {"dataset": dataset}, backbone_key, table, tables.METRICS_SCHEMA)
+    tables.publish_partition(
+        Path(out_dir) / "tables" / "metrics", {"dataset": dataset}, backbone_key, table, tables.METRICS_SCHEMA
+    )

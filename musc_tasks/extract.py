@@ -8,7 +8,6 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .backbone import Backbone
@@ -18,7 +17,14 @@ from .layout import token_store_path
 from .locks import exclusive_lock
 from .manifests import CatalogRef, TokenGeometry, TokensRef
 from .preprocess import squash_normalise
-from .store import TokenLayout, drop_damaged_blocks, next_free_block, prepare_token_store, token_index, write_token_block
+from .store import (
+    TokenLayout,
+    drop_damaged_blocks,
+    next_free_block,
+    prepare_token_store,
+    token_index,
+    write_token_block,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +150,7 @@ def extract_tokens_to_store(
                         block_images=block_images,
                     )
                     group = prepare_token_store(store_path, layout, (block + n_blocks) * block_images)
-                write_token_block(
-                    group, store_path, block, ids, [t.numpy() for t in layer_tokens], embeddings.numpy()
-                )
+                write_token_block(group, store_path, block, ids, [t.numpy() for t in layer_tokens], embeddings.numpy())
                 block += 1
                 failpoint("extract-block")
             done += len(batch)

@@ -12,6 +12,7 @@ _hits: Counter[str] = Counter()
 
 
 def failpoint(name: str) -> None:
+    """SIGKILL this process at the n-th hit of ``name`` when ``MUSC_KILL_AT=name:n``."""
     target = os.environ.get("MUSC_KILL_AT")
     if not target:
         return

@@ -25,14 +25,17 @@ def _cache_dir(out_dir: str | Path) -> Path:
 
 
 def catalog_path(out_dir: str | Path, run_date: str, key: str) -> Path:
+    """The catalog records of one day, named by their content key."""
     return _cache_dir(out_dir) / "catalogs" / run_date / f"{key}.json"
 
 
 def token_stores_dir(out_dir: str | Path, backbone_key: str) -> Path:
+    """The token stores of one backbone, one per product."""
     return _cache_dir(out_dir) / "tokens" / backbone_key
 
 
 def token_store_path(out_dir: str | Path, backbone_key: str, product: str) -> Path:
+    """The token store of one product and backbone, shared by every day."""
     return token_stores_dir(out_dir, backbone_key) / f"{path_segment(product)}.zarr"
 
 

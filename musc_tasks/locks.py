@@ -57,7 +57,9 @@ def run_lock(out_dir: str | Path, day: str, backbone_key: str) -> Iterator[None]
     out = Path(out_dir)
     check_writable(out)
     path = out / "locks" / f"{day}__{backbone_key}.lock"
-    with exclusive_lock(path, waiting_message=f"another run for {day} with {backbone_key} holds {path}; waiting for it to finish"):
+    with exclusive_lock(
+        path, waiting_message=f"another run for {day} with {backbone_key} holds {path}; waiting for it to finish"
+    ):
         yield
 
 

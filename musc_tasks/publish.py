@@ -27,7 +27,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ProductRows", "output_relpath", "printable", "product_rows", "publish_day"]
 
-VERSIONED_PACKAGES = ("musc-pipeline", "torch", "open-clip-torch", "prefect", "zarr", "dask", "distributed", "numpy", "pyarrow")
+VERSIONED_PACKAGES = (
+    "musc-pipeline",
+    "torch",
+    "open-clip-torch",
+    "prefect",
+    "zarr",
+    "dask",
+    "distributed",
+    "numpy",
+    "pyarrow",
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,9 @@ def publish_day(
             ("scores", tables.SCORES_SCHEMA, rows.scores),
             ("regions", tables.REGIONS_SCHEMA, rows.regions),
         ):
-            tables.publish_partition(out / "tables" / name, partition, backbone.key, tables.to_table(table_rows, schema), schema)
+            tables.publish_partition(
+                out / "tables" / name, partition, backbone.key, tables.to_table(table_rows, schema), schema
+            )
         published.append(partition)
         failpoint("publish-product")
         all_scores.extend({**r, "product": product} for r in rows.scores)
@@ -131,7 +143,9 @@ def publish_day(
         "status": "completed",
     }
     runs_table = tables.to_table([run_row], tables.RUNS_SCHEMA)
-    tables.publish_partition(out / "tables" / "runs", {"date": catalog.run_date}, run.run_id, runs_table, tables.RUNS_SCHEMA)
+    tables.publish_partition(
+        out / "tables" / "runs", {"date": catalog.run_date}, run.run_id, runs_table, tables.RUNS_SCHEMA
+    )
     log.info("published %d rows for %s", len(all_scores), catalog.run_date)
     return summary, ranked
 
@@ -153,11 +167,13 @@ class ProductRows:
 
 
 def printable(path: str) -> str:
-    """A file name as valid UTF-8: undecodable bytes become ``\\xNN`` (tables need UTF-8)."""
+    r"""A file name as valid UTF-8: undecodable bytes become ``\xNN`` (tables need UTF-8)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def output_relpath(kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool) -> str:
+def output_relpath(
+    kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool
+) -> str:
     """Where a product image's mask or heatmap goes, relative to OUT; never outside it."""
     source = PurePosixPath(printable(relpath))
     if source.is_absolute() or ".." in source.parts:

@@ -144,6 +144,7 @@ def product_scores(
 
 
 def read_product_scores(path: Path) -> ProductScores:
+    """The scores `rscin_products` wrote for one product."""
     raw = json.loads(Path(path).read_text())
     raw["images"] = tuple(ImageScore(**image) for image in raw["images"])
     return ProductScores(**raw)

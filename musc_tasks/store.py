@@ -80,14 +80,18 @@ def _layer_name(layer: int) -> str:
 def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Group:
     """Open the token store for writing, creating it or growing it to hold ``rows`` rows."""
     if not path.exists():
-        group = zarr.open_group(path, mode="w-", attributes={
-            "layers": list(layout.layers),
-            "grid": list(layout.grid),
-            "channels": layout.channels,
-            "embed_dim": layout.embed_dim,
-            "block_images": layout.block_images,
-            "code_version": CODE_VERSION,
-        })
+        group = zarr.open_group(
+            path,
+            mode="w-",
+            attributes={
+                "layers": list(layout.layers),
+                "grid": list(layout.grid),
+                "channels": layout.channels,
+                "embed_dim": layout.embed_dim,
+                "block_images": layout.block_images,
+                "code_version": CODE_VERSION,
+            },
+        )
         length = layout.grid[0] * layout.grid[1]
         for layer in layout.layers:
             group.create_array(
@@ -117,6 +121,7 @@ def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Grou
 
 
 def token_store_layout(path: Path) -> TokenLayout:
+    """The layout a token store was created with."""
     attrs = zarr.open_group(path, mode="r").attrs
     return TokenLayout(
         layers=tuple(attrs["layers"]),
@@ -215,6 +220,7 @@ def read_token_rows(path: Path, rows: Sequence[int]) -> list[np.ndarray]:
 
 
 def read_embeddings(path: Path, rows: Sequence[int]) -> np.ndarray:
+    """Image embeddings of the given rows: (len(rows), D) float32 array."""
     group = zarr.open_group(path, mode="r")
     return group["embeddings"].get_orthogonal_selection((np.asarray(rows, dtype=np.int64), slice(None)))
 
@@ -232,15 +238,19 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
         if tuple(group.attrs["image_ids"]) != layout.image_ids or group.attrs["block_images"] != block:
             raise ValueError(f"pool store {path} holds another pool or block size")
         return group
-    group = zarr.open_group(path, mode="w-", attributes={
-        **attributes,
-        "image_ids": list(layout.image_ids),
-        "grid": list(layout.grid),
-        "n_maps": layout.n_maps,
-        "block_images": block,
-        "code_version": CODE_VERSION,
-        "complete": False,
-    })
+    group = zarr.open_group(
+        path,
+        mode="w-",
+        attributes={
+            **attributes,
+            "image_ids": list(layout.image_ids),
+            "grid": list(layout.grid),
+            "n_maps": layout.n_maps,
+            "block_images": block,
+            "code_version": CODE_VERSION,
+            "complete": False,
+        },
+    )
     group.create_array(
         "similarity",
         shape=(layout.n_maps, n, length, n),
@@ -261,6 +271,7 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
 
 
 def open_pool_store(path: Path, mode: str = "r") -> zarr.Group:
+    """The pool store's Zarr group."""
     return zarr.open_group(path, mode=mode)
 
 
@@ -275,6 +286,7 @@ def pool_layout(path: Path) -> PoolLayout:
 
 
 def mark_done(path: Path, name: str, content: str = "") -> None:
+    """Write the marker ``done/<name>`` (after the data it vouches for), with optional content."""
     write_atomic(path / "done" / name, content)
 
 
@@ -296,6 +308,7 @@ def pool_store_intact(path: Path) -> bool:
 
 
 def is_done(path: Path, name: str) -> bool:
+    """Whether the marker ``done/<name>`` exists."""
     return (path / "done" / name).exists()
 
 

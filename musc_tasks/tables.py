@@ -66,7 +66,6 @@ COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 3
 
 
-
 def _required(name: str, type_: pa.DataType) -> pa.Field:
     return pa.field(name, type_, nullable=False)
 

@@ -8,23 +8,15 @@ redoes only what is missing.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.runtime import flow_run
 from prefect.utilities.hashing import hash_objects
-from tqdm.auto import tqdm
 
 from . import catalog as catalog_stage
 from . import evaluate as evaluate_stage
@@ -35,21 +27,10 @@ from . import scoring as scoring_stage
 from .backbone import load_backbone
 from .config import CODE_VERSION, BackboneSpec, RscinParams, ScoringParams
 from .faults import failpoint
-from .imageio import ImageReadError
 from .identity import tree_fingerprint
 from .layout import pool_stores_dir, token_stores_dir
 from .manifests import CatalogRef, PoolsRef, ProductScoresRef, RunSummary, TokenGeometry, TokensRef
-
-__all__ = [
-    "Stages",
-    "catalog_dataset",
-    "catalog_images",
-    "evaluate_metrics",
-    "extract_tokens",
-    "publish_results",
-    "rscin_scores",
-    "score_pools",
-]
+from .progress import artifact_key, progress_bar
 
 
 @dataclass
@@ -63,11 +44,10 @@ class StoresUnchanged(CachePolicy):
 
     stores: tuple[str, ...] = ()  # "tokens", "pools"
 
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        if not self.stores:
-            return hash_objects(CODE_VERSION)
-        backbone = inputs.get("backbone")
-        key = backbone.key if isinstance(backbone, BackboneSpec) else inputs["backbone_key"]
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str:
+        key = inputs["backbone"].key if "backbone" in inputs else inputs.get("backbone_key")
         where = {"tokens": token_stores_dir, "pools": pool_stores_dir}
         dirs = [where[store](inputs["out_dir"], key) for store in self.stores]
         return hash_objects(CODE_VERSION, tree_fingerprint(*dirs))
@@ -77,11 +57,9 @@ def _transient_io_error(task, task_run, state) -> bool:
     """Retry a stage only for I/O hiccups (a busy network share), never for bad input."""
     try:
         state.result()
-    except (ImageReadError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError):
-        return False
-    except OSError:
-        return True
-    except Exception:
+    except OSError as error:
+        return not isinstance(error, (FileNotFoundError, NotADirectoryError, PermissionError))
+    except Exception:  # bad input (ImageReadError is a ValueError) or a bug: retrying cannot help
         return False
     return False
 
@@ -90,33 +68,6 @@ RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _
 ON_TOKENS = INPUTS + TASK_SOURCE + StoresUnchanged(stores=("tokens",))
 ON_POOLS = (INPUTS - "dask_address") + TASK_SOURCE + StoresUnchanged(stores=("tokens", "pools"))
 ON_INPUTS = INPUTS + TASK_SOURCE + StoresUnchanged()
-
-
-@contextlib.contextmanager
-def progress_bar(key: str, description: str) -> Iterator[Any]:
-    """A callback(done, total) feeding a CLI bar (when MUSC_PROGRESS=1) and a Prefect progress artifact."""
-    bar = tqdm(desc=description, disable=os.environ.get("MUSC_PROGRESS") != "1", leave=True)
-    artifact = create_progress_artifact(0.0, key=key, description=description) if TaskRunContext.get() else None
-    last = [-100.0]
-
-    def update(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-        percent = 100.0 * done / total if total else 100.0
-        if artifact is not None and (percent - last[0] >= 5 or done == total):
-            update_progress_artifact(artifact, percent)
-            last[0] = percent
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
-def _artifact_key(name: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes only
-    cleaned = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    return (cleaned or "product")[:40] + "-" + uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:6]
 
 
 @task(name="catalog_images", **RETRIES)
@@ -145,11 +96,16 @@ def extract_tokens(
     """Stage 1: tokens of every readable image not already in the backbone's token stores."""
 
     def product_progress(product: str):
-        return progress_bar(f"extract-{_artifact_key(product)}", f"tokens {product}")
+        return progress_bar(f"extract-{artifact_key(product)}", f"tokens {product}")
 
     return extract_stage.extract_catalog(
-        catalog, backbone.key, geometry, out_dir, lambda: load_backbone(backbone, device=device),
-        progress=product_progress, log=get_run_logger(),
+        catalog,
+        backbone.key,
+        geometry,
+        out_dir,
+        lambda: load_backbone(backbone, device=device),
+        progress=product_progress,
+        log=get_run_logger(),
     )
 
 
@@ -165,8 +121,14 @@ def score_pools(
     """Stage 2: MSM patch scores of every pool, block pairs computed on Dask."""
     with progress_bar("mutual-scoring", "mutual scoring") as on_progress:
         return scoring_stage.score_products(
-            tokens, scoring, backbone_key, out_dir,
-            dask_address=dask_address, device=device, on_progress=on_progress, log=get_run_logger(),
+            tokens,
+            scoring,
+            backbone_key,
+            out_dir,
+            dask_address=dask_address,
+            device=device,
+            on_progress=on_progress,
+            log=get_run_logger(),
         )
 
 
@@ -194,9 +156,15 @@ def publish_results(
     for product in sorted({r["product"] for r in ranked}):
         best = [r for r in ranked if r["product"] == product][:10]
         create_table_artifact(
-            key=f"top-{_artifact_key(product)}",
+            key=f"top-{artifact_key(product)}",
             table=[
-                {"rank": r["rank"], "path": r["path"], "score": round(r["score"], 4), "flagged": r["flagged"], "heatmap": r["heatmap_path"]}
+                {
+                    "rank": r["rank"],
+                    "path": r["path"],
+                    "score": round(r["score"], 4),
+                    "flagged": r["flagged"],
+                    "heatmap": r["heatmap_path"],
+                }
                 for r in best
             ],
             description=f"Most anomalous images of {product} on {catalog.run_date}",
@@ -216,47 +184,13 @@ def evaluate_metrics(
 ) -> list[dict]:
     """The paper's metrics per category and their mean, into tables/metrics/dataset=NAME/."""
     rows = evaluate_stage.metric_rows(
-        labels_path, scored, backbone_key=backbone.key, image_size=backbone.image_size, mask_mode=mask_mode, run_id=run_id
+        labels_path,
+        scored,
+        backbone_key=backbone.key,
+        image_size=backbone.image_size,
+        mask_mode=mask_mode,
+        run_id=run_id,
     )
     evaluate_stage.publish_metrics(rows, dataset, backbone.key, out_dir)
-    create_table_artifact(key=f"metrics-{_artifact_key(dataset)}", table=rows, description=f"MuSc metrics on {dataset}")
+    create_table_artifact(key=f"metrics-{artifact_key(dataset)}", table=rows, description=f"MuSc metrics on {dataset}")
     return rows
-
-
-@dataclass
-class Stages:
-    """Runs stage tasks for a flow, timing each and noting which came from Prefect's cache."""
-
-    refresh: bool = False
-    run_id: str = field(default_factory=lambda: str(flow_run.get_id() or uuid.uuid4()))
-    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
-    seconds: dict[str, float] = field(default_factory=dict)
-    cached: set[str] = field(default_factory=set)
-
-    def run(self, stage: str, stage_task, **arguments):
-        """``stage_task(**arguments)``, bypassing cached results when ``refresh``."""
-        began = time.perf_counter()
-        state = stage_task.with_options(refresh_cache=self.refresh or None)(**arguments, return_state=True)
-        self.seconds[stage] = time.perf_counter() - began
-        if state.name == "Cached":
-            self.cached.add(stage)
-        return state.result()
-
-    def info(self, tokens: tuple[TokensRef, ...], pools: tuple[PoolsRef, ...]) -> publish_stage.RunInfo:
-        """What the run table records about this run; work served from cache counts as cached."""
-        extracted = 0 if "extract" in self.cached else sum(t.extracted for t in tokens)
-        computed = 0 if "score" in self.cached else sum(p.pairs_computed for p in pools)
-        counts = {
-            "images_extracted": extracted,
-            "images_token_cached": sum(t.extracted + t.reused for t in tokens) - extracted,
-            "pairs_computed": computed,
-            "pairs_cached": sum(p.pairs_computed + p.pairs_reused for p in pools) - computed,
-        }
-        flow_run_id = flow_run.get_id()
-        return publish_stage.RunInfo(
-            run_id=self.run_id,
-            flow_run_id=str(flow_run_id) if flow_run_id else None,
-            started_at=self.started_at,
-            seconds=dict(self.seconds),
-            cache_counts=counts,
-        )

@@ -1,6 +1,5 @@
 """LNAMD: local neighbourhood aggregation of patch tokens (MUSC_SPEC §3)."""
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -1,6 +1,5 @@
 """Anomaly maps and raw image scores from patch scores (MUSC_SPEC §5)."""
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

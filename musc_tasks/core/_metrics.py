@@ -94,9 +94,7 @@ def pixel_metrics(maps, masks, *, pro=True, fpr_limit=0.3, steps=200):
     weights = _region_weights(pos_region, n_regions)
     out = _curve_metrics(curve)
     out["aupro"] = _aupro_from_curve(curve, weights[order], fpr_limit=fpr_limit)
-    out["pro_musc"] = _pro_musc_core(
-        sorted_scores, pos_scores, weights, steps=steps, fpr_limit=fpr_limit
-    )
+    out["pro_musc"] = _pro_musc_core(sorted_scores, pos_scores, weights, steps=steps, fpr_limit=fpr_limit)
     return out
 
 
@@ -185,8 +183,11 @@ def pro_musc(maps, masks, *, steps=200, fpr_limit=0.3):
     _require_both_classes(masks, "masks")
     pos_scores, pos_region, n_regions = _regions(maps, masks)
     return _pro_musc_core(
-        np.sort(maps, axis=None), pos_scores, _region_weights(pos_region, n_regions),
-        steps=steps, fpr_limit=fpr_limit,
+        np.sort(maps, axis=None),
+        pos_scores,
+        _region_weights(pos_region, n_regions),
+        steps=steps,
+        fpr_limit=fpr_limit,
     )
 
 
@@ -198,9 +199,7 @@ def _as_scores(x, name, *, ndim):
     x = np.asarray(x)
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
-    if x.dtype == bool or not (
-        np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-    ):
+    if x.dtype == bool or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
@@ -234,9 +233,7 @@ def _as_maps_masks(maps, masks):
 def _require_both_classes(y, name):
     n_pos = int(np.count_nonzero(y))
     if n_pos == 0 or n_pos == y.size:
-        raise ValueError(
-            f"{name} must contain both classes, got {n_pos} positives out of {y.size}"
-        )
+        raise ValueError(f"{name} must contain both classes, got {n_pos} positives out of {y.size}")
 
 
 def _check_fpr_limit(fpr_limit):
@@ -289,8 +286,7 @@ def _positive_curve(sorted_scores, pos_sorted):
     all_ge = n - np.searchsorted(sorted_scores, values, side="left")
     all_gt = n - np.searchsorted(sorted_scores, values, side="right")
     rev = slice(None, None, -1)
-    return (starts[rev], tp_ge[rev], (all_gt - tp_gt)[rev], (all_ge - tp_ge)[rev],
-            n_pos, n - n_pos)
+    return (starts[rev], tp_ge[rev], (all_gt - tp_gt)[rev], (all_ge - tp_ge)[rev], n_pos, n - n_pos)
 
 
 def _step_curve(fp_gt, fp_ge, y, n_neg):

@@ -13,10 +13,9 @@ a -1 bias, added in float32 before the rounding). ``1 - s = d^2 / 2`` is what th
 need, and storing it rather than ``s`` keeps a relative precision of u (2^-8 bf16, 2^-11 fp16)
 on every squared distance, where ``s`` itself in bf16 near 1 would lose ~0.01 on small
 distances. Against a float32 product the low-precision write halves the bytes of the
-product the two maxima read (H100, ViT-L shapes: 22 % faster; docs/performance.md). The CPU
-has no fast bf16 GEMM (hundreds of times slower than float32 here), so there the rounded
-tokens are multiplied in float32 and the result rounded the same way: the same numbers as
-on CUDA up to summation order, and no speed-up.
+product the two maxima read. A CPU has no fast bf16 GEMM, so there the rounded tokens are
+multiplied in float32 and the result rounded the same way: the same numbers as on CUDA up
+to summation order, and no speed-up. Speeds and measured errors: docs/performance.md.
 """
 
 import torch
@@ -125,8 +124,7 @@ def nearest_similarities(
     """
     if block_a.ndim != 3 or block_b.ndim != 3 or block_a.shape[1:] != block_b.shape[1:]:
         raise ValueError(
-            f"blocks must be (B, L, C) with equal L and C, got {tuple(block_a.shape)} "
-            f"and {tuple(block_b.shape)}"
+            f"blocks must be (B, L, C) with equal L and C, got {tuple(block_a.shape)} and {tuple(block_b.shape)}"
         )
     _check_compute_dtype(compute_dtype)
     n_a, length, _ = block_a.shape
@@ -221,9 +219,7 @@ def mutual_scores(
         torch.bfloat16 / torch.float16 on CUDA run the GEMMs on the tensor cores with float32
         accumulation. Rounding the unit tokens moves each similarity by up to 2u + u^2
         (u = 2^-8 bf16, 2^-11 fp16), hence a distance d by about that over d; the rounded
-        ``s - 1`` adds at most a relative u/2 on d. Measured score errors: ~1e-3 for bf16
-        and ~1.5e-4 for fp16 (ViT-L shapes, pool-like tokens, scores ~0.3), larger where
-        patches nearly coincide (tests/unit/test_msm_precision.py, docs/performance.md).
+        ``s - 1`` adds at most a relative u/2 on d (measured errors: docs/performance.md).
 
     Returns
     -------

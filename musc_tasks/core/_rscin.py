@@ -34,9 +34,7 @@ def rescore_images(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[
     scores = np.asarray(scores, dtype=np.float64)
     embeddings = np.asarray(embeddings, dtype=np.float64)
     if scores.ndim != 1 or embeddings.ndim != 2 or len(scores) != len(embeddings):
-        raise ValueError(
-            f"scores must be (N,) and embeddings (N, D), got {scores.shape} and {embeddings.shape}"
-        )
+        raise ValueError(f"scores must be (N,) and embeddings (N, D), got {scores.shape} and {embeddings.shape}")
     if len(scores) == 0:
         raise ValueError("scores is empty: nothing to re-score")
     if not k_list or any(int(k) < 1 for k in k_list):

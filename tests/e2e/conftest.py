@@ -30,7 +30,9 @@ def tiny_backbone():
     from musc_tasks.config import BackboneSpec
 
     # 224 px (16x16 patches): even random weights then separate the demo's planted defects
-    return BackboneSpec(name="musc-tiny-vit", pretrained=None, image_size=224, layers=(1, 3), model_config_path=TINY_CONFIG)
+    return BackboneSpec(
+        name="musc-tiny-vit", pretrained=None, image_size=224, layers=(1, 3), model_config_path=TINY_CONFIG
+    )
 
 
 @pytest.fixture(scope="session")

@@ -27,12 +27,15 @@ def two_days(demo_day, tmp_path_factory):
     return root
 
 
-def test_rescore_with_another_backbone_coexists_and_compares(prefect_api, two_days, tmp_path, capsys):
+def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, two_days, tmp_path, capsys):
     out = tmp_path / "out"
     for day in DAYS:
         assert main(["score", str(two_days / day), "--out", str(out), "--date", day, *BACKBONE_A]) == 0
     pattern = str(two_days / "{date}")
-    assert main(["rescore", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out), *BACKBONE_B]) == 0
+    assert (
+        main(["backfill", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out), *BACKBONE_B])
+        == 0
+    )
 
     scores = tables.read_table(out / "tables" / "scores")
     keys = sorted(scores["backbone_key"].unique())
@@ -46,7 +49,10 @@ def test_rescore_with_another_backbone_coexists_and_compares(prefect_api, two_da
 
     runs_before = len(tables.read_table(out / "tables" / "runs"))
     capsys.readouterr()
-    assert main(["rescore", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out), *BACKBONE_B]) == 0
+    assert (
+        main(["backfill", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out), *BACKBONE_B])
+        == 0
+    )
     assert capsys.readouterr().out.count("already scored with this backbone") == 2
     assert len(tables.read_table(out / "tables" / "runs")) == runs_before
 

@@ -84,8 +84,13 @@ def test_each_bad_file_gets_a_status_and_the_run_goes_on(prefect_api, dask_addre
     bad_day, copied_name = bad_day
     out = tmp_path / "out"
     summary = score_captures(
-        input_dir=str(bad_day), out_dir=str(out), run_date=date(2026, 11, 22), backbone=tiny_backbone,
-        scoring=ScoringParams(block_images=4), device="cpu", dask_address=dask_address,
+        input_dir=str(bad_day),
+        out_dir=str(out),
+        run_date=date(2026, 11, 22),
+        backbone=tiny_backbone,
+        scoring=ScoringParams(block_images=4),
+        device="cpu",
+        dask_address=dask_address,
     )
     rows = tables.read_table(out / "tables" / "scores")
     brick = rows[rows["product"] == "brick"]
@@ -129,7 +134,12 @@ def test_each_bad_file_gets_a_status_and_the_run_goes_on(prefect_api, dask_addre
 
 def test_missing_input_and_read_only_out_are_clear_errors(prefect_api, tiny_backbone, tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
-        score_captures(input_dir=str(tmp_path / "does-not-exist"), out_dir=str(tmp_path / "out"), backbone=tiny_backbone, device="cpu")
+        score_captures(
+            input_dir=str(tmp_path / "does-not-exist"),
+            out_dir=str(tmp_path / "out"),
+            backbone=tiny_backbone,
+            device="cpu",
+        )
     if os.geteuid() == 0:
         return  # root writes anywhere; the probe is exercised as an ordinary user
     read_only = tmp_path / "ro"
@@ -138,11 +148,14 @@ def test_missing_input_and_read_only_out_are_clear_errors(prefect_api, tiny_back
         score_captures(input_dir=str(tmp_path), out_dir=str(read_only / "out"), backbone=tiny_backbone, device="cpu")
 
 
-def test_image_that_breaks_after_cataloguing_is_failed_with_its_reason(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
+def test_image_that_breaks_after_cataloguing_is_failed_with_its_reason(
+    prefect_api, dask_address, demo_day, tiny_backbone, tmp_path
+):
     from prefect import flow
 
     from flows.score import score_catalog, token_geometry
-    from musc_tasks.tasks import Stages, catalog_images
+    from flows.stages import Stages
+    from musc_tasks.tasks import catalog_images
 
     product = tmp_path / "in" / "brick"
     product.mkdir(parents=True)
@@ -156,12 +169,18 @@ def test_image_that_breaks_after_cataloguing_is_failed_with_its_reason(prefect_a
         geometry = token_geometry(tiny_backbone)
         stages = Stages()
         catalog = stages.run(
-            "catalog", catalog_images,
-            input_dir=str(tmp_path / "in"), out_dir=str(out), run_date="2026-11-22", min_side=geometry.patch_size,
+            "catalog",
+            catalog_images,
+            input_dir=str(tmp_path / "in"),
+            out_dir=str(out),
+            run_date="2026-11-22",
+            min_side=geometry.patch_size,
         )
         assert catalog.n_failed == 0  # readable when catalogued
         victim.write_bytes(victim.read_bytes()[:300])  # truncated before its tokens are extracted
-        summary, _ = score_catalog(catalog, tiny_backbone, geometry, ScoringParams(), str(out), "cpu", dask_address, stages)
+        summary, _ = score_catalog(
+            catalog, tiny_backbone, geometry, ScoringParams(), str(out), "cpu", dask_address, stages
+        )
         return summary
 
     summary = breaks_between_stages()

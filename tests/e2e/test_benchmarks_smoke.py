@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,9 @@ def run(script: str, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, capture_output=True, text=True, timeout=500
     )
-    assert done.returncode == 0, f"{script} {' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{script} {' '.join(args)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 
@@ -33,8 +34,20 @@ def test_stage_benchmark(tmp_path):
 
 
 def test_dask_scale_benchmark(tmp_path):
-    out = run("dask_scale.py", "--n", "6", "--length", "16", "--channels", "32", "--workers", "1", "2",
-              "--json", str(tmp_path / "dask.json"))
+    out = run(
+        "dask_scale.py",
+        "--n",
+        "6",
+        "--length",
+        "16",
+        "--channels",
+        "32",
+        "--workers",
+        "1",
+        "2",
+        "--json",
+        str(tmp_path / "dask.json"),
+    )
     assert "| workers (1 thread each) |" in out, out
 
 

@@ -26,17 +26,33 @@ score_captures(input_dir=sys.argv[1], out_dir=sys.argv[2], run_date=date.fromiso
 
 
 def start(day, demo_day, out, backbone, dask_address, api):
-    command = [sys.executable, "-c", RUN, str(demo_day.input_dir), str(out), day,
-               backbone.model_dump_json(), ScoringParams(block_images=4).model_dump_json(), dask_address]
-    return subprocess.Popen(command, env=subprocess_env(api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-c",
+        RUN,
+        str(demo_day.input_dir),
+        str(out),
+        day,
+        backbone.model_dump_json(),
+        ScoringParams(block_images=4).model_dump_json(),
+        dask_address,
+    ]
+    return subprocess.Popen(
+        command, env=subprocess_env(api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_two_dates_at_once_both_succeed(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
-    runs = [start(day, demo_day, tmp_path, tiny_backbone, dask_address, prefect_api) for day in ("2026-11-01", "2026-11-02")]
+    runs = [
+        start(day, demo_day, tmp_path, tiny_backbone, dask_address, prefect_api) for day in ("2026-11-01", "2026-11-02")
+    ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     scores = tables.read_table(tmp_path / "tables" / "scores")
-    assert scores.groupby("date").size().to_dict() == {"2026-11-01": len(demo_day.images), "2026-11-02": len(demo_day.images)}
+    assert scores.groupby("date").size().to_dict() == {
+        "2026-11-01": len(demo_day.images),
+        "2026-11-02": len(demo_day.images),
+    }
 
 
 def test_same_date_and_backbone_waits_for_the_running_one(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):

@@ -28,8 +28,13 @@ def test_damaged_tokens_and_maps_are_recomputed(prefect_api, dask_address, demo_
 
     def run():
         return score_captures(
-            input_dir=str(demo_day.input_dir), out_dir=str(out), run_date=date(2026, 11, 22), backbone=tiny_backbone,
-            scoring=ScoringParams(block_images=3), device="cpu", dask_address=dask_address,
+            input_dir=str(demo_day.input_dir),
+            out_dir=str(out),
+            run_date=date(2026, 11, 22),
+            backbone=tiny_backbone,
+            scoring=ScoringParams(block_images=3),
+            device="cpu",
+            dask_address=dask_address,
         )
 
     run()

@@ -43,9 +43,25 @@ def external_cluster(tmp_path):
 
 def score(demo_day, out_dir, prefect_api, dask_address=None):
     command = [
-        str(BIN / "musc"), "score", str(demo_day.input_dir), "--out", str(out_dir), "--date", "2026-11-20",
-        "--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--pretrained", "none",
-        "--image-size", "112", "--layers", "1,3", "--device", "cpu",
+        str(BIN / "musc"),
+        "score",
+        str(demo_day.input_dir),
+        "--out",
+        str(out_dir),
+        "--date",
+        "2026-11-20",
+        "--backbone",
+        "musc-tiny-vit",
+        "--model-config",
+        str(TINY_CONFIG),
+        "--pretrained",
+        "none",
+        "--image-size",
+        "112",
+        "--layers",
+        "1,3",
+        "--device",
+        "cpu",
     ]
     if dask_address:
         command += ["--dask-address", dask_address]

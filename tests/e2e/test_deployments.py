@@ -15,7 +15,8 @@ import os
 import re
 import subprocess
 import sys
-from datetime import date, datetime, time as clock, timedelta
+from datetime import date, datetime, timedelta
+from datetime import time as clock
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -119,8 +120,14 @@ def site(server, tmp_path_factory):
     with httpx.Client(base_url=api_url, timeout=30) as api:
         deployment = api.get("/deployments/name/score-captures/nightly-score").raise_for_status().json()
     return dict(
-        api_url=api_url, env=env, server_log=server_log, tmp=tmp, day=day, results=results,
-        input_pattern=site_env["MUSC_INPUT_PATTERN"], deployment=deployment,
+        api_url=api_url,
+        env=env,
+        server_log=server_log,
+        tmp=tmp,
+        day=day,
+        results=results,
+        input_pattern=site_env["MUSC_INPUT_PATTERN"],
+        deployment=deployment,
     )
 
 
@@ -137,9 +144,7 @@ def test_nightly_deployment_settings(site):
         limit = deployment["global_concurrency_limit"]["limit"]
     assert limit == 1
     assert deployment["job_variables"]["env"]["TZ"] == TIMEZONE
-    assert deployment["pull_steps"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
-    ]
+    assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     everything = json.dumps([params, deployment["job_variables"], deployment["pull_steps"]])
     assert "{{" not in everything, f"an environment variable was not templated: {everything}"
 
@@ -192,16 +197,22 @@ def test_nightly_run_scores_yesterday(site):
                 f"flow run ended {state['type']}: {state.get('message')}\n--- flow run logs ---\n{messages}\n"
                 + tail(worker_log, 150)
             )
-        artifacts = api.post(
-            "/artifacts/filter",
-            json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["score-summary"]}}},
-        ).raise_for_status().json()
+        artifacts = (
+            api.post(
+                "/artifacts/filter",
+                json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["score-summary"]}}},
+            )
+            .raise_for_status()
+            .json()
+        )
     assert artifacts, "the run published no score-summary artifact"
 
     results = site["results"]
     partition = results / "tables" / "scores" / f"date={DEMO_DAY.isoformat()}"
     files = sorted(partition.glob("product=*/*.parquet"))
-    assert files, f"no Parquet under {partition}: {sorted(str(p.relative_to(results)) for p in results.rglob('*'))[:40]}"
+    assert files, (
+        f"no Parquet under {partition}: {sorted(str(p.relative_to(results)) for p in results.rglob('*'))[:40]}"
+    )
     rows = duckdb.sql(
         f"select product, status, count(*) n from read_parquet('{partition}/*/*.parquet', hive_partitioning=true)"
         " group by all order by product"

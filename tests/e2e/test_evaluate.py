@@ -15,7 +15,20 @@ from musc_tasks.core import image_metrics, pixel_metrics, split_by_type, upsampl
 from ..conftest import TINY_CONFIG
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
-TINY = ["--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--pretrained", "none", "--image-size", "224", "--layers", "1,3", "--device", "cpu"]
+TINY = [
+    "--backbone",
+    "musc-tiny-vit",
+    "--model-config",
+    str(TINY_CONFIG),
+    "--pretrained",
+    "none",
+    "--image-size",
+    "224",
+    "--layers",
+    "1,3",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +93,24 @@ def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvte
 
 def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root, tmp_path):
     out = tmp_path / "out"
-    assert main(["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), "--categories", "brick", "--divide-num", "2", *TINY]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(mvtec_root),
+                "--layout",
+                "mvtec",
+                "--out",
+                str(out),
+                "--categories",
+                "brick",
+                "--divide-num",
+                "2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     stores = list((out / "cache" / "pools").rglob("*.zarr"))
     assert len(stores) == 2
     sizes = sorted(len(zarr.open_group(s, mode="r").attrs["image_ids"]) for s in stores)

@@ -20,9 +20,9 @@ from musc_tasks.backbone import load_backbone
 from musc_tasks.config import ScoringParams
 from musc_tasks.core import image_scores, pixel_metrics, pool_patch_scores, rescore_images, upsample_maps
 from musc_tasks.imageio import read_rgb
+from musc_tasks.layout import pool_stores_dir
 from musc_tasks.preprocess import read_mask, squash_normalise
 from musc_tasks.rscin import patch_score_rows, score_map
-from musc_tasks.layout import pool_stores_dir
 
 from .conftest import subprocess_env
 
@@ -71,7 +71,9 @@ def test_tables_masks_and_heatmaps(first_run, demo_day):
     assert set(rows.columns) == {f.name for f in tables.SCORES_SCHEMA} | {"date", "product"}
     assert (rows["status"] == "scored").all()
     assert set(rows["product"]) == {image.product for image in demo_day.images}
-    per_product = query(out_dir, "select product, min(rank) lo, max(rank) hi, count(*) n from {scores} group by product")
+    per_product = query(
+        out_dir, "select product, min(rank) lo, max(rank) hi, count(*) n from {scores} group by product"
+    )
     assert (per_product["lo"] == 1).all() and (per_product["hi"] == per_product["n"]).all()
     for row in rows.itertuples():
         with Image.open(row.path) as original:
@@ -146,6 +148,7 @@ def wait_until_idle(address, timeout_seconds=60):
 
     with Client(address) as client:
         deadline = time.monotonic() + timeout_seconds
+
         def busy():
             executing = client.run(lambda dask_worker: len(dask_worker.state.executing))
             return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) or any(executing.values())
@@ -167,11 +170,21 @@ score_captures(input_dir=sys.argv[1], out_dir=sys.argv[2], run_date=date(2026, 1
 
 
 @pytest.mark.parametrize("kill_at", ["catalog", "extract-block:1", "score-task:4", "rscin:2", "publish-product:2"])
-def test_resume_after_sigkill_redoes_only_what_is_missing(kill_at, first_run, prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
+def test_resume_after_sigkill_redoes_only_what_is_missing(
+    kill_at, first_run, prefect_api, dask_address, demo_day, tiny_backbone, tmp_path
+):
     reference_dir, _ = first_run
     out_dir = tmp_path / "out"
-    command = [sys.executable, "-c", KILL_SCRIPT, str(demo_day.input_dir), str(out_dir),
-               tiny_backbone.model_dump_json(), SCORING.model_dump_json(), dask_address]
+    command = [
+        sys.executable,
+        "-c",
+        KILL_SCRIPT,
+        str(demo_day.input_dir),
+        str(out_dir),
+        tiny_backbone.model_dump_json(),
+        SCORING.model_dump_json(),
+        dask_address,
+    ]
     env = {**subprocess_env(prefect_api), "MUSC_KILL_AT": kill_at}
     crashed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -9, crashed.stderr[-3000:]

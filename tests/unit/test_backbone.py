@@ -43,7 +43,9 @@ def test_tokens_and_embeddings_match_the_blocks(tiny_spec):
 
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_checkpoint_at_224_runs_at_280_with_exact_resize(tmp_path):
-    native = BackboneSpec(name="musc-tiny-vit", pretrained=None, image_size=224, layers=(3,), model_config_path=TINY_CONFIG, seed=7)
+    native = BackboneSpec(
+        name="musc-tiny-vit", pretrained=None, image_size=224, layers=(3,), model_config_path=TINY_CONFIG, seed=7
+    )
     visual = build_vit(native)
     checkpoint = tmp_path / "tiny.pt"
     torch.save({"state_dict": {f"visual.{k}": v for k, v in visual.state_dict().items()}}, checkpoint)
@@ -86,12 +88,22 @@ def test_missing_weights_offline_fail_fast_and_say_what_to_do(monkeypatch):
 
 def test_bad_specs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="multiple of"):
-        build_vit(BackboneSpec(name="musc-tiny-vit", pretrained=None, image_size=100, layers=(1,), model_config_path=TINY_CONFIG))
+        build_vit(
+            BackboneSpec(
+                name="musc-tiny-vit", pretrained=None, image_size=100, layers=(1,), model_config_path=TINY_CONFIG
+            )
+        )
     with pytest.raises(ValueError, match="out of range"):
-        build_vit(BackboneSpec(name="musc-tiny-vit", pretrained=None, image_size=112, layers=(9,), model_config_path=TINY_CONFIG))
+        build_vit(
+            BackboneSpec(
+                name="musc-tiny-vit", pretrained=None, image_size=112, layers=(9,), model_config_path=TINY_CONFIG
+            )
+        )
     with pytest.raises(ValueError, match="unknown open_clip model"):
         build_vit(BackboneSpec(name="no-such-vit", pretrained=None, layers=(1,)))
     with pytest.raises(WeightsUnavailable, match="known tags"):
         load_backbone(BackboneSpec(name="ViT-B-16-plus-240", pretrained="nope", image_size=240, layers=(1,)))
     with pytest.raises(WeightsUnavailable, match="does not exist"):
-        load_backbone(BackboneSpec(name="ViT-B-16-plus-240", pretrained=str(tmp_path / "x.pt"), image_size=240, layers=(1,)))
+        load_backbone(
+            BackboneSpec(name="ViT-B-16-plus-240", pretrained=str(tmp_path / "x.pt"), image_size=240, layers=(1,))
+        )

@@ -29,7 +29,10 @@ def test_btad(tmp_path):
     png(tmp_path / "01/test/ko/0001.bmp")
     png(tmp_path / "01/ground_truth/ko/0001.png", 255)
     images = dataset_images(tmp_path, "btad", "01")
-    assert [(i.defect_type, i.is_anomalous, i.mask_path is not None) for i in images] == [("ko", True, True), ("ok", False, False)]
+    assert [(i.defect_type, i.is_anomalous, i.mask_path is not None) for i in images] == [
+        ("ko", True, True),
+        ("ok", False, False),
+    ]
     assert DEFAULT_RSCIN_K["btad"] == (1, 2, 3)
 
 

@@ -160,9 +160,7 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     Image.fromarray(_pattern(8, 8)).save(path)
     _patch_png_size(path, 40000, 40000)
     assert path.stat().st_size < 1000
-    assert _reason(path) == (
-        "declared size 40000x40000 exceeds the limit of 178956970 pixels (decompression bomb)"
-    )
+    assert _reason(path) == ("declared size 40000x40000 exceeds the limit of 178956970 pixels (decompression bomb)")
 
 
 def test_max_pixels_is_our_limit(tmp_path):

@@ -134,9 +134,7 @@ def test_pixel_metrics_pro_keys_match_standalone_functions():
     assert got["pro_musc"] == pytest.approx(pro_musc(maps, masks), abs=1e-12)
     got = pixel_metrics(maps, masks, fpr_limit=0.5, steps=50)
     assert got["aupro"] == pytest.approx(aupro(maps, masks, fpr_limit=0.5), abs=1e-12)
-    assert got["pro_musc"] == pytest.approx(
-        pro_musc(maps, masks, steps=50, fpr_limit=0.5), abs=1e-12
-    )
+    assert got["pro_musc"] == pytest.approx(pro_musc(maps, masks, steps=50, fpr_limit=0.5), abs=1e-12)
 
 
 def test_integer_masks_accepted():

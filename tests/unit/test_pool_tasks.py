@@ -29,6 +29,14 @@ def test_cli_passes_the_precision_to_the_scoring_params():
     assert scoring_from_args(build_parser().parse_args(["score", "in", "--out", "o"])).msm_precision == "float32"
 
 
+def test_cli_defaults_are_the_parameter_models_defaults():
+    for command in (
+        ["score", "in", "--out", "o"],
+        ["backfill", "--from", "d", "--to", "d", "--input-root", "{date}", "--out", "o"],
+    ):
+        assert scoring_from_args(build_parser().parse_args(command)) == ScoringParams()
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(ValidationError):
         ScoringParams(msm_precision="int8")
@@ -52,8 +60,16 @@ def worker_scores(tmp_path, token_path, precision):
     ids = tuple(sorted(index))
     msm = MsmParams(r_list=R_LIST, interval=0.3, precision=precision)
     job = plan_pool(
-        tmp_path / precision, ids, token_path, [index[i] for i in ids],
-        grid=GRID, n_layers=len(LAYERS), msm=msm, backbone_key="test", block_images=BLOCK, device="cpu",
+        tmp_path / precision,
+        ids,
+        token_path,
+        [index[i] for i in ids],
+        grid=GRID,
+        n_layers=len(LAYERS),
+        msm=msm,
+        backbone_key="test",
+        block_images=BLOCK,
+        device="cpu",
     )
     open_pool(job)
     n_blocks = -(-N // BLOCK)
@@ -76,7 +92,9 @@ def test_workers_score_like_the_core_engine_at_each_precision(tmp_path, token_st
     np.testing.assert_allclose(got, exact, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("n_patches, n_images", [(1369, 200), (1024, 200), (64, 200), (256, 10), (1369, 2), (20000, 50)])
+@pytest.mark.parametrize(
+    "n_patches, n_images", [(1369, 200), (1024, 200), (64, 200), (256, 10), (1369, 2), (20000, 50)]
+)
 def test_task_blocks_are_large_but_leave_work_to_share(n_patches, n_images):
     block = task_block_size(n_patches, n_images)
     assert block >= 1

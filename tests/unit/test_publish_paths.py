@@ -6,8 +6,14 @@ from musc_tasks.publish import output_relpath, printable
 
 
 def test_output_paths_keep_the_input_tree():
-    assert output_relpath("masks", "2026-11-22", "bottle", "key", "line a/001.jpg", keep_suffix=False) == "masks/2026-11-22/bottle/key/line a/001.png"
-    assert output_relpath("masks", "2026-11-22", "bottle", "key", "001.jpg", keep_suffix=True) == "masks/2026-11-22/bottle/key/001.jpg.png"
+    assert (
+        output_relpath("masks", "2026-11-22", "bottle", "key", "line a/001.jpg", keep_suffix=False)
+        == "masks/2026-11-22/bottle/key/line a/001.png"
+    )
+    assert (
+        output_relpath("masks", "2026-11-22", "bottle", "key", "001.jpg", keep_suffix=True)
+        == "masks/2026-11-22/bottle/key/001.jpg.png"
+    )
 
 
 @pytest.mark.parametrize("relpath", ["../../etc/passwd.png", "a/../../b.png", "/etc/x.png"])
