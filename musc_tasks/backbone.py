@@ -1,7 +1,10 @@
-"""Backbone plumbing: build an open_clip ViT, load its weights, extract per-layer tokens.
+"""Backbone plumbing: one object per loaded ViT that owns preprocessing, tokens and image token.
 
-The architecture comes from open_clip's config registry; weights are a separate step so the
-positional embedding can be resized exactly as the reference does (MUSC_SPEC §2:
+`load_backbone` picks the family from the spec (MUSC_SPEC §2 for open_clip's CLIP ViTs, §8 for
+DINO and DINOv2, built with timm in `timm_backbone`), so the pipeline stages never branch on it.
+
+CLIP: the architecture comes from open_clip's config registry; weights are a separate step so
+the positional embedding can be resized exactly as the reference does (MUSC_SPEC §2:
 bicubic, align_corners=False, antialias=False; open_clip's own loader uses antialias=True).
 """
 
@@ -11,6 +14,7 @@ import logging
 import os
 import socket
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,14 +24,17 @@ import torch
 import torch.nn.functional as F
 from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+from PIL import Image
 from torch import Tensor, nn
 
-from .config import BackboneSpec
+from .config import BackboneSpec, backbone_family
+from .preprocess import Squash
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Backbone",
+    "ClipBackbone",
     "WeightsUnavailable",
     "build_vit",
     "load_backbone",
@@ -42,12 +49,20 @@ class WeightsUnavailable(FileNotFoundError):
     """The weights named by a BackboneSpec cannot be found or fetched."""
 
 
-@dataclass
-class Backbone:
-    """A loaded vision tower and what is needed to run it."""
+class Backbone(ABC):
+    """A loaded ViT: how its images are preprocessed, its patch tokens and its image-level token.
+
+    Attributes
+    ----------
+    spec : BackboneSpec
+        What was asked for.
+    device : torch.device
+        Where the model runs.
+    patch_size : int
+        Pixels per patch side; the grid is ``image_size // patch_size`` per side.
+    """
 
     spec: BackboneSpec
-    visual: nn.Module
     device: torch.device
     patch_size: int
 
@@ -56,22 +71,44 @@ class Backbone:
         side = self.spec.image_size // self.patch_size
         return side, side
 
-    @torch.inference_mode()
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """(3, S, S) float32 tensor of a PIL image, as this family's reference prepares it."""
+
+    @abstractmethod
     def extract(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
         """Patch tokens of the chosen blocks and the image-level token.
 
         Parameters
         ----------
         images : (B, 3, S, S) float32 tensor
-            Preprocessed images (`preprocess.squash_normalise`).
+            Preprocessed images (`preprocess`).
 
         Returns
         -------
         layer_tokens : list of Y (B, L, C) float32 tensors on the CPU
-            Residual stream after each chosen block, class token dropped.
+            One per chosen block, patch tokens only (class and register tokens dropped).
         embeddings : (B, D) float32 tensor on the CPU
-            ``ln_post(cls) @ proj`` of the last block, L2-normalised.
+            The image-level token RsCIN compares images with (MUSC_SPEC §6, §8).
         """
+
+
+@dataclass
+class ClipBackbone(Backbone):
+    """An open_clip vision tower, read out as MUSC_SPEC §1-2 say."""
+
+    spec: BackboneSpec
+    visual: nn.Module
+    device: torch.device
+    patch_size: int
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """Bicubic squash, CLIP statistics (MUSC_SPEC §1)."""
+        return Squash(self.spec.image_size)(image)
+
+    @torch.inference_mode()
+    def extract(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Residual stream after each chosen block; ``ln_post(cls) @ proj``, L2-normalised."""
         images = images.to(self.device, non_blocking=True)
         with _autocast(self.device):
             out = self.visual.forward_intermediates(
@@ -94,7 +131,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def register_model_config(path: Path) -> str:
-    """Register an open_clip model config JSON; its file stem becomes the model name."""
+    """Register a model config JSON (open_clip's, or a timm-built one); its stem becomes the name."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
@@ -174,6 +211,10 @@ def resolve_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None) -> P
     first, and downloaded only when the hub is reachable; otherwise `WeightsUnavailable`
     says what to do, quickly, instead of retrying for half a minute.
     """
+    if spec.family != "clip":
+        from .timm_backbone import resolve_timm_checkpoint
+
+        return resolve_timm_checkpoint(spec, cache_dir=cache_dir)
     if spec.pretrained is None:
         return None
     candidate = Path(spec.pretrained).expanduser()
@@ -209,6 +250,10 @@ def resolve_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None) -> P
 
 def load_backbone(spec: BackboneSpec, *, device: str = "auto", cache_dir: str | None = None) -> Backbone:
     """Build the ViT of ``spec`` and load its weights, resized to ``spec.image_size``."""
+    if spec.family != "clip":
+        from .timm_backbone import load_timm_backbone
+
+        return load_timm_backbone(spec, device=device, cache_dir=cache_dir)
     checkpoint = resolve_checkpoint(spec, cache_dir=cache_dir)
     quick_gelu = bool(get_pretrained_cfg(spec.name, spec.pretrained or "").get("quick_gelu", False))
     visual = build_vit(spec, quick_gelu=quick_gelu)
@@ -225,7 +270,7 @@ def load_backbone(spec: BackboneSpec, *, device: str = "auto", cache_dir: str | 
         state["positional_embedding"] = resize_pos_embed_exact(state["positional_embedding"], (side, side))
         visual.load_state_dict(state, strict=True)
     torch_device = resolve_device(device)
-    return Backbone(spec=spec, visual=visual.to(torch_device).eval(), device=torch_device, patch_size=patch_size)
+    return ClipBackbone(spec=spec, visual=visual.to(torch_device).eval(), device=torch_device, patch_size=patch_size)
 
 
 def _autocast(device: torch.device):
@@ -281,7 +326,11 @@ def _reachable(host: str, *, timeout_seconds: float = 3.0) -> bool:
 
 
 def native_geometry(name: str, model_config_path: Path | None = None) -> tuple[int, int]:
-    """(native image size, number of blocks) of an open_clip ViT."""
+    """(native image size, number of blocks) of a ViT of any family."""
+    if backbone_family(name, model_config_path) != "clip":
+        from .timm_backbone import timm_native_geometry
+
+        return timm_native_geometry(name, model_config_path)
     if model_config_path is not None:
         register_model_config(model_config_path)
     config = open_clip.get_model_config(name)
@@ -294,9 +343,22 @@ def native_geometry(name: str, model_config_path: Path | None = None) -> tuple[i
 
 def patch_size(spec: BackboneSpec) -> int:
     """Pixels per patch side of the spec's ViT."""
+    if spec.family != "clip":
+        from .timm_backbone import timm_patch_size
+
+        return timm_patch_size(spec.name, spec.model_config_path)
     if spec.model_config_path is not None:
         register_model_config(spec.model_config_path)
     config = open_clip.get_model_config(spec.name)
     if config is None:
         raise ValueError(f"unknown open_clip model {spec.name!r}; pass --model-config JSON to register it")
     return int(config["vision_cfg"]["patch_size"])
+
+
+def default_pretrained(name: str, model_config_path: Path | None = None) -> str | None:
+    """The weights a bare ``--backbone NAME`` gets: Meta's for the authors' DINO names, else random."""
+    if backbone_family(name, model_config_path) in ("dinov2", "dino"):
+        from .timm_backbone import timm_default_tag
+
+        return timm_default_tag(name, model_config_path)
+    return None

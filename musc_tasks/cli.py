@@ -41,14 +41,18 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="paper",
-        help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512",
-    )
-    group.add_argument("--backbone", help="open_clip model name (overrides the preset's)")
-    group.add_argument(
-        "--pretrained", help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights"
+        help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512; dinov2: dinov2_vitl14/lvd142m@518",
     )
     group.add_argument(
-        "--model-config", type=Path, help="open_clip model config JSON registering an extra architecture"
+        "--backbone",
+        help="open_clip model, dinov2_vits14|vitb14|vitl14, dino_vitbase8|16, or timm:<model> (overrides the preset's)",
+    )
+    group.add_argument(
+        "--pretrained",
+        help="pretrained tag (open_clip's; timm's for DINO), a checkpoint file (Meta's *_pretrain.pth), or 'none' (random)",
+    )
+    group.add_argument(
+        "--model-config", type=Path, help="model config JSON registering an extra architecture (open_clip or timm)"
     )
     group.add_argument("--image-size", type=int, help="side S the images are squashed to (multiple of the patch size)")
     group.add_argument("--layers", type=_int_list, help="0-based blocks to score, e.g. 5,11,17,23")
@@ -118,14 +122,14 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     if args.model_config:
         update["model_config_path"] = args.model_config.resolve()
     if args.backbone and args.backbone != spec.name:
-        from .backbone import native_geometry
+        from .backbone import default_pretrained, native_geometry
 
         update["name"] = args.backbone
         size, blocks = native_geometry(args.backbone, args.model_config)
         update["image_size"] = size
         # the preset's rule: the last block of each quarter of the network
         update["layers"] = tuple(blocks * q // 4 - 1 for q in (1, 2, 3, 4))
-        update["pretrained"] = None
+        update["pretrained"] = default_pretrained(args.backbone, args.model_config)
     if args.pretrained is not None:
         update["pretrained"] = args.pretrained
     if args.image_size:

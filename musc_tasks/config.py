@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from .identity import file_digest
 
 # Bump when a change alters any stored token, map, score or table, so caches keyed on it miss.
 CODE_VERSION = "2026.11.1"
 
-# The OpenAI CLIP statistics, used for every backbone as the reference implementation does.
+# The OpenAI CLIP statistics, used for every open_clip backbone as the reference implementation does.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The ImageNet statistics, used for the DINO and DINOv2 backbones (MUSC_SPEC §8).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Backbone families: how a ViT is built, preprocessed and read out (MUSC_SPEC §2 and §8).
+FAMILIES = ("clip", "dinov2", "dino", "timm")
+TIMM_PREFIX = "timm:"
 
 RANDOM_WEIGHTS = ("none", "random", "")
 
@@ -25,14 +33,17 @@ class BackboneSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    # An open_clip model, an authors' DINO name (dinov2_vitl14, dino_vitbase16, ...), or timm:<model>.
     name: str = "ViT-L-14-336"
-    # An open_clip pretrained tag, a local checkpoint file, or None for random weights.
+    # A pretrained tag (open_clip, or timm / Hugging Face for the timm-built families), a local
+    # checkpoint file (Meta's *_pretrain.pth for DINO), or None for random weights.
     pretrained: str | None = "openai"
     # Images are squashed to image_size x image_size; must be a multiple of the patch size.
     image_size: int = 518
     # 0-based transformer blocks whose residual-stream output is scored.
     layers: tuple[int, ...] = (5, 11, 17, 23)
-    # Extra open_clip model config JSON (registers architectures open_clip does not ship).
+    # Extra model config JSON: an open_clip config, or {"family", "timm_model", "timm_kwargs"}
+    # for a timm-built architecture (registers architectures neither library ships).
     model_config_path: Path | None = None
     # Seed of the random initialisation when pretrained is None.
     seed: int = 0
@@ -57,6 +68,12 @@ class BackboneSpec(BaseModel):
         if not value or any(layer < 0 for layer in value) or len(set(value)) != len(value):
             raise ValueError(f"layers must be distinct non-negative block indices, got {value}")
         return tuple(sorted(value))
+
+    @computed_field
+    @property
+    def family(self) -> str:
+        """Which family's semantics the backbone follows: one of `FAMILIES`."""
+        return backbone_family(self.name, self.model_config_path)
 
     @property
     def is_random(self) -> bool:
@@ -145,7 +162,27 @@ class ScoringParams(BaseModel):
         return value
 
 
+def backbone_family(name: str, model_config_path: Path | None = None) -> str:
+    """The family of a backbone name: `timm:` prefix, the authors' DINO names, a timm config, or CLIP."""
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
+    if name.startswith("dinov2_"):
+        return "dinov2"
+    if name.startswith("dino_"):
+        return "dino"
+    if model_config_path is not None and Path(model_config_path).is_file():
+        config = json.loads(Path(model_config_path).read_text())
+        if "timm_model" in config:
+            family = config.get("family", "timm")
+            if family not in FAMILIES[1:]:
+                raise ValueError(f"{model_config_path}: family must be one of {FAMILIES[1:]}, got {family!r}")
+            return family
+    return "clip"
+
+
 PRESETS: dict[str, BackboneSpec] = {
     "paper": BackboneSpec(name="ViT-L-14-336", pretrained="openai", image_size=518, layers=(5, 11, 17, 23)),
     "fast": BackboneSpec(name="ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=512, layers=(2, 5, 8, 11)),
+    # The authors' best backbone for segmentation on MVTec AD (their README).
+    "dinov2": BackboneSpec(name="dinov2_vitl14", pretrained="lvd142m", image_size=518, layers=(5, 11, 17, 23)),
 }

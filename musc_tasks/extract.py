@@ -16,7 +16,6 @@ from .imageio import ImageReadError, read_rgb
 from .layout import token_store_path
 from .locks import exclusive_lock
 from .manifests import CatalogRef, TokenGeometry, TokensRef
-from .preprocess import squash_normalise
 from .store import (
     TokenLayout,
     drop_damaged_blocks,
@@ -137,7 +136,7 @@ def extract_tokens_to_store(
                     failed[image_id] = error.reason
                     logger.warning("%s", error)
                     continue
-                pixels.append(squash_normalise(image, backbone.spec.image_size))
+                pixels.append(backbone.preprocess(image))
                 ids.append(image_id)
             if ids:
                 layer_tokens, embeddings = backbone.extract(torch.stack(pixels))

@@ -1,7 +1,8 @@
-"""Image decoding and the reference preprocessing (MUSC_SPEC §1)."""
+"""Image decoding and the reference preprocessing (MUSC_SPEC §1, §8)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,31 @@ from torch import Tensor
 
 from .config import CLIP_MEAN, CLIP_STD
 
-__all__ = ["squash_normalise", "resize_mask", "read_mask"]
+__all__ = ["Squash", "squash_normalise", "resize_mask", "read_mask"]
 
-_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
-_STD = np.asarray(CLIP_STD, dtype=np.float32)
+
+@dataclass(frozen=True)
+class Squash:
+    """A backbone's preprocessing: squash to S x S with one filter, scale to [0, 1], normalise.
+
+    The CLIP backbones use bicubic and the CLIP statistics (MUSC_SPEC §1); the DINO backbones
+    torchvision's default bilinear and the ImageNet statistics (§8). The resize is PIL's,
+    which is what torchvision's ``Resize`` runs on a PIL image.
+    """
+
+    # Side S in pixels; the aspect ratio is not kept, as in the reference.
+    size: int
+    resample: Image.Resampling = Image.Resampling.BICUBIC
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        """(3, S, S) float32 tensor of a PIL image of any mode (converted to RGB first)."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        resized = rgb.resize((self.size, self.size), self.resample)
+        pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (S, S, 3)
+        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def squash_normalise(image: Image.Image, size: int) -> Tensor:
@@ -31,11 +53,7 @@ def squash_normalise(image: Image.Image, size: int) -> Tensor:
     -------
     pixels : (3, S, S) float32 tensor
     """
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (S, S, 3)
-    pixels = (pixels - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    return Squash(size)(image)
 
 
 def resize_mask(mask: np.ndarray, size: int, *, mode: str = "paper") -> np.ndarray:
