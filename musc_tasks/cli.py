@@ -318,6 +318,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rscin(args: argparse.Namespace) -> int:
+    from .rscin_plugin import read_score_table, rscin_rescore_scores, write_score_table
+
+    rescored = rscin_rescore_scores(
+        read_score_table(Path(args.scores)),
+        args.images,
+        backbone_from_args(args),
+        k_list=args.k,
+        path_column=args.path_column,
+        score_column=args.score_column,
+        product_column=args.product_column,
+        token_cache=args.cache,
+        device=args.device,
+    )
+    write_score_table(rescored, Path(args.out))
+    status = rescored["rscin_status"]
+    products = rescored.loc[status == "rescored", args.product_column or "product"].nunique()
+    print(f"{len(rescored)} rows: {(status == 'rescored').sum()} re-scored in {products} product(s), "
+          f"{(status == 'failed').sum()} failed, {(status == 'not_rescored').sum()} not re-scored -> {args.out}")
+    for row in rescored[status != "rescored"].head(10).itertuples():
+        print(f"  {getattr(row, args.path_column)!s}: {row.rscin_reason}")
+    return 0
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     """``musc fetch-weights``: download a backbone's weights into the Hugging Face cache."""
     from .backbone import resolve_checkpoint
@@ -385,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--date", required=True)
     compare.add_argument("--backbones", required=True, help="A,B: backbone keys, preset names or unique parts of keys")
     compare.set_defaults(func=cmd_compare)
+
+    rscin = commands.add_parser("rscin", help="re-score another method's per-image scores with RsCIN (plug-in)")
+    rscin.add_argument("--scores", required=True, help="CSV or Parquet table with a path and a score column")
+    rscin.add_argument("--images", required=True, help="images root: ROOT/<product>/**, paths in the table relative to it")
+    rscin.add_argument("--out", required=True, help="re-scored table, .csv or .parquet (input columns plus rscin_*)")
+    rscin.add_argument("--k", type=_int_list, default=(1, 2, 3), help="RsCIN window sizes (VisA-like data: 1,8,9)")
+    rscin.add_argument("--path-column", default="path")
+    rscin.add_argument("--score-column", default="score")
+    rscin.add_argument("--product-column", help="column naming each image's product (default: its folder under ROOT)")
+    rscin.add_argument("--cache", help="a musc results folder whose token stores to reuse and extend")
+    add_backbone_arguments(rscin)
+    rscin.set_defaults(func=cmd_rscin)
 
     fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
     add_backbone_arguments(fetch)

@@ -15,7 +15,8 @@ def rescore_images(scores: np.ndarray, embeddings: np.ndarray, k_list: Sequence[
     scores : (N,) float array
         Raw image scores (max of each image's anomaly map) of every image being re-scored.
     embeddings : (N, D) float array
-        L2-normalised image-level tokens, in the same order.
+        Image-level tokens as the backbone gives them, in the same order: L2-normalised for
+        CLIP (MUSC_SPEC §2), raw final-norm class tokens for DINO (§8), used as they are.
     k_list : sequence of int
         Window sizes; k = 1 keeps only the image itself. Each k is clipped to N.
 
