@@ -223,38 +223,44 @@ def load_timm_backbone(spec: BackboneSpec, *, device: str = "auto", cache_dir: s
     """Build the timm ViT of ``spec``, load its weights, and resample to ``spec.image_size``."""
     arch = timm_arch(spec.name, spec.model_config_path)
     checkpoint = resolve_timm_checkpoint(spec, cache_dir=cache_dir)
-    native = arch.build(seed=spec.seed)
-    patch = int(native.patch_embed.patch_size[0])
-    if spec.image_size % patch:
-        raise ValueError(f"image_size {spec.image_size} is not a multiple of {spec.name}'s patch size {patch}")
-    if max(spec.layers) >= len(native.blocks):
-        raise ValueError(f"layers {spec.layers} out of range: {spec.name} has {len(native.blocks)} blocks")
     if checkpoint is None:
         warnings.warn(
             f"{spec.name} runs with RANDOM weights (seed {spec.seed}): scores show the pipeline "
             "working end to end but mean nothing. Pass --pretrained TAG|PATH for real results.",
             stacklevel=2,
         )
+        native = arch.build(seed=spec.seed)  # the seeded init at the native grid, then resampled below
         state = native.state_dict()
     else:
+        # Shapes only: initialising ViT-L's weights to overwrite them costs more than reading them.
+        with torch.device("meta"):
+            native = arch.build()
         try:
             # Meta's parameter names -> timm's; at the native grid the filter resizes nothing.
             state = checkpoint_filter_fn(read_checkpoint(checkpoint), native)
         except (OSError, RuntimeError, pickle.UnpicklingError) as error:
             raise ValueError(f"{checkpoint}: cannot read weights ({error})") from None
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    patch = int(native.patch_embed.patch_size[0])
+    if spec.image_size % patch:
+        raise ValueError(f"image_size {spec.image_size} is not a multiple of {spec.name}'s patch size {patch}")
+    if max(spec.layers) >= len(native.blocks):
+        raise ValueError(f"layers {spec.layers} out of range: {spec.name} has {len(native.blocks)} blocks")
+    with torch.device("meta"):
+        model = arch.build(spec.image_size)  # every tensor is assigned from the state below
     if arch.family == "timm":
         # timm's own semantics: its loader resamples the embedding (bicubic, antialiased).
-        model = arch.build(spec.image_size, seed=spec.seed)
         state = checkpoint_filter_fn(state, model)
     else:
-        model = arch.build(spec.image_size, seed=spec.seed)
         prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         side = spec.image_size // patch
         state["pos_embed"] = dino_pos_embed(state["pos_embed"], (side, side), prefix_tokens=prefix)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise ValueError(f"{checkpoint}: weights do not fit {spec.name} ({arch.timm_name}): {error}") from None
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError(f"{spec.name}: the state dict left tensors of {arch.timm_name} unset")
     if arch.family == "timm":
         config = model.pretrained_cfg
         resample = Image.Resampling.BILINEAR if config.get("interpolation") == "bilinear" else Image.Resampling.BICUBIC

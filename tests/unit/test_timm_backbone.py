@@ -188,3 +188,30 @@ def test_command_line_names(argv, expected):
     spec = backbone_from_args(parser.parse_args(argv))
     assert (spec.name, spec.pretrained, spec.image_size, spec.layers, spec.family) == expected
     assert spec.model_dump(mode="json")["family"] == expected[-1]  # recorded in the runs table's parameters
+
+
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+def test_plain_timm_family_follows_timm_own_rules(tmp_path):
+    """`timm:<model>` and family-less timm configs: timm's preprocessing config, resize and pooling."""
+    config = tmp_path / "musc-tiny-timm.json"
+    config.write_text(TINY_DINOV2_CONFIG.read_text().replace('"family": "dinov2",', ""))
+    native = BackboneSpec(name="musc-tiny-timm", pretrained=None, image_size=112, layers=(2,), model_config_path=config)
+    assert native.family == "timm"
+    weights = tmp_path / "tiny.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(load_backbone(native, device="cpu").model.state_dict(), str(weights))
+    backbone = load_backbone(native.model_copy(update={"pretrained": str(weights), "image_size": 154}), device="cpu")
+    saved = load_backbone(native, device="cpu").model.pos_embed.detach()
+    grid = saved[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    antialiased = F.interpolate(grid, size=(11, 11), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 121, -1)
+    torch.testing.assert_close(backbone.model.pos_embed.detach()[:, 1:], antialiased)
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    bicubic = T.Compose([T.Resize((154, 154), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # timm's pretrained config for this model
+    torch.testing.assert_close(backbone.preprocess(image), bicubic(image), atol=1e-6, rtol=0)
+    images = torch.randn(2, 3, 154, 154, generator=torch.Generator().manual_seed(6))
+    _, embeddings = backbone.extract(images)
+    with torch.no_grad():
+        features = backbone.model.forward_features(images)
+    torch.testing.assert_close(embeddings, backbone.model.forward_head(features, pre_logits=True))
