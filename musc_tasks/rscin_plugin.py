@@ -18,14 +18,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import write_atomic
 from .backbone import Backbone, load_backbone, patch_size
 from .catalog import catalog_files
 from .config import BackboneSpec
 from .core import rescore_images
 from .extract import extract_tokens_to_store
 from .imageio import ImageReadError, read_rgb
+from .layout import token_store_path
 from .store import read_embeddings, token_index
-from .tables import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ def write_score_table(frame: pd.DataFrame, path: Path) -> Path:
     if path.suffix.lower() in _PARQUET_SUFFIXES:
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
-        return write_bytes_atomic(path, buffer.getvalue())
+        return write_atomic(path, buffer.getvalue())
     if path.suffix.lower() == ".csv":
-        return write_bytes_atomic(path, frame.to_csv(index=False).encode())
+        return write_atomic(path, frame.to_csv(index=False).encode())
     raise ValueError(f"{path}: the output must be a .csv or .parquet file")
 
 
@@ -208,10 +209,7 @@ def _image_tokens(
     found: dict[tuple[str, str], np.ndarray | str] = {}
     for product, members in by_product.items():
         if token_cache is not None:
-            from .tasks import token_stores_dir
-            from .tasks import _segment as path_segment
-
-            store = token_stores_dir(os.fspath(token_cache), spec.key) / f"{path_segment(product)}.zarr"
+            store = token_store_path(token_cache, spec.key, product)
             result = extract_tokens_to_store(store, members, backbone)
             index = token_index(store)
             kept = [image_id for image_id, _ in members if image_id in index]
