@@ -178,8 +178,10 @@ def test_bad_specs_are_clear_errors(tmp_path):
         (["--preset", "dinov2"], ("dinov2_vitl14", "lvd142m", 518, (5, 11, 17, 23), "dinov2")),
         (["--backbone", "dinov2_vitb14"], ("dinov2_vitb14", "lvd142m", 518, (2, 5, 8, 11), "dinov2")),
         (["--backbone", "dino_vitbase8", "--image-size", "512"], ("dino_vitbase8", "dino", 512, (2, 5, 8, 11), "dino")),
-        (["--backbone", "timm:vit_small_patch14_dinov2.lvd142m", "--pretrained", "none"],
-         ("timm:vit_small_patch14_dinov2.lvd142m", None, 518, (2, 5, 8, 11), "timm")),
+        (["--backbone", "timm:vit_small_patch14_dinov2.lvd142m"],
+         ("timm:vit_small_patch14_dinov2.lvd142m", "lvd142m", 518, (2, 5, 8, 11), "timm")),
+        (["--backbone", "timm:vit_base_patch16_224", "--pretrained", "none"],
+         ("timm:vit_base_patch16_224", None, 224, (2, 5, 8, 11), "timm")),
     ],
 )
 def test_command_line_names(argv, expected):
