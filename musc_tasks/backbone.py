@@ -356,8 +356,11 @@ def patch_size(spec: BackboneSpec) -> int:
 
 
 def default_pretrained(name: str, model_config_path: Path | None = None) -> str | None:
-    """The weights a bare ``--backbone NAME`` gets: Meta's for the authors' DINO names, the tag of a
-    ``timm:<model>.<tag>`` name, else None (random, with a warning; open_clip has no default tag)."""
+    """The weights a bare ``--backbone NAME`` gets.
+
+    Meta's for the authors' DINO names, the tag of a ``timm:<model>.<tag>`` name, else None
+    (random weights, with a warning: open_clip has no default tag).
+    """
     if backbone_family(name, model_config_path) != "clip":
         from .timm_backbone import timm_default_tag
 

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -112,68 +113,91 @@ def rscin_rescore_scores(
     if not root.is_dir():
         raise NotADirectoryError(f"images root {root} is not a directory")
 
-    n = len(scores)
-    reasons: list[str | None] = [None] * n
-    products: list[str | None] = [None] * n
-    relpaths: list[str | None] = [None] * n
-    values = pd.to_numeric(scores[score_column], errors="coerce").to_numpy(dtype=np.float64)
-    for row, (raw_path, raw_score) in enumerate(zip(scores[path_column], scores[score_column])):
-        if not np.isfinite(values[row]):
-            reasons[row] = f"score {raw_score!r} is not a number"
-        where = _relative_path(raw_path, root)
-        if isinstance(where, str) and where.startswith("!"):
-            reasons[row] = reasons[row] or where[1:]
-            continue
-        relpaths[row] = where
-        if product_column is not None:
-            products[row] = str(scores[product_column].iloc[row])
-        else:
-            parts = PurePosixPath(where).parts
-            products[row] = parts[0] if len(parts) > 1 else root.name
-
-    wanted = sorted({(products[r], relpaths[r]) for r in range(n) if reasons[r] is None})
-    catalog = catalog_files(root, list(wanted), min_side=patch_size(backbone))
-    by_file = {(entry.product, entry.relpath): entry for entry in catalog.entries}
-    for row in range(n):
-        if reasons[row] is None:
-            entry = by_file[(products[row], relpaths[row])]
-            if entry.status != "ok":
-                reasons[row] = f"{entry.path}: {entry.reason}"
-
-    embeddings = _image_tokens(
-        {(products[r], by_file[(products[r], relpaths[r])].image_id): by_file[(products[r], relpaths[r])].path
-         for r in range(n) if reasons[r] is None},
-        backbone, token_cache=token_cache, device=device, batch_images=batch_images,
-    )
-    rescored = np.full(n, np.nan)
-    status = ["failed" if reason else "rescored" for reason in reasons]
-    for product in sorted({products[r] for r in range(n) if reasons[r] is None}):
-        rows = []
-        for r in range(n):
-            if reasons[r] is None and products[r] == product:
-                key = (product, by_file[(product, relpaths[r])].image_id)
-                if isinstance(embeddings.get(key), str):
-                    reasons[r], status[r] = embeddings[key], "failed"
-                else:
-                    rows.append(r)
-        if len(rows) < 2:
-            for r in rows:
-                status[r] = "not_rescored"
-                reasons[r] = (
-                    f"product {product!r} has {len(rows)} usable image; RsCIN compares an image with the "
+    rows = _locate_rows(scores, root, path_column, score_column, product_column)
+    files = _catalogue(rows, root, min_side=patch_size(backbone))
+    tokens = _image_tokens(files, backbone, token_cache=token_cache, device=device, batch_images=batch_images)
+    rescored = np.full(len(rows), np.nan)
+    for product in sorted({row.product for row in rows if row.reason is None}):
+        members = [i for i, row in enumerate(rows) if row.reason is None and row.product == product]
+        for i in members:
+            if isinstance(tokens[rows[i].key], str):  # the file broke after it was catalogued
+                rows[i].reason = tokens[rows[i].key]
+        members = [i for i in members if rows[i].reason is None]
+        if len(members) < 2:
+            for i in members:
+                rows[i].too_few = True
+                rows[i].reason = (
+                    f"product {product!r} has {len(members)} usable image; RsCIN compares an image with the "
                     "other images of its product, so it needs at least 2"
                 )
             continue
-        tokens = np.stack([embeddings[(product, by_file[(product, relpaths[r])].image_id)] for r in rows])
-        rescored[rows] = rescore_images(values[rows], tokens, k_list)
+        scores_of = np.array([rows[i].score for i in members])
+        rescored[members] = rescore_images(scores_of, np.stack([tokens[rows[i].key] for i in members]), k_list)
 
     out = scores.copy()
     if product_column is None:
-        out["product"] = products
+        out["product"] = [row.product for row in rows]
     out.insert(out.columns.get_loc(score_column) + 1, "rscin_score", rescored)
-    out["rscin_status"] = status
-    out["rscin_reason"] = reasons
+    out["rscin_status"] = [row.status for row in rows]
+    out["rscin_reason"] = [row.reason for row in rows]
     return out
+
+
+@dataclass
+class _Row:
+    """One input row on its way through: where its file is, and why it was not re-scored."""
+
+    score: float
+    product: str | None = None
+    relpath: str | None = None
+    key: tuple[str, str] | None = None  # (product, image id) once catalogued
+    reason: str | None = None
+    # The file is fine but its product has too few usable images for RsCIN.
+    too_few: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.reason is None:
+            return "rescored"
+        return "not_rescored" if self.too_few else "failed"
+
+
+def _locate_rows(
+    scores: pd.DataFrame, root: Path, path_column: str, score_column: str, product_column: str | None
+) -> list[_Row]:
+    """Each row's score, product and path relative to ROOT, or the reason it has none."""
+    values = pd.to_numeric(scores[score_column], errors="coerce").to_numpy(dtype=np.float64)
+    products = scores[product_column].astype(str).tolist() if product_column else [None] * len(scores)
+    rows = []
+    for value, raw_score, raw_path, product in zip(values, scores[score_column], scores[path_column], products):
+        row = _Row(score=float(value))
+        if not np.isfinite(value):
+            row.reason = f"score {raw_score!r} is not a number"
+        where = _relative_path(raw_path, root)
+        if where.startswith("!"):
+            row.reason = row.reason or where[1:]
+        else:
+            parts = PurePosixPath(where).parts
+            row.relpath = where
+            row.product = product if product is not None else (parts[0] if len(parts) > 1 else root.name)
+        rows.append(row)
+    return rows
+
+
+def _catalogue(rows: list[_Row], root: Path, *, min_side: int) -> dict[tuple[str, str], str]:
+    """Hash and check every usable row's file as a nightly run does; (product, image id) -> path."""
+    wanted = sorted({(row.product, row.relpath) for row in rows if row.reason is None})
+    entries = {(e.product, e.relpath): e for e in catalog_files(root, wanted, min_side=min_side).entries}
+    files = {}
+    for row in rows:
+        if row.reason is None:
+            entry = entries[(row.product, row.relpath)]
+            if entry.status != "ok":
+                row.reason = f"{entry.path}: {entry.reason}"
+            else:
+                row.key = (row.product, entry.image_id)
+                files[row.key] = entry.path
+    return files
 
 
 def _relative_path(raw, root: Path) -> str:

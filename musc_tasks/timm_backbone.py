@@ -270,7 +270,11 @@ def load_timm_backbone(spec: BackboneSpec, *, device: str = "auto", cache_dir: s
         preprocessing = Squash(spec.image_size, Image.Resampling.BILINEAR, IMAGENET_MEAN, IMAGENET_STD)
     torch_device = resolve_device(device)
     return TimmBackbone(
-        spec=spec, model=model.to(torch_device).eval(), device=torch_device, patch_size=patch, preprocessing=preprocessing
+        spec=spec,
+        model=model.to(torch_device).eval(),
+        device=torch_device,
+        patch_size=patch,
+        preprocessing=preprocessing,
     )
 
 

@@ -29,16 +29,33 @@ def meta_file(tmp_path_factory):
 
 
 def tiny_args(meta_file):
-    return ["--backbone", "musc-tiny-dinov2", "--model-config", str(TINY_DINOV2_CONFIG), "--pretrained", str(meta_file),
-            "--image-size", "112", "--layers", "1,3", "--device", "cpu"]
+    return [
+        "--backbone",
+        "musc-tiny-dinov2",
+        "--model-config",
+        str(TINY_DINOV2_CONFIG),
+        "--pretrained",
+        str(meta_file),
+        "--image-size",
+        "112",
+        "--layers",
+        "1,3",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_score_with_dinov2_equals_the_core_engine(prefect_api, dask_address, demo_day, meta_file, tmp_path):
     out = tmp_path / "out"
     argv = ["score", str(demo_day.input_dir), "--out", str(out), "--date", "2026-11-22", "--dask-address", dask_address]
     assert main([*argv, *tiny_args(meta_file)]) == 0
-    spec = BackboneSpec(name="musc-tiny-dinov2", pretrained=str(meta_file), image_size=112, layers=(1, 3),
-                        model_config_path=TINY_DINOV2_CONFIG)
+    spec = BackboneSpec(
+        name="musc-tiny-dinov2",
+        pretrained=str(meta_file),
+        image_size=112,
+        layers=(1, 3),
+        model_config_path=TINY_DINOV2_CONFIG,
+    )
     scores = tables.read_table(out / "tables" / "scores")
     assert len(scores) == len(demo_day.images) and (scores["status"] == "scored").all()
     assert (scores["backbone_key"] == spec.key).all() and "ckpt-" in spec.key  # the weights' digest
@@ -55,7 +72,9 @@ def test_score_with_dinov2_equals_the_core_engine(prefect_api, dask_address, dem
         patch = pool_patch_scores(layer_tokens, backbone.grid, (1, 3, 5))
         raw = image_scores(upsample_maps(patch, backbone.grid, (112, 112))).double().numpy()
         np.testing.assert_allclose(group["raw_score"], raw, atol=1e-6, rtol=0)
-        np.testing.assert_allclose(group["score"], rescore_images(raw, embeddings.numpy(), (1, 2, 3)), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            group["score"], rescore_images(raw, embeddings.numpy(), (1, 2, 3)), atol=1e-6, rtol=0
+        )
 
 
 def test_evaluate_with_dinov2(prefect_api, dask_address, mvtec_root, meta_file, tmp_path, capsys):  # noqa: F811

@@ -18,9 +18,23 @@ from ..conftest import TINY_DINOV2_CONFIG
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 
-SPEC = BackboneSpec(name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(1, 3), model_config_path=TINY_DINOV2_CONFIG)
-TINY = ["--backbone", "musc-tiny-dinov2", "--model-config", str(TINY_DINOV2_CONFIG), "--pretrained", "none",
-        "--image-size", "112", "--layers", "1,3", "--device", "cpu"]
+SPEC = BackboneSpec(
+    name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(1, 3), model_config_path=TINY_DINOV2_CONFIG
+)
+TINY = [
+    "--backbone",
+    "musc-tiny-dinov2",
+    "--model-config",
+    str(TINY_DINOV2_CONFIG),
+    "--pretrained",
+    "none",
+    "--image-size",
+    "112",
+    "--layers",
+    "1,3",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +102,19 @@ def test_command_reads_csv_and_parquet_and_reuses_the_token_store(images, tmp_pa
     assert main([*common, "--scores", str(csv_in), "--out", str(tmp_path / "from_csv.csv")]) == 0
     assert "9 re-scored in 2 product(s), 3 failed, 1 not re-scored" in capsys.readouterr().out
     cache = tmp_path / "results"
-    assert main([*common, "--scores", str(parquet_in), "--out", str(tmp_path / "out.parquet"), "--cache", str(cache)]) == 0
+    assert (
+        main([*common, "--scores", str(parquet_in), "--out", str(tmp_path / "out.parquet"), "--cache", str(cache)]) == 0
+    )
     stores = list((cache / "cache" / "tokens").glob("*/bottle.zarr"))
     assert len(stores) == 1, "tokens go to the pipeline's token store of this backbone"
     before = {p: p.stat().st_mtime_ns for p in stores[0].rglob("*") if p.is_file()}
-    assert main([*common, "--scores", str(parquet_in), "--out", str(tmp_path / "again.parquet"), "--cache", str(cache)]) == 0
-    assert before == {p: p.stat().st_mtime_ns for p in stores[0].rglob("*") if p.is_file()}, "second run reuses the store"
+    assert (
+        main([*common, "--scores", str(parquet_in), "--out", str(tmp_path / "again.parquet"), "--cache", str(cache)])
+        == 0
+    )
+    assert before == {p: p.stat().st_mtime_ns for p in stores[0].rglob("*") if p.is_file()}, (
+        "second run reuses the store"
+    )
 
     from_csv = read_score_table(tmp_path / "from_csv.csv")
     from_parquet, again = read_score_table(tmp_path / "out.parquet"), read_score_table(tmp_path / "again.parquet")

@@ -54,7 +54,9 @@ def tokens_by_hand(state, images, layers, patch):
     side = math.isqrt(pos.shape[1] - 1)
     if (height, width) != (side, side):  # DINO's rule: scale factor (grid + 0.1) / side, bicubic, no antialias
         grid = pos[:, 1:].reshape(1, side, side, channels).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, scale_factor=((height + 0.1) / side, (width + 0.1) / side), mode="bicubic", antialias=False)
+        grid = F.interpolate(
+            grid, scale_factor=((height + 0.1) / side, (width + 0.1) / side), mode="bicubic", antialias=False
+        )
         pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, height * width, channels)], dim=1)
     x = x + pos
     kept = []
@@ -112,7 +114,9 @@ def test_positional_embedding_follows_dino_not_timm_away_from_native():
     assert resized.shape == (1, 1 + 121, 6) and torch.equal(resized[:, 0], pos[:, 0])
     grid = pos[:, 1:].reshape(1, 8, 8, 6).permute(0, 3, 1, 2)
     by_size = F.interpolate(grid, size=(11, 11), mode="bicubic", antialias=False).permute(0, 2, 3, 1).reshape(1, 121, 6)
-    timm_rule = F.interpolate(grid, size=(11, 11), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 121, 6)
+    timm_rule = (
+        F.interpolate(grid, size=(11, 11), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 121, 6)
+    )
     # a scale factor of (11 + 0.1) / 8 samples other points than a target size of 11: the rule matters
     assert not torch.allclose(resized[:, 1:], by_size, atol=1e-3)
     assert not torch.allclose(resized[:, 1:], timm_rule, atol=1e-3)
@@ -120,7 +124,9 @@ def test_positional_embedding_follows_dino_not_timm_away_from_native():
 
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_random_weights_at_other_sizes_are_the_native_weights_resampled():
-    native = BackboneSpec(name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(3,), model_config_path=TINY_DINOV2_CONFIG)
+    native = BackboneSpec(
+        name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(3,), model_config_path=TINY_DINOV2_CONFIG
+    )
     small = load_backbone(native, device="cpu")
     large = load_backbone(native.model_copy(update={"image_size": 154}), device="cpu")
     expected = dino_pos_embed(small.model.pos_embed.detach(), (11, 11))
@@ -135,9 +141,13 @@ def test_random_weights_at_other_sizes_are_the_native_weights_resampled():
 def test_preprocessing_equals_torchvision_resize_and_normalise(mode):
     rng = np.random.default_rng(3)
     image = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).convert(mode)
-    spec = BackboneSpec(name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(1,), model_config_path=TINY_DINOV2_CONFIG)
+    spec = BackboneSpec(
+        name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(1,), model_config_path=TINY_DINOV2_CONFIG
+    )
     backbone = load_backbone(spec, device="cpu")
-    reference = T.Compose([T.Resize((112, 112)), T.CenterCrop(112), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    reference = T.Compose(
+        [T.Resize((112, 112)), T.CenterCrop(112), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
     torch.testing.assert_close(backbone.preprocess(image), reference(image.convert("RGB")), atol=1e-6, rtol=0)
 
 
@@ -154,8 +164,16 @@ def test_missing_weights_offline_fail_fast_and_name_the_file(monkeypatch):
 
 def test_bad_specs_are_clear_errors(tmp_path):
     def spec(**update):
-        return BackboneSpec(**{"name": "musc-tiny-dinov2", "pretrained": None, "image_size": 112, "layers": (1,),
-                               "model_config_path": TINY_DINOV2_CONFIG, **update})
+        return BackboneSpec(
+            **{
+                "name": "musc-tiny-dinov2",
+                "pretrained": None,
+                "image_size": 112,
+                "layers": (1,),
+                "model_config_path": TINY_DINOV2_CONFIG,
+                **update,
+            }
+        )
 
     with pytest.raises(ValueError, match="multiple of"):
         load_backbone(spec(image_size=100))
@@ -178,10 +196,14 @@ def test_bad_specs_are_clear_errors(tmp_path):
         (["--preset", "dinov2"], ("dinov2_vitl14", "lvd142m", 518, (5, 11, 17, 23), "dinov2")),
         (["--backbone", "dinov2_vitb14"], ("dinov2_vitb14", "lvd142m", 518, (2, 5, 8, 11), "dinov2")),
         (["--backbone", "dino_vitbase8", "--image-size", "512"], ("dino_vitbase8", "dino", 512, (2, 5, 8, 11), "dino")),
-        (["--backbone", "timm:vit_small_patch14_dinov2.lvd142m"],
-         ("timm:vit_small_patch14_dinov2.lvd142m", "lvd142m", 518, (2, 5, 8, 11), "timm")),
-        (["--backbone", "timm:vit_base_patch16_224", "--pretrained", "none"],
-         ("timm:vit_base_patch16_224", None, 224, (2, 5, 8, 11), "timm")),
+        (
+            ["--backbone", "timm:vit_small_patch14_dinov2.lvd142m"],
+            ("timm:vit_small_patch14_dinov2.lvd142m", "lvd142m", 518, (2, 5, 8, 11), "timm"),
+        ),
+        (
+            ["--backbone", "timm:vit_base_patch16_224", "--pretrained", "none"],
+            ("timm:vit_base_patch16_224", None, 224, (2, 5, 8, 11), "timm"),
+        ),
     ],
 )
 def test_command_line_names(argv, expected):
@@ -206,11 +228,18 @@ def test_plain_timm_family_follows_timm_own_rules(tmp_path):
     backbone = load_backbone(native.model_copy(update={"pretrained": str(weights), "image_size": 154}), device="cpu")
     saved = load_backbone(native, device="cpu").model.pos_embed.detach()
     grid = saved[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
-    antialiased = F.interpolate(grid, size=(11, 11), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 121, -1)
+    antialiased = (
+        F.interpolate(grid, size=(11, 11), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 121, -1)
+    )
     torch.testing.assert_close(backbone.model.pos_embed.detach()[:, 1:], antialiased)
     image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (60, 80, 3), dtype=np.uint8))
-    bicubic = T.Compose([T.Resize((154, 154), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
-                         T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # timm's pretrained config for this model
+    bicubic = T.Compose(
+        [
+            T.Resize((154, 154), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )  # timm's pretrained config for this model
     torch.testing.assert_close(backbone.preprocess(image), bicubic(image), atol=1e-6, rtol=0)
     images = torch.randn(2, 3, 154, 154, generator=torch.Generator().manual_seed(6))
     _, embeddings = backbone.extract(images)
