@@ -131,7 +131,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def register_model_config(path: Path) -> str:
-    """Register a model config JSON (open_clip's, or a timm-built one); its stem becomes the name."""
+    """Register an open_clip model config JSON; its file stem becomes the model name."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")

@@ -337,8 +337,8 @@ def cmd_rscin(args: argparse.Namespace) -> int:
     products = rescored.loc[status == "rescored", args.product_column or "product"].nunique()
     print(f"{len(rescored)} rows: {(status == 'rescored').sum()} re-scored in {products} product(s), "
           f"{(status == 'failed').sum()} failed, {(status == 'not_rescored').sum()} not re-scored -> {args.out}")
-    for row in rescored[status != "rescored"].head(10).itertuples():
-        print(f"  {getattr(row, args.path_column)!s}: {row.rscin_reason}")
+    for _, row in rescored[status != "rescored"].head(10).iterrows():
+        print(f"  {row[args.path_column]}: {row['rscin_reason']}")
     return 0
 
 

@@ -107,6 +107,8 @@ def rscin_rescore_scores(
     for column in (path_column, score_column, product_column):
         if column is not None and column not in scores.columns:
             raise ValueError(f"no column {column!r} in the scores table; it has {', '.join(map(str, scores.columns))}")
+    if product_column is None and "product" in scores.columns:
+        raise ValueError("the scores table has a 'product' column: name it as the product column, or rename it")
     if not k_list or any(int(k) < 1 for k in k_list):
         raise ValueError(f"k_list must hold integers >= 1, got {list(k_list)}")
     root = Path(os.path.abspath(os.fspath(images_root)))

@@ -131,6 +131,8 @@ def test_bad_arguments_are_clear(images, tmp_path):
     root, table = images
     with pytest.raises(ValueError, match="no column 'score_x'.*path, score"):
         rscin_rescore_scores(table, root, SPEC, score_column="score_x")
+    with pytest.raises(ValueError, match="has a 'product' column"):
+        rscin_rescore_scores(table.assign(product="x"), root, SPEC)
     with pytest.raises(NotADirectoryError):
         rscin_rescore_scores(table, tmp_path / "nowhere", SPEC)
     with pytest.raises(ValueError, match=r"\.csv or \.parquet"):
