@@ -41,7 +41,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="paper",
-        help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512; dinov2: dinov2_vitl14/lvd142m@518",
+        help="paper: ViT-L-14-336/openai@518; fast: ViT-B-16-plus-240/laion400m_e31@512; "
+        "dinov2: dinov2_vitl14/lvd142m@518",
     )
     group.add_argument(
         "--backbone",
@@ -49,7 +50,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--pretrained",
-        help="pretrained tag (open_clip's; timm's for DINO), a checkpoint file (Meta's *_pretrain.pth), or 'none' (random)",
+        help="pretrained tag (open_clip's; timm's for DINO), a checkpoint file (Meta's *_pretrain.pth), "
+        "or 'none' (random)",
     )
     group.add_argument(
         "--model-config", type=Path, help="model config JSON registering an extra architecture (open_clip or timm)"
@@ -319,6 +321,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_rscin(args: argparse.Namespace) -> int:
+    """Re-score another method's score table with RsCIN and write it next to the original scores."""
     from .rscin_plugin import read_score_table, rscin_rescore_scores, write_score_table
 
     rescored = rscin_rescore_scores(
@@ -335,8 +338,10 @@ def cmd_rscin(args: argparse.Namespace) -> int:
     write_score_table(rescored, Path(args.out))
     status = rescored["rscin_status"]
     products = rescored.loc[status == "rescored", args.product_column or "product"].nunique()
-    print(f"{len(rescored)} rows: {(status == 'rescored').sum()} re-scored in {products} product(s), "
-          f"{(status == 'failed').sum()} failed, {(status == 'not_rescored').sum()} not re-scored -> {args.out}")
+    print(
+        f"{len(rescored)} rows: {(status == 'rescored').sum()} re-scored in {products} product(s), "
+        f"{(status == 'failed').sum()} failed, {(status == 'not_rescored').sum()} not re-scored -> {args.out}"
+    )
     for _, row in rescored[status != "rescored"].head(10).iterrows():
         print(f"  {row[args.path_column]}: {row['rscin_reason']}")
     return 0
@@ -412,9 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     rscin = commands.add_parser("rscin", help="re-score another method's per-image scores with RsCIN (plug-in)")
     rscin.add_argument("--scores", required=True, help="CSV or Parquet table with a path and a score column")
-    rscin.add_argument("--images", required=True, help="images root: ROOT/<product>/**, paths in the table relative to it")
+    rscin.add_argument(
+        "--images", required=True, help="images root: ROOT/<product>/**; the table's paths relative to it"
+    )
     rscin.add_argument("--out", required=True, help="re-scored table, .csv or .parquet (input columns plus rscin_*)")
-    rscin.add_argument("--k", type=_int_list, default=(1, 2, 3), help="RsCIN window sizes (VisA-like data: 1,8,9)")
+    rscin.add_argument(
+        "--k",
+        type=_int_list,
+        default=_default("rscin_k"),
+        help=f"RsCIN window sizes (default {_shown(_default('rscin_k'))}; VisA-like data: 1,8,9)",
+    )
     rscin.add_argument("--path-column", default="path")
     rscin.add_argument("--score-column", default="score")
     rscin.add_argument("--product-column", help="column naming each image's product (default: its folder under ROOT)")

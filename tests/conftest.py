@@ -11,7 +11,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 DATA_DIR = Path(__file__).parent / "data"
 TINY_CONFIG = DATA_DIR / "musc-tiny-vit.json"
 TINY_CONFIG_B = DATA_DIR / "musc-tiny-vit-b.json"
-# timm-built test architectures, both 8 x 8 patches natively: DINOv2 (patch 14, layer scale) at 112 px, DINO (patch 16) at 128
+# timm-built test architectures, both 8 x 8 patches natively:
+# DINOv2 (patch 14, layer scale) at 112 px, DINO (patch 16) at 128 px
 TINY_DINOV2_CONFIG = DATA_DIR / "musc-tiny-dinov2.json"
 TINY_DINO_CONFIG = DATA_DIR / "musc-tiny-dino.json"
 
