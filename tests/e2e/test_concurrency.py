@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -56,12 +57,26 @@ def test_two_dates_at_once_both_succeed(prefect_api, dask_address, demo_day, tin
 
 
 def test_same_date_and_backbone_waits_for_the_running_one(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path):
+    lines: list[str] = []
+    said_waiting = threading.Event()
+
+    def read(stream):
+        for line in stream:
+            lines.append(line)
+            if "waiting for it to finish" in line:
+                said_waiting.set()
+
     with run_lock(tmp_path, "2026-11-03", tiny_backbone.key):  # a run of that date is in progress
         waiting = start("2026-11-03", demo_day, tmp_path, tiny_backbone, dask_address, prefect_api)
-        time.sleep(15)
+        reader = threading.Thread(target=read, args=(waiting.stdout,), daemon=True)
+        reader.start()
+        # Start-up (imports, the flow run) takes from seconds to a minute on a loaded machine:
+        # wait for the run to say it waits, not for a fixed time.
+        assert said_waiting.wait(timeout=240), "".join(lines)[-3000:]
+        time.sleep(2)
         assert waiting.poll() is None, "the second run did not wait"
         assert not (tmp_path / "tables").exists(), "the second run wrote while the first held the lock"
-    output = waiting.communicate(timeout=300)[0]
-    assert waiting.returncode == 0, output[-3000:]
-    assert "waiting for it to finish" in output
+    waiting.wait(timeout=300)
+    reader.join(timeout=30)
+    assert waiting.returncode == 0, "".join(lines)[-3000:]
     assert len(tables.read_table(tmp_path / "tables" / "scores")) == len(demo_day.images)
