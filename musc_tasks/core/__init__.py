@@ -2,6 +2,7 @@
 
 tokens -> `aggregate_tokens` (LNAMD) -> `mutual_scores` (MSM) -> `upsample_maps` /
 `image_scores` -> `rescore_images` (RsCIN) -> metrics.
+With known-good references (paper A.6): `reference_pool_patch_scores` (few-shot, MuSc+, combined).
 """
 
 from ._lnamd import aggregate_tokens
@@ -15,10 +16,28 @@ from ._msm import (
     scores_from_similarities,
 )
 from ._pool import block_pair_similarities, block_patch_scores, pool_patch_scores
+from ._references import (
+    REFERENCE_MODES,
+    check_references,
+    combined_scores,
+    few_shot_neighbour_count,
+    few_shot_scores_from_similarities,
+    nearest_reference_distances,
+    reference_pool_patch_scores,
+    reference_scale,
+)
 from ._rscin import rescore_images
 from ._split import split_by_type, split_pool
 
 __all__ = [
+    "REFERENCE_MODES",
+    "check_references",
+    "combined_scores",
+    "few_shot_neighbour_count",
+    "few_shot_scores_from_similarities",
+    "nearest_reference_distances",
+    "reference_pool_patch_scores",
+    "reference_scale",
     "aggregate_tokens",
     "aupro",
     "auto_block_size",

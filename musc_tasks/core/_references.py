@@ -1,0 +1,284 @@
+"""Scoring against known-good reference images: the paper's few-shot MuSc and MuSc+ (A.6).
+
+References are M images a person (or the curation rule) vouches for as normal. They are
+scorers, never scored: the night's N images get patch scores, the references get none.
+
+- few-shot (A.6.1): the references join mutual scoring as extra images of the pool. A patch
+  of image i is compared with the N - 1 other night images and the M references, and its score
+  is the mean of the ``K = max(1, int(interval * (N - 1 + M)))`` smallest of those N - 1 + M
+  nearest-patch distances (the interval is a fraction of everything that scores the image).
+- plus (A.6.2, MuSc+): a patch is scored only against the references, per layer and r the
+  minimum distance to any reference patch (Eq. 9-10); averaged over layers and r as MSM (Eq. 11).
+- combined: ``max(zero_shot, plus * scale_zero_shot / scale_plus)`` where each scale is a
+  high quantile of that score's patch scores on the references themselves: zero-shot scores
+  of each reference against the night (how a known-normal image scores tonight), plus scores
+  of each reference against the other references (leave-one-out). Both terms are then in
+  zero-shot units, one unit being "as anomalous as the most anomalous normal patch", so an
+  ordinary night keeps MuSc's zero-shot scores wherever they matter, and a defect that repeats
+  across the night (which mutual scoring calls normal) still stands out through MuSc+.
+
+The similarities come from the same GEMM as the pool's (`nearest_similarities`): one product
+of a night block with a reference block gives both the night-to-reference similarities (for
+few-shot and plus) and the reference-to-night ones (for the zero-shot scale).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._lnamd import aggregate_tokens
+from ._maps import average_scores
+from ._msm import mutual_scores, nearest_similarities, neighbour_count, scores_from_similarities
+
+__all__ = [
+    "REFERENCE_MODES",
+    "check_references",
+    "combined_scores",
+    "few_shot_neighbour_count",
+    "few_shot_scores_from_similarities",
+    "nearest_reference_distances",
+    "reference_pool_patch_scores",
+    "reference_scale",
+]
+
+REFERENCE_MODES = ("few-shot", "plus", "combined")
+
+
+def check_references(n_references: int, mode: str) -> None:
+    """Refuse reference sets that a mode cannot use, with the reason.
+
+    Parameters
+    ----------
+    n_references : int
+        Size M of the reference set.
+    mode : str
+        One of `REFERENCE_MODES`.
+    """
+    if mode not in REFERENCE_MODES:
+        raise ValueError(f"reference mode must be one of {', '.join(REFERENCE_MODES)}, got {mode!r}")
+    if n_references < 1:
+        raise ValueError(f"the reference set is empty: reference mode {mode!r} needs at least one known-good image")
+    if mode == "combined" and n_references < 2:
+        raise ValueError(
+            "the reference set holds a single image: 'combined' scales MuSc+ by the references' "
+            "leave-one-out scores, which need at least 2 references (use --reference-mode few-shot "
+            "or plus with one image, or add references)"
+        )
+
+
+def few_shot_neighbour_count(n_images: int, n_references: int, interval: float = 0.3) -> int:
+    """K of few-shot MuSc: the interval of the N - 1 night images plus the M references.
+
+    Parameters
+    ----------
+    n_images : int
+        Night pool size N, at least 1 (a single night image is scored by the references alone).
+    n_references : int
+        Reference set size M, at least 1.
+    interval : float
+        Fraction in (0, 1].
+
+    Returns
+    -------
+    k : int
+        ``max(1, int(interval * (N - 1 + M)))``.
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    check_references(n_references, "few-shot")
+    return neighbour_count(n_images + n_references, interval)
+
+
+def few_shot_scores_from_similarities(
+    pool_similarities: Tensor, reference_similarities: Tensor, own_index: Tensor, k: int
+) -> Tensor:
+    """Few-shot patch scores: the pool's other images and the references as scorers.
+
+    Parameters
+    ----------
+    pool_similarities : (B, L, N) float tensor
+        Best-match similarity of each patch with every night image (own column ignored).
+    reference_similarities : (B, L, M) float tensor
+        Best-match similarity of each patch with every reference image.
+    own_index : (B,) int64 tensor
+        Column of each row's own image among the N night images.
+    k : int
+        `few_shot_neighbour_count`.
+
+    Returns
+    -------
+    scores : (B, L) float32 tensor
+    """
+    if reference_similarities.shape[:2] != pool_similarities.shape[:2]:
+        raise ValueError(
+            f"pool and reference similarities disagree on (B, L): {tuple(pool_similarities.shape)} "
+            f"and {tuple(reference_similarities.shape)}"
+        )
+    check_references(reference_similarities.shape[2], "few-shot")
+    joined = torch.cat([pool_similarities.float(), reference_similarities.float()], dim=2)
+    return scores_from_similarities(joined, own_index, k)
+
+
+def nearest_reference_distances(reference_similarities: Tensor) -> Tensor:
+    """MuSc+ patch scores (Eq. 9-10): distance to the nearest patch of any reference.
+
+    Parameters
+    ----------
+    reference_similarities : (B, L, M) float tensor
+        Best-match similarity of each patch with every reference image.
+
+    Returns
+    -------
+    scores : (B, L) float32 tensor
+        ``min_m sqrt(2 - 2 s[b, p, m])``.
+    """
+    check_references(reference_similarities.shape[2], "plus")
+    best = reference_similarities.float().amax(dim=2)
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * best, min=0.0))
+
+
+def reference_scale(reference_scores: Tensor, quantile: float = 0.99) -> float:
+    """How high a score gets on known-normal patches: a quantile of the references' scores.
+
+    Parameters
+    ----------
+    reference_scores : (M, L) float tensor
+        Patch scores of the references themselves (zero-shot against the night, or MuSc+
+        leave-one-out against the other references).
+    quantile : float
+        In (0, 1]. 0.99 ignores the odd outlying patch of a reference without letting a
+        typical normal patch define the unit.
+
+    Returns
+    -------
+    scale : float
+        Positive (a floor of 1e-6 keeps a degenerate set of identical references finite).
+    """
+    if reference_scores.numel() == 0:
+        raise ValueError("no reference scores to take a scale from: the reference set is empty")
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    return max(float(torch.quantile(reference_scores.double().flatten(), quantile)), 1e-6)
+
+
+def combined_scores(zero_shot: Tensor, plus: Tensor, zero_shot_scale: float, plus_scale: float) -> Tensor:
+    """The combined rule: the larger of zero-shot and MuSc+, both in zero-shot units.
+
+    Parameters
+    ----------
+    zero_shot, plus : (N, L) float tensors
+        Patch scores of the same images (averaged over layers and r).
+    zero_shot_scale, plus_scale : float
+        `reference_scale` of each score on the references.
+
+    Returns
+    -------
+    scores : (N, L) float32 tensor
+        ``max(zero_shot, plus * zero_shot_scale / plus_scale)``.
+    """
+    if zero_shot.shape != plus.shape:
+        raise ValueError(f"zero-shot and plus scores differ in shape: {tuple(zero_shot.shape)} and {tuple(plus.shape)}")
+    if zero_shot_scale <= 0 or plus_scale <= 0:
+        raise ValueError(f"scales must be positive, got {zero_shot_scale} and {plus_scale}")
+    return torch.maximum(zero_shot.float(), plus.float() * (zero_shot_scale / plus_scale))
+
+
+def reference_pool_patch_scores(
+    layer_tokens: Sequence[Tensor],
+    reference_tokens: Sequence[Tensor],
+    grid: tuple[int, int],
+    r_list: Sequence[int] = (1, 3, 5),
+    *,
+    mode: str = "combined",
+    interval: float = 0.3,
+    quantile: float = 0.99,
+) -> Tensor:
+    """Patch scores of one night pool with a reference set, in memory (the plain path).
+
+    Parameters
+    ----------
+    layer_tokens : sequence of Y (N, L, C) float tensors
+        Raw patch tokens of the night's images, one tensor per feature layer.
+    reference_tokens : sequence of Y (M, L, C) float tensors
+        Raw patch tokens of the references, same layers.
+    grid : (H, W)
+        Patch grid, H * W = L.
+    r_list : sequence of int
+        LNAMD aggregation degrees.
+    mode : {"few-shot", "plus", "combined"}
+    interval : float
+        As in `mutual_scores`; few-shot counts the references among the scorers.
+    quantile : float
+        `reference_scale` quantile (combined only).
+
+    Returns
+    -------
+    patch_scores : (N, L) float32 tensor
+        Averaged over layers and aggregation degrees. References get no scores.
+    """
+    if len(layer_tokens) != len(reference_tokens) or not layer_tokens:
+        raise ValueError(
+            f"night and reference tokens need the same non-zero number of layers, got "
+            f"{len(layer_tokens)} and {len(reference_tokens)}"
+        )
+    if not r_list:
+        raise ValueError("r_list is empty: at least one aggregation degree is needed")
+    n_images = layer_tokens[0].shape[0]
+    n_references = reference_tokens[0].shape[0]
+    check_references(n_references, mode)
+    if mode == "few-shot":
+        k = few_shot_neighbour_count(n_images, n_references, interval)
+    elif n_images < 2 and mode == "combined":
+        raise ValueError("'combined' needs at least 2 night images (it includes zero-shot mutual scoring)")
+    own_index = torch.arange(n_images)
+    maps: dict[str, list[Tensor]] = {
+        "few-shot": [],
+        "plus": [],
+        "zero-shot": [],
+        "ref-zero-shot": [],
+        "ref-plus": [],
+    }
+    for r in r_list:
+        rows = {name: [] for name in maps}
+        for tokens, references in zip(layer_tokens, reference_tokens, strict=True):
+            night = aggregate_tokens(tokens, grid, r)
+            known = aggregate_tokens(references, grid, r)
+            to_references, to_night = nearest_similarities(night, known)  # (N, L, M), (M, L, N)
+            if mode == "few-shot":
+                night_to_night, _ = nearest_similarities(night, night)
+                rows["few-shot"].append(few_shot_scores_from_similarities(night_to_night, to_references, own_index, k))
+                continue
+            rows["plus"].append(nearest_reference_distances(to_references))
+            if mode == "combined":
+                rows["zero-shot"].append(mutual_scores(night, interval=interval))
+                zero_shot_k = neighbour_count(n_images + 1, interval)  # a reference scored as one more night image
+                rows["ref-zero-shot"].append(
+                    scores_from_similarities(
+                        torch.cat([to_night, torch.full_like(to_night[:, :, :1], -1.0)], dim=2),
+                        torch.full((n_references,), n_images),
+                        zero_shot_k,
+                    )
+                )
+                among, _ = nearest_similarities(known, known)
+                rows["ref-plus"].append(_leave_one_out_plus(among))
+        for name, per_layer in rows.items():
+            if per_layer:
+                maps[name].append(torch.stack(per_layer))
+    averaged = {name: average_scores(torch.stack(stack)) for name, stack in maps.items() if stack}
+    if mode != "combined":
+        return averaged[mode]
+    return combined_scores(
+        averaged["zero-shot"],
+        averaged["plus"],
+        reference_scale(averaged["ref-zero-shot"], quantile),
+        reference_scale(averaged["ref-plus"], quantile),
+    )
+
+
+def _leave_one_out_plus(among: Tensor) -> Tensor:
+    """MuSc+ scores of each reference against the other references, from their (M, L, M) similarities."""
+    masked = among.float().clone()
+    rows = torch.arange(masked.shape[0])
+    masked[rows, :, rows] = -1.0  # a reference never matches itself
+    return torch.sqrt(torch.clamp(2.0 - 2.0 * masked.amax(dim=2), min=0.0))
