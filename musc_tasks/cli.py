@@ -356,6 +356,39 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_references(args: argparse.Namespace) -> int:
+    """``musc references add|list|remove``: known-good reference sets per product and backbone."""
+    from .references import DEFAULT_MAX_REFERENCES, add_references, describe, list_reference_sets, remove_references
+
+    out = Path(args.out).resolve()
+    if args.action == "list":
+        backbone_key = backbone_from_args(args).key if args.backbone or args.preset != "paper" else None
+        sets = list_reference_sets(out, backbone_key=backbone_key, product=args.product)
+        for stored in sets:
+            print(describe(stored))
+        if not sets:
+            print(f"no reference sets under {out}")
+        return 0
+    backbone = backbone_from_args(args)
+    if args.action == "add":
+        stored, problems = add_references(
+            out,
+            args.product,
+            args.folders,
+            backbone,
+            name=args.name,
+            max_size=args.max or DEFAULT_MAX_REFERENCES,
+            device=args.device,
+        )
+        for line in problems:
+            print(f"not added: {line}", file=sys.stderr)
+        print(describe(stored))
+        return 0
+    stored = remove_references(out, args.product, backbone.key, name=args.name, image_ids=args.folders)
+    print(describe(stored) if stored else f"removed reference set {args.name!r} of {args.product!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``musc`` argument parser with every command."""
     parser = argparse.ArgumentParser(
@@ -433,6 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     rscin.add_argument("--cache", help="a musc results folder whose token stores to reuse and extend")
     add_backbone_arguments(rscin)
     rscin.set_defaults(func=cmd_rscin)
+
+    references = commands.add_parser(
+        "references", help="known-good reference sets per product and backbone (add, list, remove)"
+    )
+    actions = references.add_subparsers(dest="action", required=True)
+    helps = {
+        "add": "add a folder of known-good images to a product's set (tokens extracted once)",
+        "list": "the stored sets: product, name@version:content, size, backbone",
+        "remove": "drop images (unique id prefixes) from a set, or the whole set",
+    }
+    for action, text in helps.items():
+        sub = actions.add_parser(action, help=text)
+        if action == "add":
+            sub.add_argument("folders", nargs="+", help="folders of known-good images of the product")
+            sub.add_argument("--max", type=int, help="size cap of the set (default 64)")
+        if action == "remove":
+            sub.add_argument("folders", nargs="*", metavar="image_ids", help="image ids to drop (default: the set)")
+        sub.add_argument("--out", required=True, help="results folder whose token stores the set uses")
+        sub.add_argument("--product", required=action != "list", help="product the images show")
+        sub.add_argument("--name", default="golden", help="the set's name (default golden)")
+        add_backbone_arguments(sub)
+        sub.set_defaults(func=cmd_references)
 
     fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
     add_backbone_arguments(fetch)

@@ -3,6 +3,7 @@
 OUT/cache/catalogs/<date>/<key>.json           the day's catalog (one record per file)
 OUT/cache/tokens/<backbone_key>/<product>.zarr  token store, shared by every day
 OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr, scores-<key>.json
+OUT/cache/references/<backbone_key>/<product>/<name>.json  known-good reference sets
 OUT/tables/, OUT/masks/, OUT/heatmaps/          the published results
 """
 
@@ -12,7 +13,15 @@ from pathlib import Path
 
 from .identity import path_segment
 
-__all__ = ["catalog_path", "day_input", "pool_stores_dir", "token_store_path", "token_stores_dir"]
+__all__ = [
+    "catalog_path",
+    "day_input",
+    "pool_stores_dir",
+    "reference_set_path",
+    "reference_sets_dir",
+    "token_store_path",
+    "token_stores_dir",
+]
 
 
 def day_input(pattern: str, day: str) -> str:
@@ -43,3 +52,13 @@ def pool_stores_dir(out_dir: str | Path, backbone_key: str, product: str | None 
     """The pool stores of a backbone, or of one of its products."""
     root = _cache_dir(out_dir) / "pools" / backbone_key
     return root if product is None else root / path_segment(product)
+
+
+def reference_sets_dir(out_dir: str | Path) -> Path:
+    """Every known-good reference set, by backbone and product."""
+    return _cache_dir(out_dir) / "references"
+
+
+def reference_set_path(out_dir: str | Path, backbone_key: str, product: str, name: str) -> Path:
+    """The current version of one reference set (its tokens are in the product's token store)."""
+    return reference_sets_dir(out_dir) / backbone_key / path_segment(product) / f"{path_segment(name)}.json"

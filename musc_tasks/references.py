@@ -1,0 +1,276 @@
+"""Known-good reference sets per (product, backbone): what they hold, where from, which version.
+
+A reference set is a small JSON file beside the token stores,
+``OUT/cache/references/<backbone_key>/<product>/<name>.json``; its images' tokens live in the
+product's token store (extracted once, shared with the nights that contain the same bytes).
+Every change (add, remove) writes a new version: the version number goes up and the content
+key (a hash of the sorted image ids) says exactly which images it holds, so a score row that
+records both can be reproduced. Each entry keeps its provenance: image id, source path,
+when and by what it was added, and the night and score it came from when curated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from .atomic import write_atomic
+from .backbone import load_backbone, patch_size
+from .catalog import IMAGE_SUFFIXES, catalog_files
+from .config import BackboneSpec
+from .extract import extract_tokens_to_store
+from .identity import params_key, path_segment
+from .layout import reference_set_path, reference_sets_dir, token_store_path
+from .locks import exclusive_lock
+from .store import read_token_rows, token_index
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_REFERENCES",
+    "ReferenceEntry",
+    "ReferenceSet",
+    "add_references",
+    "describe",
+    "list_reference_sets",
+    "read_reference_set",
+    "reference_tokens",
+    "remove_references",
+]
+
+# A reference GEMM costs M images per night image; 64 known-good images already cover a
+# product's normal variation (the paper's many-shot tables stop gaining at 32).
+DEFAULT_MAX_REFERENCES = 64
+
+
+class ReferenceEntry(BaseModel):
+    """One known-good image and where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    image_id: str
+    source_path: str
+    added_at: str  # ISO time, UTC
+    added_by: str  # "user:<name>" for a golden set, "curate" for the pipeline's own pick
+    from_date: str | None = None  # the night it was scored on, when curated
+    from_score: float | None = None  # its image score that night, when curated
+
+
+class ReferenceSet(BaseModel):
+    """One version of a product's reference set for one backbone."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    product: str
+    backbone_key: str
+    version: int
+    content_key: str  # hash of the sorted image ids
+    entries: tuple[ReferenceEntry, ...]
+    token_store: str
+
+    @property
+    def label(self) -> str:
+        """What a score row records: name, version and content key."""
+        return f"{self.name}@v{self.version}:{self.content_key}"
+
+
+def _content_key(entries: Sequence[ReferenceEntry]) -> str:
+    return params_key(sorted(e.image_id for e in entries), length=12)
+
+
+def read_reference_set(out_dir: str | Path, backbone_key: str, product: str, name: str) -> ReferenceSet:
+    """The current version of a stored set, or a clear error naming what exists."""
+    path = reference_set_path(out_dir, backbone_key, product, name)
+    if not path.is_file():
+        known = [s.name for s in list_reference_sets(out_dir, backbone_key=backbone_key, product=product)]
+        raise FileNotFoundError(
+            f"no reference set {name!r} for product {product!r} and backbone {backbone_key} under {out_dir}"
+            + (f" (it has: {', '.join(known)})" if known else " (it has none: add one with 'musc references add')")
+        )
+    return ReferenceSet.model_validate_json(path.read_text())
+
+
+def list_reference_sets(
+    out_dir: str | Path, *, backbone_key: str | None = None, product: str | None = None
+) -> list[ReferenceSet]:
+    """Every stored set under OUT, optionally of one backbone and product, sorted."""
+    root = reference_sets_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.glob("*/*/*.json")):
+        stored = ReferenceSet.model_validate_json(path.read_text())
+        if backbone_key not in (None, stored.backbone_key) or product not in (None, stored.product):
+            continue
+        found.append(stored)
+    return found
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files below ``folder``, as sorted POSIX paths relative to it."""
+    if not folder.is_dir():
+        raise NotADirectoryError(f"reference folder {folder} is not a directory")
+    found = []
+    for here, _, names in os.walk(folder):
+        for file_name in names:
+            if file_name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(Path(here, file_name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def _write(out_dir: str | Path, stored: ReferenceSet) -> Path:
+    path = reference_set_path(out_dir, stored.backbone_key, stored.product, stored.name)
+    return write_atomic(path, stored.model_dump_json(indent=1).encode())
+
+
+def add_references(
+    out_dir: str | Path,
+    product: str,
+    folders: Sequence[str | Path],
+    backbone: BackboneSpec,
+    *,
+    name: str = "golden",
+    added_by: str | None = None,
+    max_size: int = DEFAULT_MAX_REFERENCES,
+    device: str = "auto",
+    loader: Callable[[], object] | None = None,
+) -> tuple[ReferenceSet, list[str]]:
+    """Add a person's known-good images to a product's set and extract their tokens once.
+
+    Parameters
+    ----------
+    out_dir : path
+        The results folder (its token store for this product and backbone is used).
+    product : str
+    folders : sequence of paths
+        Folders of known-good images of ``product`` (searched recursively).
+    backbone : BackboneSpec
+    name : str
+        The set's name (one product may keep several).
+    added_by : str, optional
+        Provenance; default ``user:<login>``.
+    max_size : int
+        The most images a set may hold; adding beyond it is refused.
+    device : str
+    loader : callable, optional
+        Builds the backbone when tokens are missing (tests pass a tiny one); default `load_backbone`.
+
+    Returns
+    -------
+    stored : ReferenceSet
+        The new version.
+    problems : list of str
+        One line per file that was not added, with the reason.
+    """
+    if not folders:
+        raise ValueError("no reference folder given")
+    if path_segment(name) != name or not name:
+        raise ValueError(f"reference set name {name!r} must be made of letters, digits, '.', '_' or '-'")
+    who = added_by or f"user:{os.environ.get('USER', 'unknown')}"
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    store = token_store_path(out_dir, backbone.key, product)
+    problems: list[str] = []
+    new: dict[str, ReferenceEntry] = {}
+    for folder in map(Path, folders):
+        folder = folder.resolve()
+        files = _image_files(folder)
+        if not files:
+            raise ValueError(f"reference folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+        catalog = catalog_files(folder, [(product, rel) for rel in files], min_side=patch_size(backbone))
+        for entry in catalog.entries:
+            if entry.status != "ok":
+                problems.append(f"{entry.path}: {entry.reason}")
+            elif entry.duplicate_of is None and entry.image_id not in new:
+                new[entry.image_id] = ReferenceEntry(
+                    image_id=entry.image_id, source_path=entry.path, added_at=now, added_by=who
+                )
+    path = reference_set_path(out_dir, backbone.key, product, name)
+    with exclusive_lock(path.with_suffix(".lock")):
+        previous = read_reference_set(out_dir, backbone.key, product, name) if path.is_file() else None
+        kept = {e.image_id: e for e in previous.entries} if previous else {}
+        added = {i: e for i, e in new.items() if i not in kept}
+        if len(kept) + len(added) > max_size:
+            raise ValueError(
+                f"reference set {name!r} of {product!r} would hold {len(kept) + len(added)} images, over its cap of "
+                f"{max_size}: remove some first or pass a larger --max"
+            )
+        if previous and not added:
+            return previous, problems  # nothing new: the same version
+        build = loader or partial(load_backbone, backbone, device=device)
+        result = extract_tokens_to_store(store, [(e.image_id, e.source_path) for e in added.values()], build)
+        for image_id, reason in result.failed.items():
+            problems.append(f"{added.pop(image_id).source_path}: {reason}")
+        entries = tuple(kept.values()) + tuple(added.values())
+        if not entries:
+            raise ValueError(f"no usable reference image for {product!r}: " + "; ".join(problems))
+        stored = ReferenceSet(
+            name=name,
+            product=product,
+            backbone_key=backbone.key,
+            version=(previous.version + 1) if previous else 1,
+            content_key=_content_key(entries),
+            entries=entries,
+            token_store=str(store),
+        )
+        _write(out_dir, stored)
+    logger.info("%s: %d added, %d already in the set", stored.label, len(added), len(new) - len(added))
+    return stored, problems
+
+
+def remove_references(
+    out_dir: str | Path, product: str, backbone_key: str, *, name: str = "golden", image_ids: Sequence[str] = ()
+) -> ReferenceSet | None:
+    """Remove some images (ids or unique id prefixes) from a set, or the whole set when none are named.
+
+    Returns the new version, or None when the set was removed. Tokens stay in the token store
+    (nights may share them).
+    """
+    path = reference_set_path(out_dir, backbone_key, product, name)
+    with exclusive_lock(path.with_suffix(".lock")):
+        current = read_reference_set(out_dir, backbone_key, product, name)
+        if not image_ids:
+            path.unlink()
+            return None
+        drop = set()
+        for wanted in image_ids:
+            matches = [e.image_id for e in current.entries if e.image_id.startswith(wanted)]
+            if len(matches) != 1:
+                raise ValueError(
+                    f"{wanted!r} matches {len(matches)} images of reference set {current.label}; "
+                    "give a unique id prefix"
+                )
+            drop.add(matches[0])
+        entries = tuple(e for e in current.entries if e.image_id not in drop)
+        if not entries:
+            raise ValueError(f"removing these would empty reference set {current.label}; remove the whole set instead")
+        stored = current.model_copy(
+            update={"version": current.version + 1, "entries": entries, "content_key": _content_key(entries)}
+        )
+        _write(out_dir, stored)
+    return stored
+
+
+def reference_tokens(stored: ReferenceSet) -> list[np.ndarray]:
+    """The set's tokens from its token store: one (M, L, C) float32 array per layer."""
+    index = token_index(Path(stored.token_store))
+    missing = [e.source_path for e in stored.entries if e.image_id not in index]
+    if missing:
+        raise FileNotFoundError(
+            f"reference set {stored.label}: tokens of {len(missing)} image(s) are missing from {stored.token_store} "
+            f"(e.g. {missing[0]}); add them again with 'musc references add'"
+        )
+    return read_token_rows(Path(stored.token_store), [index[e.image_id] for e in stored.entries])
+
+
+def describe(stored: ReferenceSet) -> str:
+    """One line per set for ``musc references list``."""
+    sources = ", ".join(sorted({e.added_by for e in stored.entries}))
+    return f"{stored.product}\t{stored.label}\t{len(stored.entries)} images\t{stored.backbone_key}\tadded by {sources}"
