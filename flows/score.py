@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import Stages
 from musc_tasks.backbone import patch_size
-from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
+from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
@@ -27,12 +27,14 @@ def score_captures(
     device: str = "auto",
     dask_address: str | None = None,
     refresh: bool = False,
+    outputs: OutputPolicy = OutputPolicy(),
 ) -> RunSummary:
     """Score one day's captures: every image gets a score, a rank, a mask and a heatmap.
 
     ``input_dir`` may contain ``{date}``, filled with ``run_date`` (default today) plus
     ``day_offset`` days: the nightly deployment scores yesterday with ``day_offset=-1``.
-    ``refresh`` ignores cached task results (the on-disk stores still resume).
+    ``refresh`` ignores cached task results (the on-disk stores still resume); ``outputs`` sizes
+    and encodes the heatmaps.
     """
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
     geometry = token_geometry(backbone)
@@ -46,7 +48,9 @@ def score_captures(
             run_date=day,
             min_side=geometry.patch_size,
         )
-        summary, _ = score_catalog(catalog, backbone, geometry, scoring, out_dir, device, dask_address, stages)
+        summary, _ = score_catalog(
+            catalog, backbone, geometry, scoring, out_dir, device, dask_address, stages, outputs=outputs
+        )
     return summary
 
 
@@ -59,6 +63,8 @@ def score_catalog(
     device: str,
     dask_address: str | None,
     stages: Stages,
+    *,
+    outputs: OutputPolicy = OutputPolicy(),
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     """The stages after the catalog, shared by the nightly and the evaluation flows."""
     tokens = stages.run(
@@ -83,6 +89,7 @@ def score_catalog(
         scoring=scoring,
         out_dir=out_dir,
         run=stages.info(tokens, pools),
+        outputs=outputs,
     )
     create_markdown_artifact(
         key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"

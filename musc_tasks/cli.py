@@ -11,7 +11,7 @@ from datetime import date
 from pathlib import Path
 from typing import get_args
 
-from .config import PRESETS, BackboneSpec, ScoringParams
+from .config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
 
 logger = logging.getLogger("musc")
 
@@ -117,6 +117,47 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The heatmap size policy of the score command, defaults from OutputPolicy."""
+    group = parser.add_argument_group("outputs (heatmap size policy; masks are always full-size PNG)")
+    fields = OutputPolicy.model_fields
+    group.add_argument(
+        "--heatmap-format",
+        choices=get_args(fields["heatmap_format"].annotation),
+        default=fields["heatmap_format"].default,
+        help=f"heatmap encoding; png is lossless (default {fields['heatmap_format'].default})",
+    )
+    group.add_argument(
+        "--heatmap-quality",
+        type=int,
+        default=fields["heatmap_quality"].default,
+        help=f"JPEG/WebP quality 1-100, WebP 100 = lossless (default {fields['heatmap_quality'].default})",
+    )
+    group.add_argument(
+        "--heatmap-long-side",
+        type=int,
+        default=fields["long_side"].default,
+        help=f"long side in pixels of the other heatmaps (default {fields['long_side'].default})",
+    )
+    group.add_argument(
+        "--full-resolution-top",
+        type=int,
+        default=fields["full_resolution_top"].default,
+        help="heatmaps at the capture's resolution: flagged images and this many top ranks per product "
+        f"(default {fields['full_resolution_top'].default})",
+    )
+
+
+def outputs_from_args(args: argparse.Namespace) -> OutputPolicy:
+    """OutputPolicy from the output options."""
+    return OutputPolicy(
+        heatmap_format=args.heatmap_format,
+        heatmap_quality=args.heatmap_quality,
+        long_side=args.heatmap_long_side,
+        full_resolution_top=args.full_resolution_top,
+    )
+
+
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     """The preset, with whatever the command line overrides."""
     spec = PRESETS[args.preset]
@@ -167,6 +208,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         device=args.device,
         dask_address=args.dask_address,
         refresh=args.refresh,
+        outputs=outputs_from_args(args),
     )
     print_summary(summary)
     return 0
@@ -389,6 +431,29 @@ def cmd_references(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_maps(args: argparse.Namespace) -> int:
+    """``musc maps``: one image's raw anomaly map, upsampled to the capture's size."""
+    import numpy as np
+
+    from .maps import MapNotFound, read_map
+
+    try:
+        score_map, info = read_map(
+            args.out, args.date, args.product, args.image, backbone_key=args.backbone, upsample=not args.patch_grid
+        )
+    except MapNotFound as error:
+        print(f"musc: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{info['path']}  ({info['store']})")
+    print(f"  map {score_map.shape[0]} x {score_map.shape[1]}: min {score_map.min():.4f}, max {score_map.max():.4f}")
+    above = float((score_map > info["pixel_threshold"]).mean())
+    print(f"  pixel threshold {info['pixel_threshold']:.4f}: {above:.2%} of pixels above")
+    if args.save:
+        np.save(args.save, score_map)
+        print(f"  saved {args.save} (float32)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``musc`` argument parser with every command."""
     parser = argparse.ArgumentParser(
@@ -404,7 +469,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--refresh", action="store_true", help="ignore cached task results")
     add_backbone_arguments(score)
     add_scoring_arguments(score)
+    add_output_arguments(score)
     score.set_defaults(func=cmd_score)
+
+    maps = commands.add_parser("maps", help="one image's raw anomaly map of a published day")
+    maps.add_argument("image", help="path as in the scores table, path inside the product folder, file name or id")
+    maps.add_argument("--out", required=True, help="results folder")
+    maps.add_argument("--date", required=True, help="YYYY-MM-DD of the day")
+    maps.add_argument("--product", required=True)
+    maps.add_argument("--backbone", help="backbone key or a unique part of it (needed when a day has several)")
+    maps.add_argument("--patch-grid", action="store_true", help="the stored patch-grid map, not upsampled")
+    maps.add_argument("--save", help="write the map to this .npy file")
+    maps.set_defaults(func=cmd_maps)
 
     demo = commands.add_parser("demo", help="generate a synthetic day with planted defects and score it")
     demo.add_argument("--out", default="demo-out")

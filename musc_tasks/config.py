@@ -162,6 +162,24 @@ class ScoringParams(BaseModel):
         return value
 
 
+class OutputPolicy(BaseModel):
+    """How the published heatmaps are sized and encoded; changes no score, mask or table value.
+
+    Flagged images and the ``full_resolution_top`` best-ranked images of each product get their
+    heatmap at the capture's resolution; every other heatmap is scaled so that its long side is
+    at most ``long_side`` pixels (never enlarged). Masks are always lossless PNG at full size.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    heatmap_format: Literal["jpeg", "webp", "png"] = "jpeg"
+    # JPEG quality 85: about 1/6 of the bytes of a PNG overlay of a photo (docs/performance.md);
+    # WebP at 100 is lossless, as is png.
+    heatmap_quality: int = Field(85, ge=1, le=100)
+    long_side: int = Field(1024, ge=64)
+    full_resolution_top: int = Field(10, ge=0)
+
+
 def backbone_family(name: str, model_config_path: Path | None = None) -> str:
     """The family of a backbone name: `timm:` prefix, the authors' DINO names, a timm config, or CLIP."""
     if name.startswith(TIMM_PREFIX):

@@ -4,6 +4,7 @@ OUT/cache/catalogs/<date>/<key>.json           the day's catalog (one record per
 OUT/cache/tokens/<backbone_key>/<product>.zarr  token store, shared by every day
 OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr, scores-<key>.json
 OUT/cache/references/<backbone_key>/<product>/<name>.json  known-good reference sets
+OUT/maps/<date>/<product>/<backbone_key>.zarr   raw patch-grid anomaly maps of a day
 OUT/tables/, OUT/masks/, OUT/heatmaps/          the published results
 """
 
@@ -16,6 +17,7 @@ from .identity import path_segment
 __all__ = [
     "catalog_path",
     "day_input",
+    "maps_store_path",
     "pool_stores_dir",
     "reference_set_path",
     "reference_sets_dir",
@@ -62,3 +64,8 @@ def reference_sets_dir(out_dir: str | Path) -> Path:
 def reference_set_path(out_dir: str | Path, backbone_key: str, product: str, name: str) -> Path:
     """The current version of one reference set (its tokens are in the product's token store)."""
     return reference_sets_dir(out_dir) / backbone_key / path_segment(product) / f"{path_segment(name)}.json"
+
+
+def maps_store_path(out_dir: str | Path, run_date: str, product: str, backbone_key: str) -> Path:
+    """The raw anomaly maps of one day, product and backbone (written by publish)."""
+    return Path(out_dir) / "maps" / run_date / path_segment(product) / f"{backbone_key}.zarr"

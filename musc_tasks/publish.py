@@ -13,15 +13,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from PIL import Image
 
 from . import tables
+from .atomic import write_atomic
 from .catalog import read_records
-from .config import BackboneSpec, ScoringParams
+from .config import BackboneSpec, OutputPolicy, ScoringParams
 from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
+from .layout import maps_store_path
 from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, TokensRef
-from .render import heatmap_overlay, mask_pixels, region_rows, write_png
-from .rscin import ProductScores, patch_score_rows, read_product_scores, score_map
+from .maps import upsample_map
+from .render import HEATMAP_FORMATS, encode_image, heatmap_legend, heatmap_overlay, mask_pixels, region_rows, write_png
+from .rscin import ProductScores, read_product_scores
+from .store import open_pool_store, pool_layout, write_maps_store
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ def publish_day(
     out_dir: str | Path,
     run: RunInfo,
     *,
+    outputs: OutputPolicy = OutputPolicy(),
     on_progress: Callable[[int, int], None] | None = None,
     log: logging.Logger = logger,
 ) -> tuple[RunSummary, list[dict]]:
@@ -91,6 +97,7 @@ def publish_day(
             run_id=run.run_id,
             not_scored_reason=reasons.get(product) or "not scored",
             failed_at_extraction=failed,
+            outputs=outputs,
         )
         partition = {"date": catalog.run_date, "product": product}
         for name, schema, table_rows in (
@@ -172,13 +179,13 @@ def printable(path: str) -> str:
 
 
 def output_relpath(
-    kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool
+    kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool, suffix: str = ".png"
 ) -> str:
     """Where a product image's mask or heatmap goes, relative to OUT; never outside it."""
     source = PurePosixPath(printable(relpath))
     if source.is_absolute() or ".." in source.parts:
         raise ValueError(f"relpath {relpath!r} must stay inside its product folder")
-    name = source.name + ".png" if keep_suffix else source.stem + ".png"
+    name = source.name + suffix if keep_suffix else source.stem + suffix
     return str(PurePosixPath(kind, run_date, product, backbone_key, *source.parent.parts, name))
 
 
@@ -194,27 +201,30 @@ def product_rows(
     run_id: str,
     not_scored_reason: str | None = None,
     failed_at_extraction: Mapping[str, str] | None = None,
+    outputs: OutputPolicy = OutputPolicy(),
 ) -> ProductRows:
-    """Write every scored image's mask and heatmap; return its score and region rows.
+    """Write every scored image's mask and heatmap and the product's maps store; return its rows.
 
     Duplicates (same content) share their original's scores and rank; every path gets its
     own row, mask and heatmap. Files that could not be read get a row with their reason:
     at cataloguing (the record's), at extraction (``failed_at_extraction``, image id ->
-    reason) or here.
+    reason) or here. Masks and regions come from the float16 patch-grid map that the maps
+    store keeps, upsampled to the capture's size, so a stored map reproduces them exactly.
     """
     failed_at_extraction = failed_at_extraction or {}
     by_id = {s.image_id: s for s in (scores.images if scores else ())}
     ranks = _ranks(scores)
     stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
     clashing = {s for s in stems if stems.count(s) > 1}
-    patch_rows = patch_score_rows(pool_paths)
+    patch_maps = _patch_maps(pool_paths)
     small = None
     if scores is not None and len(scores.images) < 5:
         small = (
             f"only {len(scores.images)} distinct images in this product: each is compared with its "
             "single most similar other image (MuSc averages the nearest 30 % of 5 or more)"
         )
-    score_rows, region_rows_out = [], []
+    heat_suffix = HEATMAP_FORMATS[outputs.heatmap_format]
+    score_rows, region_rows_out, map_entries = [], [], []
     for record, stem in zip(records, stems):
         row = {
             "image_id": record.image_id,
@@ -238,19 +248,24 @@ def product_rows(
             continue
         keep_suffix = stem in clashing
         mask_rel = output_relpath("masks", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix)
-        heat_rel = output_relpath("heatmaps", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix)
+        heat_rel = output_relpath(
+            "heatmaps", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix, suffix=heat_suffix
+        )
         try:
             image, _ = read_rgb(Path(record.path))
         except ImageReadError as error:
             score_rows.append({**row, "status": "failed", "error": f"unreadable at publish: {error.reason}"})
             continue
-        pool_path, pool_row = patch_rows[record.image_id]
-        pixel_scores = score_map(pool_path, pool_row, image.height, image.width)
+        patch_map = patch_maps[record.image_id]
+        pixel_scores = upsample_map(patch_map, (image.height, image.width))
         mask = mask_pixels(pixel_scores, scores.pixel_threshold)
         write_png(_inside(out_dir, mask_rel), mask)
-        overlay = heatmap_overlay(np.asarray(image), pixel_scores, vmin=scores.map_min, vmax=scores.map_max)
-        write_png(_inside(out_dir, heat_rel), overlay)
         regions = region_rows(mask > 0, pixel_scores)
+        flagged = scored.score > scores.image_threshold
+        full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
+        overlay = _overlay(image, patch_map, pixel_scores, mask > 0, regions, scores, outputs, full_size=full_size)
+        write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
+        map_entries.append((record, image.height, image.width))
         for index in range(len(regions["region"])):
             region_rows_out.append(
                 {
@@ -267,7 +282,7 @@ def product_rows(
                 "score": scored.score,
                 "raw_score": scored.raw_score,
                 "rank": ranks[record.image_id],
-                "flagged": scored.score > scores.image_threshold,
+                "flagged": flagged,
                 "image_threshold": scores.image_threshold,
                 "pixel_threshold": scores.pixel_threshold,
                 "pool_index": scored.pool_index,
@@ -275,10 +290,91 @@ def product_rows(
                 "anomalous_fraction": float((mask > 0).mean()),
                 "mask_path": mask_rel,
                 "heatmap_path": heat_rel,
+                "heatmap_min": scores.pixel_threshold,
+                "heatmap_max": max(scores.map_max, scores.pixel_threshold),
                 "status": "scored",
             }
         )
+    if scores is not None:
+        _write_maps(out_dir, run_date, product, backbone_key, scores, patch_maps, map_entries)
     return ProductRows(scores=score_rows, regions=region_rows_out)
+
+
+def _patch_maps(pool_paths: Sequence[Path]) -> dict[str, np.ndarray]:
+    """Every image's patch-grid map, image id -> (h, w) float16: one read per pool store."""
+    maps = {}
+    for path in pool_paths:
+        layout = pool_layout(path)
+        patch_scores = np.asarray(open_pool_store(path)["patch_scores"][:], dtype=np.float16)
+        for row, image_id in enumerate(layout.image_ids):
+            maps[image_id] = patch_scores[row].reshape(layout.grid)
+    return maps
+
+
+def _overlay(
+    image: Image.Image,
+    patch_map: np.ndarray,
+    pixel_scores: np.ndarray,
+    mask: np.ndarray,
+    regions: Mapping[str, np.ndarray],
+    scores: ProductScores,
+    outputs: OutputPolicy,
+    *,
+    full_size: bool,
+) -> np.ndarray:
+    """The heatmap of one image: at its size, or with its long side bounded by the policy."""
+    boxes = np.stack([regions[k] for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")], axis=-1)
+    floor, vmax = scores.pixel_threshold, scores.map_max
+    scale = outputs.long_side / max(image.width, image.height)
+    if full_size or scale >= 1.0:
+        return heatmap_overlay(np.asarray(image), pixel_scores, floor=floor, vmax=vmax, mask=mask, boxes=boxes)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    small = np.asarray(image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+    small_scores = upsample_map(patch_map, (size[1], size[0]))
+    small_boxes = np.concatenate([np.floor(boxes[:, :2] * scale), np.ceil(boxes[:, 2:] * scale)], axis=1)
+    return heatmap_overlay(
+        small, small_scores, floor=floor, vmax=vmax, mask=small_scores > floor, boxes=small_boxes.astype(np.int64)
+    )
+
+
+def _write_maps(
+    out_dir: Path,
+    run_date: str,
+    product: str,
+    backbone_key: str,
+    scores: ProductScores,
+    patch_maps: Mapping[str, np.ndarray],
+    entries: Sequence[tuple[ImageRecord, int, int]],
+) -> None:
+    """The product's maps store and heatmap legend; one map per distinct image, rows by path."""
+    image_ids = sorted({record.image_id for record, _, _ in entries})
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    grid = next(iter(patch_maps.values())).shape if patch_maps else (0, 0)
+    maps = np.stack([patch_maps[i] for i in image_ids]) if image_ids else np.zeros((0, *grid), np.float16)
+    attributes = {
+        "date": run_date,
+        "product": product,
+        "backbone_key": backbone_key,
+        "grid": list(grid),
+        "pixel_threshold": scores.pixel_threshold,
+        "heatmap_min": scores.pixel_threshold,
+        "heatmap_max": max(scores.map_max, scores.pixel_threshold),
+        "image_ids": image_ids,
+        "images": [
+            {
+                "path": printable(record.path),
+                "relpath": printable(record.relpath),
+                "image_id": record.image_id,
+                "row": row_of[record.image_id],
+                "height": height,
+                "width": width,
+            }
+            for record, height, width in sorted(entries, key=lambda e: e[0].relpath)
+        ],
+    }
+    write_maps_store(maps_store_path(out_dir, run_date, product, backbone_key), maps, attributes)
+    legend_rel = str(PurePosixPath("heatmaps", run_date, product, backbone_key, "_legend.png"))
+    write_png(_inside(out_dir, legend_rel), heatmap_legend(scores.pixel_threshold, scores.map_max))
 
 
 def _notes(record: ImageRecord) -> list[str]:

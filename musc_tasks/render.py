@@ -8,27 +8,40 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import binary_erosion
 from skimage.measure import label, regionprops_table
 
 from .atomic import write_atomic
 
-__all__ = ["region_rows", "mask_pixels", "heatmap_overlay", "write_png"]
+__all__ = [
+    "HEATMAP_FORMATS",
+    "encode_image",
+    "heatmap_legend",
+    "heatmap_overlay",
+    "line_width",
+    "mask_pixels",
+    "region_rows",
+    "write_png",
+]
 
 logger = logging.getLogger(__name__)
 
-# Anchors of a dark-to-bright ramp (black, violet, crimson, orange, pale yellow), ordered
-# by lightness so that brighter always means more anomalous, also in greyscale print-outs.
+# The upper three quarters of viridis (perceptually uniform, readable with the common colour
+# vision deficiencies and in greyscale): blue just above the floor to yellow at the maximum,
+# so the weakest coloured pixel still stands apart from a dark part.
 HEATMAP_ANCHORS = np.array(
     [
-        [0.00, 0, 0, 6],
-        [0.20, 60, 12, 100],
-        [0.40, 135, 30, 105],
-        [0.60, 205, 65, 65],
-        [0.80, 248, 150, 20],
-        [1.00, 250, 250, 170],
+        [0.00, 59, 82, 139],
+        [0.25, 44, 114, 142],
+        [0.50, 33, 145, 140],
+        [0.75, 94, 201, 98],
+        [1.00, 253, 231, 37],
     ],
     dtype=np.float64,
 )
+# Drawn over the colours: the mask's contour and the regions' boxes (light on dark, dark on light).
+CONTOUR_RGB = (255, 255, 255)
+BOX_RGB = (230, 0, 126)
 # Fixed so that identical pixels always give identical PNG bytes.
 PNG_COMPRESS_LEVEL = 6
 
@@ -124,27 +137,48 @@ def mask_pixels(score_map: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(score_map > threshold, np.uint8(255), np.uint8(0))
 
 
+def ramp_colours(fraction: np.ndarray) -> np.ndarray:
+    """Colours of ``HEATMAP_ANCHORS`` at fractions in [0, 1]: (..., 3) float64 array."""
+    return np.stack(
+        [np.interp(fraction, HEATMAP_ANCHORS[:, 0], HEATMAP_ANCHORS[:, channel]) for channel in (1, 2, 3)], axis=-1
+    )
+
+
+def line_width(shape: tuple[int, ...]) -> int:
+    """Contour and box width in pixels: about 1/500 of the long side, at least 1."""
+    return max(1, round(max(shape[:2]) / 500))
+
+
 def heatmap_overlay(
     image_rgb: np.ndarray,
     score_map: np.ndarray,
     *,
-    vmin: float,
+    floor: float,
     vmax: float,
-    alpha: float = 0.5,
+    alpha: float = 0.6,
+    mask: np.ndarray | None = None,
+    boxes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Colour a score map and blend it over the image.
+    """Colour the pixels that score above a floor, blend them over the image, draw contour and boxes.
+
+    Pixels at or below ``floor`` keep the image's own colours (no darkening of the part);
+    above it the colour ramp runs from ``floor`` (blue) to ``vmax`` (yellow).
 
     Parameters
     ----------
     image_rgb : (H, W, 3) uint8 array
     score_map : (H, W) float array
-        Clipped to [vmin, vmax]; NaN counts as vmin.
-    vmin, vmax : float
-        Score range of the colour ramp (``HEATMAP_ANCHORS``). The same range across a
-        product keeps colours comparable between images. ``vmin >= vmax`` gives a flat map
-        in the lowest colour.
+        NaN counts as below the floor.
+    floor, vmax : float
+        Score range of the colour ramp (``HEATMAP_ANCHORS``); the publish stage uses the
+        product's pixel threshold and maximum, stored as ``heatmap_min``/``heatmap_max``.
+        ``vmax <= floor`` colours every pixel above the floor in the top colour.
     alpha : float
-        Weight of the colour map in [0, 1]; 0 returns the image.
+        Weight of the colour in [0, 1] where it is drawn; 0 leaves the image's pixels.
+    mask : (H, W) bool array, optional
+        Its contour (mask pixels with a neighbour outside it) is drawn in ``CONTOUR_RGB``.
+    boxes : (R, 4) int array, optional
+        Region boxes ``x0, y0, x1, y1`` (x1, y1 exclusive) in these pixels, drawn in ``BOX_RGB``.
 
     Returns
     -------
@@ -156,21 +190,104 @@ def heatmap_overlay(
     score_map = _check_map(score_map, "score_map")
     if score_map.shape != image_rgb.shape[:2]:
         raise ValueError(f"score_map must have the image's shape {image_rgb.shape[:2]}, got {score_map.shape}")
-    if not (np.isfinite(vmin) and np.isfinite(vmax)):
-        raise ValueError(f"vmin and vmax must be finite, got {vmin}, {vmax}")
+    if not (np.isfinite(floor) and np.isfinite(vmax)):
+        raise ValueError(f"floor and vmax must be finite, got {floor}, {vmax}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if vmin < vmax:
-        fraction = (np.nan_to_num(score_map.astype(np.float64), nan=vmin) - vmin) / (vmax - vmin)
-        fraction = np.clip(fraction, 0.0, 1.0)
+    overlay = image_rgb.copy()
+    scores = np.nan_to_num(score_map.astype(np.float64), nan=-np.inf)
+    above = scores > floor
+    if above.any():
+        values = scores[above]
+        fraction = np.clip((values - floor) / (vmax - floor), 0.0, 1.0) if vmax > floor else np.ones_like(values)
+        blended = (1.0 - alpha) * image_rgb[above] + alpha * ramp_colours(fraction)
+        overlay[above] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    width = line_width(image_rgb.shape)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != score_map.shape:
+            raise ValueError(f"mask must have the image's shape {score_map.shape}, got {mask.shape}")
+        overlay[mask & ~binary_erosion(mask, np.ones((2 * width + 1, 2 * width + 1), bool))] = CONTOUR_RGB
+    for x0, y0, x1, y1 in np.asarray(boxes if boxes is not None else np.zeros((0, 4)), dtype=np.int64):
+        _draw_box(overlay, int(x0), int(y0), int(x1), int(y1), width)
+    return overlay
+
+
+def _draw_box(pixels: np.ndarray, x0: int, y0: int, x1: int, y1: int, width: int) -> None:
+    """A box outline around x0 <= x < x1, y0 <= y < y1, growing outwards where the image allows."""
+    h, w = pixels.shape[:2]
+    top, bottom = max(0, y0 - width), min(h, y1 + width)
+    left, right = max(0, x0 - width), min(w, x1 + width)
+    pixels[top:y0, left:right] = BOX_RGB
+    pixels[y1:bottom, left:right] = BOX_RGB
+    pixels[top:bottom, left:x0] = BOX_RGB
+    pixels[top:bottom, x1:right] = BOX_RGB
+
+
+def heatmap_legend(floor: float, vmax: float, *, width: int = 480, height: int = 120) -> np.ndarray:
+    """The colour ramp of ``heatmap_overlay`` with its scale, contour and box keys, as an RGB image.
+
+    Parameters
+    ----------
+    floor, vmax : float
+        The product's ``heatmap_min`` and ``heatmap_max``.
+    width, height : int
+        Size of the legend in pixels.
+
+    Returns
+    -------
+    legend : (height, width, 3) uint8 array
+    """
+    from PIL import ImageDraw, ImageFont
+
+    legend = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    font = ImageFont.load_default()
+    margin, bar_top, bar_bottom = 12, 28, 58
+    ramp = ramp_colours(np.linspace(0.0, 1.0, width - 2 * margin))
+    bar = np.broadcast_to(np.rint(ramp).astype(np.uint8), (bar_bottom - bar_top, width - 2 * margin, 3))
+    legend.paste(Image.fromarray(np.ascontiguousarray(bar)), (margin, bar_top))
+    draw.text((margin, 6), "anomaly score (uncoloured: at or below the pixel threshold)", fill=(0, 0, 0), font=font)
+    draw.text((margin, bar_bottom + 4), f"{floor:.4g} threshold", fill=(0, 0, 0), font=font)
+    high = f"{vmax:.4g} max"
+    draw.text((width - margin - draw.textlength(high, font=font), bar_bottom + 4), high, fill=(0, 0, 0), font=font)
+    key_y = bar_bottom + 30
+    draw.rectangle((margin, key_y, margin + 24, key_y + 12), outline=CONTOUR_RGB, fill=(60, 60, 60), width=2)
+    draw.text((margin + 32, key_y), "mask contour", fill=(0, 0, 0), font=font)
+    draw.rectangle((margin + 150, key_y, margin + 174, key_y + 12), outline=BOX_RGB, width=2)
+    draw.text((margin + 182, key_y), "region box", fill=(0, 0, 0), font=font)
+    return np.asarray(legend)
+
+
+HEATMAP_FORMATS = {"jpeg": ".jpg", "webp": ".webp", "png": ".png"}
+
+
+def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
+    """Encode an RGB image; identical pixels and settings give identical bytes.
+
+    Parameters
+    ----------
+    pixels : (H, W, 3) uint8 array
+    image_format : {"jpeg", "webp", "png"}
+        ``png`` and ``webp`` at quality 100 are lossless.
+    quality : int
+        1-100 for JPEG and WebP (ignored for PNG).
+
+    Returns
+    -------
+    data : bytes
+    """
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality, optimize=True, subsampling="4:2:0")
+    elif image_format == "webp":
+        image.save(buffer, format="WEBP", quality=quality, lossless=quality >= 100, method=4, exact=False)
+    elif image_format == "png":
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     else:
-        fraction = np.zeros(score_map.shape, np.float64)
-    colours = np.stack(
-        [np.interp(fraction, HEATMAP_ANCHORS[:, 0], HEATMAP_ANCHORS[:, channel]) for channel in (1, 2, 3)],
-        axis=-1,
-    )  # (H, W, 3)
-    blended = (1.0 - alpha) * image_rgb + alpha * colours
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+        raise ValueError(f"image_format must be one of {sorted(HEATMAP_FORMATS)}, got {image_format!r}")
+    return buffer.getvalue()
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

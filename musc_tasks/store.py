@@ -11,6 +11,11 @@ Pool store, one per (backbone, scoring parameters, set of images in a pool):
       patch_scores (N, L) float32, one chunk per block
       done/pair-A-B, done/row-A   markers written after the data they vouch for
       attrs["complete"] set last; the scratch similarity table is deleted after it.
+Maps store, one per (date, product, backbone), written whole by the publish stage:
+    OUT/maps/<date>/<product>/<backbone_key>.zarr
+      maps (N, h, w) float16 anomaly maps at patch-grid resolution, one chunk per image
+      attrs: image_ids, rows (relative path -> row), sizes (original height, width per row),
+             pixel_threshold, heatmap_min, heatmap_max
 A shard or chunk is only ever written by one task, so concurrent Dask workers never
 touch the same file; a block without its record is simply redone.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +40,8 @@ from .identity import array_digest
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "read_maps_store",
+    "write_maps_store",
     "TokenLayout",
     "PoolLayout",
     "create_pool_store",
@@ -323,3 +331,44 @@ def finish_pool_store(path: Path) -> None:
 
 def pool_is_complete(path: Path) -> bool:
     return path.exists() and bool(zarr.open_group(path, mode="r").attrs.get("complete", False))
+
+
+def write_maps_store(path: Path, maps: np.ndarray, attributes: dict) -> Path:
+    """Write a maps store whole, replacing any previous one in one rename.
+
+    Parameters
+    ----------
+    path : Path
+        ``OUT/maps/<date>/<product>/<backbone_key>.zarr``.
+    maps : (N, h, w) float16 array
+        Patch-grid anomaly maps, one per distinct image, in ``attributes["image_ids"]`` order.
+    attributes : dict
+        JSON-serialisable; written as given, so identical inputs give identical files.
+    """
+    if maps.ndim != 3 or maps.dtype != np.float16:
+        raise ValueError(f"maps must be (N, h, w) float16, got shape {maps.shape} dtype {maps.dtype}")
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    group = zarr.open_group(staging, mode="w-", attributes={**attributes, "code_version": CODE_VERSION})
+    array = group.create_array(
+        "maps",
+        shape=maps.shape,
+        dtype="float16",
+        chunks=(1, *maps.shape[1:]),
+        dimension_names=("image", "row", "column"),
+        fill_value=np.nan,
+    )
+    if maps.shape[0]:
+        array[:] = maps
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def read_maps_store(path: Path) -> tuple[zarr.Array, dict]:
+    """The maps array (N, h, w) float16 of a maps store and its attributes."""
+    group = zarr.open_group(path, mode="r")
+    return group["maps"], dict(group.attrs)

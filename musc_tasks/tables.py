@@ -91,6 +91,8 @@ SCORES_SCHEMA = pa.schema(
         _optional("anomalous_fraction", pa.float64()),  # of the image's pixels above pixel_threshold
         _optional("mask_path", pa.string()),  # relative to OUT
         _optional("heatmap_path", pa.string()),  # relative to OUT
+        _optional("heatmap_min", pa.float64()),  # score at the colour ramp's start (uncoloured at or below)
+        _optional("heatmap_max", pa.float64()),  # score at the colour ramp's end (the product's maximum)
         _required("backbone_key", pa.string()),
         _required("run_id", pa.string()),
         _required("status", pa.string()),  # one of SCORE_STATUSES

@@ -25,7 +25,7 @@ from . import publish as publish_stage
 from . import rscin as rscin_stage
 from . import scoring as scoring_stage
 from .backbone import load_backbone
-from .config import CODE_VERSION, BackboneSpec, RscinParams, ScoringParams
+from .config import CODE_VERSION, BackboneSpec, OutputPolicy, RscinParams, ScoringParams
 from .faults import failpoint
 from .identity import tree_fingerprint
 from .layout import pool_stores_dir, token_stores_dir
@@ -147,11 +147,21 @@ def publish_results(
     scoring: ScoringParams,
     out_dir: str,
     run: publish_stage.RunInfo,
+    outputs: OutputPolicy = OutputPolicy(),
 ) -> RunSummary:
-    """Stage 4: masks, heatmaps and the score, region and run tables, published atomically."""
+    """Stage 4: masks, heatmaps, maps and the score, region and run tables, published atomically."""
     with progress_bar("publish", "publish") as on_progress:
         summary, ranked = publish_stage.publish_day(
-            catalog, tokens, scored, backbone, scoring, out_dir, run, on_progress=on_progress, log=get_run_logger()
+            catalog,
+            tokens,
+            scored,
+            backbone,
+            scoring,
+            out_dir,
+            run,
+            outputs=outputs,
+            on_progress=on_progress,
+            log=get_run_logger(),
         )
     for product in sorted({r["product"] for r in ranked}):
         best = [r for r in ranked if r["product"] == product][:10]

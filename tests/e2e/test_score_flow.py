@@ -16,11 +16,12 @@ from PIL import Image
 
 from flows.score import score_captures
 from musc_tasks import tables
-from musc_tasks.backbone import load_backbone
+from musc_tasks.backbone import load_backbone, patch_size
 from musc_tasks.config import ScoringParams
 from musc_tasks.core import image_scores, pixel_metrics, pool_patch_scores, rescore_images, upsample_maps
 from musc_tasks.imageio import read_rgb
 from musc_tasks.layout import pool_stores_dir
+from musc_tasks.maps import read_map
 from musc_tasks.preprocess import read_mask, squash_normalise
 from musc_tasks.rscin import patch_score_rows, score_map
 
@@ -128,10 +129,50 @@ def test_scores_equal_the_core_engine_in_memory(first_run, demo_day, tiny_backbo
         np.testing.assert_allclose(group["score"], final, atol=1e-6, rtol=0)
 
 
+def test_maps_store_reproduces_masks_and_regions(first_run, tiny_backbone):
+    """The stored float16 map, upsampled, is exactly what each mask and region row was made from."""
+    out_dir, _ = first_run
+    rows = tables.read_table(out_dir / "tables" / "scores")
+    regions = tables.read_table(out_dir / "tables" / "regions")
+    assert rows["heatmap_min"].eq(rows["pixel_threshold"]).all()
+    assert (rows["heatmap_max"] >= rows["heatmap_min"]).all()
+    for row in rows.itertuples():
+        pixel_scores, info = read_map(out_dir, "2026-11-22", row.product, row.path)
+        patch_map, _ = read_map(out_dir, "2026-11-22", row.product, row.path, upsample=False)
+        side = tiny_backbone.image_size // patch_size(tiny_backbone)
+        assert patch_map.shape == (side, side)
+        assert pixel_scores.shape == (row.height, row.width) and info["image_id"] == row.image_id
+        mask = np.asarray(Image.open(out_dir / row.mask_path)) > 0
+        np.testing.assert_array_equal(mask, pixel_scores > row.pixel_threshold)
+        mine = regions[regions["path"] == row.path].sort_values("region")
+        if len(mine):
+            assert mine["max_score"].iloc[0] == pytest.approx(float(pixel_scores[mask].max()), abs=1e-7)
+    legend = out_dir / "heatmaps" / "2026-11-22" / rows["product"].iloc[0] / tiny_backbone.key / "_legend.png"
+    assert legend.is_file()
+
+
+def test_musc_maps_command(first_run, tmp_path):
+    out_dir, _ = first_run
+    row = tables.read_table(out_dir / "tables" / "scores").iloc[0]
+    saved = tmp_path / "map.npy"
+    shown = subprocess.run(
+        [sys.executable, "-m", "musc_tasks.cli", "maps", "--out", str(out_dir), "--date", "2026-11-22"]
+        + ["--product", row["product"], row["path"], "--save", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert row["path"] in shown.stdout and "pixel threshold" in shown.stdout
+    expected, _ = read_map(out_dir, "2026-11-22", row["product"], row["path"])
+    np.testing.assert_array_equal(np.load(saved), expected)
+
+
 def test_second_run_is_served_from_cache_and_identical(first_run, demo_day, tiny_backbone, dask_address):
     out_dir, _ = first_run
     before = {name: comparable(out_dir, name) for name in ("scores", "regions")}
-    masks_before = {p: p.read_bytes() for p in sorted((out_dir / "masks").rglob("*.png"))}
+    published = ("masks", "heatmaps", "maps")
+    files_before = {p: p.read_bytes() for kind in published for p in sorted((out_dir / kind).rglob("*")) if p.is_file()}
     summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
     assert summary.images_extracted == 0 and summary.pairs_computed == 0
     runs = tables.read_table(out_dir / "tables" / "runs").sort_values("started_at")
@@ -139,7 +180,9 @@ def test_second_run_is_served_from_cache_and_identical(first_run, demo_day, tiny
     assert runs["pairs_computed"].iloc[1] == 0 and runs["pairs_cached"].iloc[1] > 0
     for name, frame in before.items():
         assert frame.equals(comparable(out_dir, name)), f"{name} changed on a cached re-run"
-    assert masks_before == {p: p.read_bytes() for p in sorted((out_dir / "masks").rglob("*.png"))}
+    files_after = {p: p.read_bytes() for kind in published for p in sorted((out_dir / kind).rglob("*")) if p.is_file()}
+    assert files_before.keys() == files_after.keys()
+    assert [p for p in files_before if files_before[p] != files_after[p]] == [], "published bytes changed"
     assert len(query(out_dir, "select * from {scores}")) == len(demo_day.images), "re-run duplicated rows"
 
 

@@ -89,27 +89,75 @@ def test_write_png_rejects_bad_pixels(tmp_path):
         write_png(tmp_path / "x.png", np.zeros((4, 4, 4), np.uint8))
 
 
-def test_heatmap_overlay():
+def test_heatmap_overlay_colours_only_above_the_floor():
     image = np.full((4, 6, 3), 128, np.uint8)
     score_map = np.tile(np.linspace(0.0, 1.0, 6), (4, 1))
-    overlay = heatmap_overlay(image, score_map, vmin=0.0, vmax=1.0)
+    overlay = heatmap_overlay(image, score_map, floor=0.5, vmax=1.0)
     assert overlay.shape == (4, 6, 3) and overlay.dtype == np.uint8
-    low, high = overlay[0, 0].astype(int), overlay[0, -1].astype(int)
+    assert_array_equal(overlay[:, :3], image[:, :3])  # at or below the floor: the image, not darkened
+    low, high = overlay[0, 3].astype(int), overlay[0, -1].astype(int)
     assert np.abs(high - low).sum() > 100
     assert high.sum() > low.sum()  # the ramp gets brighter with the score
-    assert_array_equal(heatmap_overlay(image, score_map, vmin=0.0, vmax=1.0, alpha=0.0), image)
+    assert_array_equal(heatmap_overlay(image, score_map, floor=0.0, vmax=1.0, alpha=0.0), image)
+
+
+def test_ramp_lightness_increases():
+    from musc_tasks.render import ramp_colours
+
+    rgb = ramp_colours(np.linspace(0.0, 1.0, 50))
+    luma = rgb @ np.array([0.2126, 0.7152, 0.0722])
+    assert (np.diff(luma) > 0).all()
 
 
 def test_heatmap_overlay_flat_and_clipped():
     image = np.zeros((3, 3, 3), np.uint8)
-    flat = heatmap_overlay(image, np.random.default_rng(1).random((3, 3)), vmin=1.0, vmax=1.0)
+    flat = heatmap_overlay(image, np.random.default_rng(1).random((3, 3)) + 1.5, floor=1.0, vmax=1.0)
     assert (flat == flat[0, 0]).all()
-    clipped = heatmap_overlay(image, np.array([[-5.0, 0.0, 10.0]] * 3), vmin=0.0, vmax=1.0, alpha=1.0)
-    assert_array_equal(clipped[:, 0], clipped[:, 1])
+    clipped = heatmap_overlay(image, np.array([[0.5, 1.0, 10.0]] * 3), floor=0.0, vmax=1.0, alpha=1.0)
+    assert_array_equal(clipped[:, 1], clipped[:, 2])
+
+
+def test_heatmap_overlay_draws_contour_and_boxes():
+    from musc_tasks.render import BOX_RGB, CONTOUR_RGB
+
+    image = np.zeros((20, 20, 3), np.uint8)
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    overlay = heatmap_overlay(image, mask * 1.0, floor=0.5, vmax=1.0, mask=mask, boxes=np.array([[5, 5, 10, 10]]))
+    assert_array_equal(overlay[5, 7], CONTOUR_RGB)  # mask edge
+    assert not (overlay[7, 7] == CONTOUR_RGB).all()  # inside: coloured, not contour
+    assert_array_equal(overlay[4, 7], BOX_RGB)  # the box just outside the region
+    assert_array_equal(overlay[10, 4], BOX_RGB)
+    assert_array_equal(overlay[0, 0], image[0, 0])
+
+
+def test_encode_image_formats_are_deterministic():
+    from io import BytesIO
+
+    from PIL import Image
+
+    from musc_tasks.render import encode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    for image_format, quality in (("jpeg", 85), ("webp", 80), ("webp", 100), ("png", 0)):
+        data = encode_image(pixels, image_format, quality)
+        assert data == encode_image(pixels, image_format, quality)
+        with Image.open(BytesIO(data)) as decoded:
+            assert decoded.size == (48, 32)
+            if quality in (0, 100):  # the lossless options
+                assert_array_equal(np.asarray(decoded.convert("RGB")), pixels)
+
+
+def test_legend_is_an_image():
+    from musc_tasks.render import heatmap_legend
+
+    legend = heatmap_legend(0.2, 0.9)
+    assert legend.shape == (120, 480, 3) and legend.dtype == np.uint8
+    assert_array_equal(legend, heatmap_legend(0.2, 0.9))
 
 
 def test_heatmap_overlay_rejects_shape_mismatch():
     with pytest.raises(ValueError, match="score_map"):
-        heatmap_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5)), vmin=0.0, vmax=1.0)
+        heatmap_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5)), floor=0.0, vmax=1.0)
     with pytest.raises(ValueError, match="image_rgb"):
-        heatmap_overlay(np.zeros((4, 4), np.uint8), np.zeros((4, 4)), vmin=0.0, vmax=1.0)
+        heatmap_overlay(np.zeros((4, 4), np.uint8), np.zeros((4, 4)), floor=0.0, vmax=1.0)
