@@ -90,6 +90,7 @@ def score_catalog(
         out_dir=out_dir,
         run=stages.info(tokens, pools),
         outputs=outputs,
+        dask_address=dask_address,
     )
     create_markdown_artifact(
         key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -26,11 +27,20 @@ from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, To
 from .maps import upsample_map
 from .render import HEATMAP_FORMATS, encode_image, heatmap_legend, heatmap_overlay, mask_pixels, region_rows, write_png
 from .rscin import ProductScores, read_product_scores
+from .scoring import dask_client
 from .store import open_pool_store, pool_layout, write_maps_store
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ProductRows", "output_relpath", "printable", "product_rows", "publish_day"]
+__all__ = [
+    "ProductPlan",
+    "ProductRows",
+    "finish_product",
+    "output_relpath",
+    "printable",
+    "publish_block",
+    "publish_day",
+]
 
 VERSIONED_PACKAGES = (
     "musc-pipeline",
@@ -66,10 +76,16 @@ def publish_day(
     run: RunInfo,
     *,
     outputs: OutputPolicy = OutputPolicy(),
+    dask_address: str | None | bool = None,
     on_progress: Callable[[int, int], None] | None = None,
     log: logging.Logger = logger,
 ) -> tuple[RunSummary, list[dict]]:
-    """Publish every product's rows, masks and heatmaps, then the run's row.
+    """Publish every product's rows, masks, heatmaps and maps, then the run's row.
+
+    Images are published in blocks of ``PUBLISH_BLOCK_IMAGES`` as Dask tasks on the cluster
+    at ``dask_address`` (None: a local one; False: in this process, one block after the
+    other). Every block writes the same bytes wherever it runs, and the tables are assembled
+    here in record order, so the results do not depend on the cluster.
 
     Returns
     -------
@@ -83,35 +99,41 @@ def publish_day(
     by_product = {ref.product: ref for ref in scored}
     reasons = {p.name: p.not_scored_reason for p in catalog.products}
     failed = {image_id: reason for ref in tokens for image_id, reason in ref.failed}
-    all_scores, published = [], []
-    for done, (product, product_records) in enumerate(sorted(records.items()), start=1):
-        ref = by_product.get(product)
-        rows = product_rows(
+    plans = [
+        ProductPlan.make(
             out,
             catalog.run_date,
             product,
             product_records,
-            read_product_scores(Path(ref.scores_path)) if ref else None,
-            [Path(p) for p in ref.pools.pool_paths] if ref else [],
+            read_product_scores(Path(by_product[product].scores_path)) if product in by_product else None,
+            [Path(p) for p in by_product[product].pools.pool_paths] if product in by_product else [],
             backbone_key=backbone.key,
             run_id=run.run_id,
             not_scored_reason=reasons.get(product) or "not scored",
             failed_at_extraction=failed,
             outputs=outputs,
         )
-        partition = {"date": catalog.run_date, "product": product}
-        for name, schema, table_rows in (
-            ("scores", tables.SCORES_SCHEMA, rows.scores),
-            ("regions", tables.REGIONS_SCHEMA, rows.regions),
-        ):
-            tables.publish_partition(
-                out / "tables" / name, partition, backbone.key, tables.to_table(table_rows, schema), schema
-            )
-        published.append(partition)
-        failpoint("publish-product")
-        all_scores.extend({**r, "product": product} for r in rows.scores)
-        if on_progress:
-            on_progress(done, len(records))
+        for product, product_records in sorted(records.items())
+    ]
+    all_scores, published = [], []
+    with contextlib.ExitStack() as stack:
+        client = None
+        if dask_address is not False and sum(len(p.records) for p in plans) > PUBLISH_BLOCK_IMAGES:
+            client = stack.enter_context(dask_client(dask_address or None))
+        for done, (plan, rows) in enumerate(_product_results(plans, client), start=1):
+            partition = {"date": catalog.run_date, "product": plan.product}
+            for name, schema, table_rows in (
+                ("scores", tables.SCORES_SCHEMA, rows.scores),
+                ("regions", tables.REGIONS_SCHEMA, rows.regions),
+            ):
+                tables.publish_partition(
+                    out / "tables" / name, partition, backbone.key, tables.to_table(table_rows, schema), schema
+                )
+            published.append(partition)
+            failpoint("publish-product")
+            all_scores.extend({**r, "product": plan.product} for r in rows.scores)
+            if on_progress:
+                on_progress(done, len(plans))
     for name in ("scores", "regions"):
         tables.remove_stale(out / "tables" / name, {"date": catalog.run_date}, backbone.key, published)
 
@@ -189,43 +211,143 @@ def output_relpath(
     return str(PurePosixPath(kind, run_date, product, backbone_key, *source.parent.parts, name))
 
 
-def product_rows(
-    out_dir: Path,
-    run_date: str,
-    product: str,
-    records: Sequence[ImageRecord],
-    scores: ProductScores | None,
-    pool_paths: Sequence[Path],
-    *,
-    backbone_key: str,
-    run_id: str,
-    not_scored_reason: str | None = None,
-    failed_at_extraction: Mapping[str, str] | None = None,
-    outputs: OutputPolicy = OutputPolicy(),
-) -> ProductRows:
-    """Write every scored image's mask and heatmap and the product's maps store; return its rows.
+PUBLISH_BLOCK_IMAGES = 8  # images per publish task: a few seconds of work at 5 MP
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """What every publish task of one product needs, decided once for the whole product."""
+
+    out_dir: Path
+    run_date: str
+    product: str
+    records: tuple[ImageRecord, ...]
+    scores: ProductScores | None
+    pool_paths: tuple[Path, ...]
+    backbone_key: str
+    run_id: str
+    not_scored_reason: str | None
+    failed_at_extraction: Mapping[str, str]
+    outputs: OutputPolicy
+    ranks: Mapping[str, int]
+    clashing: frozenset[str]
+    small_note: str | None
+
+    @classmethod
+    def make(
+        cls,
+        out_dir: Path,
+        run_date: str,
+        product: str,
+        records: Sequence[ImageRecord],
+        scores: ProductScores | None,
+        pool_paths: Sequence[Path],
+        *,
+        backbone_key: str,
+        run_id: str,
+        not_scored_reason: str | None = None,
+        failed_at_extraction: Mapping[str, str] | None = None,
+        outputs: OutputPolicy = OutputPolicy(),
+    ) -> ProductPlan:
+        stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
+        small = None
+        if scores is not None and len(scores.images) < 5:
+            small = (
+                f"only {len(scores.images)} distinct images in this product: each is compared with its "
+                "single most similar other image (MuSc averages the nearest 30 % of 5 or more)"
+            )
+        return cls(
+            out_dir=Path(out_dir),
+            run_date=run_date,
+            product=product,
+            records=tuple(records),
+            scores=scores,
+            pool_paths=tuple(Path(p) for p in pool_paths),
+            backbone_key=backbone_key,
+            run_id=run_id,
+            not_scored_reason=not_scored_reason,
+            failed_at_extraction=dict(failed_at_extraction or {}),
+            outputs=outputs,
+            ranks=_ranks(scores),
+            clashing=frozenset(s for s in stems if stems.count(s) > 1),
+            small_note=small,
+        )
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Record index ranges ``[start, stop)`` of the product's publish tasks."""
+        n = len(self.records)
+        return [(start, min(n, start + PUBLISH_BLOCK_IMAGES)) for start in range(0, n, PUBLISH_BLOCK_IMAGES)]
+
+
+@dataclass(frozen=True)
+class BlockRows:
+    scores: list[dict]
+    regions: list[dict]
+    sizes: list[tuple[int, int, int]]  # (record index, height, width) of each published image
+
+
+def _product_results(plans: Sequence[ProductPlan], client) -> Iterator[tuple[ProductPlan, ProductRows]]:
+    """Each product's rows, in product order, its blocks run here or as Dask tasks (all submitted at once)."""
+    if client is None:
+        for plan in plans:
+            yield plan, finish_product(plan, [publish_block(plan, start, stop) for start, stop in plan.blocks()])
+        return
+    futures = []
+    for plan in plans:
+        shared = client.scatter(plan, hash=False)  # sent once, not once per block
+        futures.append([client.submit(publish_block, shared, start, stop, pure=False) for start, stop in plan.blocks()])
+    for plan, product_futures in zip(plans, futures):
+        yield plan, finish_product(plan, client.gather(product_futures))
+        for future in product_futures:
+            future.release()
+
+
+def finish_product(plan: ProductPlan, blocks: Sequence[BlockRows]) -> ProductRows:
+    """Join a product's blocks in record order and write its maps store and legend."""
+    if plan.scores is not None:
+        sizes = [(plan.records[index], height, width) for block in blocks for index, height, width in block.sizes]
+        _write_maps(
+            plan.out_dir,
+            plan.run_date,
+            plan.product,
+            plan.backbone_key,
+            plan.scores,
+            _patch_maps(plan.pool_paths),
+            sizes,
+        )
+    return ProductRows(
+        scores=[row for block in blocks for row in block.scores],
+        regions=[row for block in blocks for row in block.regions],
+    )
+
+
+def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
+    """Masks and heatmaps of records ``[start, stop)`` of a product, and their rows.
 
     Duplicates (same content) share their original's scores and rank; every path gets its
     own row, mask and heatmap. Files that could not be read get a row with their reason:
     at cataloguing (the record's), at extraction (``failed_at_extraction``, image id ->
-    reason) or here. Masks and regions come from the float16 patch-grid map that the maps
-    store keeps, upsampled to the capture's size, so a stored map reproduces them exactly.
+    reason) or here. Each capture is decoded once. Masks and regions come from the float16
+    patch-grid map that the maps store keeps, upsampled to the capture's size, so a stored
+    map reproduces them exactly.
     """
-    failed_at_extraction = failed_at_extraction or {}
+    out_dir, run_date, product, backbone_key, run_id = (
+        plan.out_dir,
+        plan.run_date,
+        plan.product,
+        plan.backbone_key,
+        plan.run_id,
+    )
+    scores, outputs = plan.scores, plan.outputs
     by_id = {s.image_id: s for s in (scores.images if scores else ())}
-    ranks = _ranks(scores)
-    stems = [PurePosixPath(r.relpath).with_suffix("").as_posix() for r in records]
-    clashing = {s for s in stems if stems.count(s) > 1}
-    patch_maps = _patch_maps(pool_paths)
-    small = None
-    if scores is not None and len(scores.images) < 5:
-        small = (
-            f"only {len(scores.images)} distinct images in this product: each is compared with its "
-            "single most similar other image (MuSc averages the nearest 30 % of 5 or more)"
-        )
+    ranks = plan.ranks
+    patch_maps = _patch_maps(plan.pool_paths) if scores is not None else {}
     heat_suffix = HEATMAP_FORMATS[outputs.heatmap_format]
-    score_rows, region_rows_out, map_entries = [], [], []
-    for record, stem in zip(records, stems):
+    score_rows, region_rows_out, sizes = [], [], []
+    for index in range(start, stop):
+        record = plan.records[index]
+        stem = PurePosixPath(record.relpath).with_suffix("").as_posix()
+        small = plan.small_note
         row = {
             "image_id": record.image_id,
             "path": printable(record.path),
@@ -239,14 +361,14 @@ def product_rows(
         if record.status != "ok":
             score_rows.append({**row, "status": "failed", "error": record.reason})
             continue
-        if record.image_id in failed_at_extraction:
-            reason = failed_at_extraction[record.image_id]
+        if record.image_id in plan.failed_at_extraction:
+            reason = plan.failed_at_extraction[record.image_id]
             score_rows.append({**row, "status": "failed", "error": f"unreadable at extraction: {reason}"})
             continue
         if scored is None or scores is None:
-            score_rows.append({**row, "status": "not_scored", "error": not_scored_reason})
+            score_rows.append({**row, "status": "not_scored", "error": plan.not_scored_reason})
             continue
-        keep_suffix = stem in clashing
+        keep_suffix = stem in plan.clashing
         mask_rel = output_relpath("masks", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix)
         heat_rel = output_relpath(
             "heatmaps", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix, suffix=heat_suffix
@@ -265,7 +387,7 @@ def product_rows(
         full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
         overlay = _overlay(image, patch_map, pixel_scores, mask > 0, regions, scores, outputs, full_size=full_size)
         write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
-        map_entries.append((record, image.height, image.width))
+        sizes.append((index, image.height, image.width))
         for index in range(len(regions["region"])):
             region_rows_out.append(
                 {
@@ -295,9 +417,7 @@ def product_rows(
                 "status": "scored",
             }
         )
-    if scores is not None:
-        _write_maps(out_dir, run_date, product, backbone_key, scores, patch_maps, map_entries)
-    return ProductRows(scores=score_rows, regions=region_rows_out)
+    return BlockRows(scores=score_rows, regions=region_rows_out, sizes=sizes)
 
 
 def _patch_maps(pool_paths: Sequence[Path]) -> dict[str, np.ndarray]:

@@ -148,6 +148,7 @@ def publish_results(
     out_dir: str,
     run: publish_stage.RunInfo,
     outputs: OutputPolicy = OutputPolicy(),
+    dask_address: str | None = None,
 ) -> RunSummary:
     """Stage 4: masks, heatmaps, maps and the score, region and run tables, published atomically."""
     with progress_bar("publish", "publish") as on_progress:
@@ -160,6 +161,7 @@ def publish_results(
             out_dir,
             run,
             outputs=outputs,
+            dask_address=dask_address,
             on_progress=on_progress,
             log=get_run_logger(),
         )

@@ -21,9 +21,11 @@ from musc_tasks.config import ScoringParams
 from musc_tasks.core import image_scores, pixel_metrics, pool_patch_scores, rescore_images, upsample_maps
 from musc_tasks.imageio import read_rgb
 from musc_tasks.layout import pool_stores_dir
+from musc_tasks.manifests import ImageRecord
 from musc_tasks.maps import read_map
 from musc_tasks.preprocess import read_mask, squash_normalise
-from musc_tasks.rscin import patch_score_rows, score_map
+from musc_tasks.publish import ProductPlan, finish_product, publish_block
+from musc_tasks.rscin import patch_score_rows, read_product_scores, score_map
 
 from .conftest import subprocess_env
 
@@ -166,6 +168,35 @@ def test_musc_maps_command(first_run, tmp_path):
     assert row["path"] in shown.stdout and "pixel threshold" in shown.stdout
     expected, _ = read_map(out_dir, "2026-11-22", row["product"], row["path"])
     np.testing.assert_array_equal(np.load(saved), expected)
+
+
+def test_serial_publish_writes_what_the_dask_tasks_wrote(first_run, tiny_backbone, tmp_path):
+    """The flow published in Dask tasks on 2 workers; the same blocks in one process write the same."""
+    out_dir, _ = first_run
+    serial_dir = tmp_path / "serial"
+    (catalog_file,) = (out_dir / "cache" / "catalogs").rglob("*.json")
+    published = tables.read_table(out_dir / "tables" / "scores")
+    for product, raw_records in json.loads(catalog_file.read_text()).items():
+        pools = pool_stores_dir(str(out_dir), tiny_backbone.key, product)
+        (scores_file,) = pools.glob("scores-*.json")
+        plan = ProductPlan.make(
+            serial_dir,
+            "2026-11-22",
+            product,
+            [ImageRecord(**record) for record in raw_records],
+            read_product_scores(scores_file),
+            sorted(pools.glob("*.zarr")),
+            backbone_key=tiny_backbone.key,
+            run_id="serial",
+        )
+        assert len(plan.blocks()) > 1
+        rows = finish_product(plan, [publish_block(plan, start, stop) for start, stop in plan.blocks()])
+        theirs = published[published["product"] == product].sort_values("path")
+        ours = sorted(rows.scores, key=lambda r: r["path"])
+        for column in ("path", "score", "rank", "flagged", "anomalous_fraction", "mask_path", "heatmap_path"):
+            assert list(theirs[column]) == [r[column] for r in ours], column
+    written = sorted(p.relative_to(serial_dir) for p in serial_dir.rglob("*") if p.is_file())
+    assert written and all((serial_dir / p).read_bytes() == (out_dir / p).read_bytes() for p in written)
 
 
 def test_second_run_is_served_from_cache_and_identical(first_run, demo_day, tiny_backbone, dask_address):
