@@ -13,6 +13,7 @@ from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
+from musc_tasks.publish import record_no_input
 from musc_tasks.tasks import catalog_images, extract_tokens, publish_results, rscin_scores, score_pools
 
 
@@ -48,6 +49,10 @@ def score_captures(
             run_date=day,
             min_side=geometry.patch_size,
         )
+        if catalog.n_files == 0:
+            # A night without images is an alarm (a failed upload), not a quiet success.
+            record_no_input(catalog, backbone, scoring, out_dir, stages.info((), ()))
+            raise FileNotFoundError(f"no image in {catalog.input_dir}: nothing to score for {day} (runs row no_input)")
         summary, _ = score_catalog(
             catalog, backbone, geometry, scoring, out_dir, device, dask_address, stages, outputs=outputs
         )

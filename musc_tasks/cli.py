@@ -8,10 +8,13 @@ import os
 import sys
 import warnings
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import get_args
 
+from . import preflight
 from .config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
+from .preflight import UsageError
 
 logger = logging.getLogger("musc")
 
@@ -58,7 +61,9 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--image-size", type=int, help="side S the images are squashed to (multiple of the patch size)")
     group.add_argument("--layers", type=_int_list, help="0-based blocks to score, e.g. 5,11,17,23")
-    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    group.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the ViT runs (auto: cuda if present)"
+    )
 
 
 def _default(field: str):
@@ -194,16 +199,39 @@ def scoring_from_args(args: argparse.Namespace) -> ScoringParams:
     )
 
 
+def validate_scoring(args: argparse.Namespace) -> BackboneSpec:
+    """The checks every scoring command shares, before anything heavy starts; the backbone."""
+    preflight.check_pool_size(args.pool_size)
+    try:
+        backbone = backbone_from_args(args)
+    except ValueError as error:  # pydantic's: keep the message, not the dump
+        raise UsageError(_first_line(error)) from None
+    preflight.check_backbone(backbone)
+    return backbone
+
+
+def _first_line(error: Exception) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+    return str(error).splitlines()[0]
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """``musc score``: one day's folder."""
+    run_date = preflight.parse_day(args.date) if args.date else date.today()
+    if "{date}" not in args.input:
+        preflight.require_images(args.input, "input folder")
+    else:
+        preflight.require_images(args.input.replace("{date}", run_date.isoformat()), "input folder")
+    backbone = validate_scoring(args)
     from flows.score import score_captures
 
-    run_date = date.fromisoformat(args.date) if args.date else date.today()
     summary = score_captures(
         input_dir=args.input if "{date}" in args.input else str(Path(args.input).resolve()),
         out_dir=str(Path(args.out).resolve()),
         run_date=run_date,
-        backbone=backbone_from_args(args),
+        backbone=backbone,
         scoring=scoring_from_args(args),
         device=args.device,
         dask_address=args.dask_address,
@@ -270,9 +298,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``musc evaluate``: the paper's metrics on a benchmark dataset."""
-    from flows.evaluate import evaluate_dataset
+    from .datasets import DEFAULT_RSCIN_K, LAYOUT_HINT, list_categories
 
-    from .datasets import DEFAULT_RSCIN_K
+    root = preflight.existing_dir(args.root, "dataset root")
+    found = list_categories(root, args.layout)
+    if not found:
+        raise UsageError(f"dataset root {root} holds no {args.layout} category: {LAYOUT_HINT[args.layout]}")
+    missing = sorted(set(args.categories.split(",")) - set(found)) if args.categories else []
+    if missing:
+        raise UsageError(f"--categories {','.join(missing)} not under {root}; found: {','.join(found)}")
+    backbone = validate_scoring(args)
+    from flows.evaluate import evaluate_dataset
 
     scoring = ScoringParams(
         r_list=args.r,
@@ -286,7 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out_dir=str(Path(args.out).resolve()),
         categories=tuple(args.categories.split(",")) if args.categories else None,
         divide_num=args.divide_num,
-        backbone=backbone_from_args(args),
+        backbone=backbone,
         scoring=scoring,
         mask_mode=args.mask_mode,
         device=args.device,
@@ -318,6 +354,12 @@ def metrics_table(rows: list[dict]) -> str:
 
 def cmd_backfill(args: argparse.Namespace) -> int:
     """``musc backfill`` (deprecated alias ``rescore``): score a range of past days."""
+    date_from, date_to = preflight.parse_day(args.date_from, "--from"), preflight.parse_day(args.date_to, "--to")
+    if date_from > date_to:
+        raise UsageError(f"--from {date_from} is after --to {date_to}: the range is inclusive, first day first")
+    if "{date}" not in args.input_root:
+        raise UsageError(f"--input-root {args.input_root!r} has no {{date}}: e.g. /data/captures/{{date}}")
+    backbone = validate_scoring(args)
     from flows.backfill import backfill_days
 
     if args.command == "rescore":
@@ -326,11 +368,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     outcome = backfill_days(
-        date_from=date.fromisoformat(args.date_from),
-        date_to=date.fromisoformat(args.date_to),
+        date_from=date_from,
+        date_to=date_to,
         input_pattern=args.input_root,
         out_dir=str(Path(args.out).resolve()),
-        backbone=backbone_from_args(args),
+        backbone=backbone,
         scoring=scoring_from_args(args),
         device=args.device,
         dask_address=args.dask_address,
@@ -343,15 +385,21 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``musc compare``: two backbones' scores of one day side by side."""
+    preflight.parse_day(args.date)
+    names = args.backbones.split(",")
+    if len(names) != 2:
+        raise UsageError(f"--backbones takes two names separated by a comma, got {args.backbones!r}")
+    if not (Path(args.out) / "tables" / "scores").is_dir():
+        raise UsageError(f"--out {args.out} holds no scores table (tables/scores): score a day into it first")
     from . import tables
     from .compare import compare_backbones, resolve_backbone_key
 
     scores = tables.read_table(Path(args.out) / "tables" / "scores")
-    day = scores[scores["date"] == args.date] if not scores.empty else scores
-    available = sorted(day["backbone_key"].unique()) if not day.empty else []
-    names = args.backbones.split(",")
-    if len(names) != 2:
-        raise ValueError(f"--backbones takes two names, got {args.backbones!r}")
+    day = scores[scores["date"].astype(str) == args.date] if not scores.empty else scores
+    if day.empty:
+        dates = sorted(scores["date"].astype(str).unique()) if not scores.empty else []
+        raise UsageError(f"--date {args.date}: no results for that day in {args.out}; days with results: {dates}")
+    available = sorted(day["backbone_key"].unique())
     key_a, key_b = (resolve_backbone_key(name, available) for name in names)
     summary, changed = compare_backbones(day, key_a, key_b)
     print(f"{args.date}: A = {key_a}\n{' ' * len(args.date)}  B = {key_b}\n")
@@ -454,13 +502,31 @@ def cmd_maps(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        if isinstance(action.default, tuple):
+            return f"{text} (default: {_shown(action.default)})"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``musc`` argument parser with every command."""
     parser = argparse.ArgumentParser(
-        prog="musc", description="Zero-shot anomaly detection (MuSc) for a day's product photos."
+        prog="musc",
+        description="Zero-shot anomaly detection (MuSc) for a day's product photos.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress details and show tracebacks of errors"
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, parser_class=partial(argparse.ArgumentParser, formatter_class=HelpFormatter)
+    )
 
     score = commands.add_parser("score", help="score a folder of captures: INPUT/<product>/**/*.png")
     score.add_argument("input", help="input folder; may contain {date}")
@@ -483,15 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
     maps.set_defaults(func=cmd_maps)
 
     demo = commands.add_parser("demo", help="generate a synthetic day with planted defects and score it")
-    demo.add_argument("--out", default="demo-out")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    demo.add_argument("--out", default="demo-out", help="results folder; the synthetic day goes to OUT/demo-input")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and defects")
+    demo.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the ViT runs (auto: cuda if present)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     evaluate = commands.add_parser("evaluate", help="the paper's metrics on MVTec AD / VisA / BTAD test sets")
     evaluate.add_argument("root", help="dataset root")
-    evaluate.add_argument("--layout", required=True, choices=["mvtec", "visa", "btad"])
-    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument(
+        "--layout", required=True, choices=["mvtec", "visa", "btad"], help="the dataset's folder layout"
+    )
+    evaluate.add_argument("--out", required=True, help="results folder (tables/metrics, masks, cache)")
     evaluate.add_argument("--categories", help="comma-separated subset (default: all)")
     pools = evaluate.add_mutually_exclusive_group()
     pools.add_argument("--pool-size", type=int, help="split each category into seeded pools of at most N")
@@ -512,15 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--from", dest="date_from", required=True, help="first day, YYYY-MM-DD")
     backfill.add_argument("--to", dest="date_to", required=True, help="last day, YYYY-MM-DD (inclusive)")
     backfill.add_argument("--input-root", required=True, help="input folder pattern containing {date}")
-    backfill.add_argument("--out", required=True)
+    backfill.add_argument("--out", required=True, help="results folder (tables/, masks/, heatmaps/, cache/)")
     backfill.add_argument("--force", action="store_true", help="score again days already done with this backbone")
     add_backbone_arguments(backfill)
     add_scoring_arguments(backfill)
     backfill.set_defaults(func=cmd_backfill)
 
     compare = commands.add_parser("compare", help="rank correlation and changed flags between two backbones")
-    compare.add_argument("--out", required=True)
-    compare.add_argument("--date", required=True)
+    compare.add_argument("--out", required=True, help="results folder holding tables/scores")
+    compare.add_argument("--date", required=True, help="YYYY-MM-DD of the day to compare")
     compare.add_argument("--backbones", required=True, help="A,B: backbone keys, preset names or unique parts of keys")
     compare.set_defaults(func=cmd_compare)
 
@@ -536,8 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_default("rscin_k"),
         help=f"RsCIN window sizes (default {_shown(_default('rscin_k'))}; VisA-like data: 1,8,9)",
     )
-    rscin.add_argument("--path-column", default="path")
-    rscin.add_argument("--score-column", default="score")
+    rscin.add_argument("--path-column", default="path", help="column of image paths, relative to --images")
+    rscin.add_argument("--score-column", default="score", help="column of the other method's image scores")
     rscin.add_argument("--product-column", help="column naming each image's product (default: its folder under ROOT)")
     rscin.add_argument("--cache", help="a musc results folder whose token stores to reuse and extend")
     add_backbone_arguments(rscin)
@@ -583,11 +653,20 @@ def main(argv: list[str] | None = None) -> int:
     # fresh PREFECT_HOME creates its database: Prefect's 20 s limit is too short on a busy
     # small machine. Set before Prefect is first imported, which reads its settings then.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # Nothing phones home: the temporary Prefect server's telemetry and every library that
+    # honours DO_NOT_TRACK stay off unless the user turns them on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     warnings.filterwarnings("default", message=".*RANDOM weights")
     try:
         return args.func(args)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+    except UsageError as error:
         print(f"musc: error: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        if args.verbose:
+            raise
+        print(f"musc: error: {_first_line(error)} (run with -v for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -8,12 +8,18 @@ from pathlib import Path
 
 from .catalog import IMAGE_SUFFIXES
 
-__all__ = ["LAYOUTS", "DEFAULT_RSCIN_K", "LabelledImage", "list_categories", "dataset_images"]
+__all__ = ["LAYOUTS", "LAYOUT_HINT", "DEFAULT_RSCIN_K", "LabelledImage", "list_categories", "dataset_images"]
 
 LAYOUTS = ("mvtec", "visa", "btad")
 # The paper's RsCIN windows per dataset (MUSC_SPEC, defaults)
 DEFAULT_RSCIN_K = {"mvtec": (1, 2, 3), "btad": (1, 2, 3), "visa": (1, 8, 9)}
 _NORMAL_FOLDER = {"mvtec": "good", "btad": "ok"}
+# What a layout expects, for the message when a root holds none of it.
+LAYOUT_HINT = {
+    "mvtec": "expected ROOT/<category>/test/<type>/*.png (is --layout right?)",
+    "btad": "expected ROOT/<category>/test/{ok,ko}/* (is --layout right?)",
+    "visa": "expected ROOT/split_csv/1cls.csv or ROOT/<category>/Data/Images (is --layout right?)",
+}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from . import tables
 from .atomic import write_atomic
 from .catalog import catalog_files, catalog_manifest
 from .core import image_metrics, pixel_metrics, split_by_type
-from .datasets import dataset_images, list_categories
+from .datasets import LAYOUT_HINT, dataset_images, list_categories
 from .manifests import CatalogRef, ProductScoresRef
 from .preprocess import read_mask, resize_mask
 from .rscin import patch_score_rows, read_product_scores, score_map
@@ -42,6 +42,8 @@ def catalog_dataset(
     defect type; None leaves the split to the scoring parameters' pool size.
     """
     names = tuple(categories or list_categories(Path(root), layout))
+    if not names:
+        raise FileNotFoundError(f"no {layout} categories under {root}: {LAYOUT_HINT[layout]}")
     images = {name: dataset_images(Path(root), layout, name) for name in names}
     files = [(name, str(i.path.relative_to(root))) for name in names for i in images[name]]
     catalog = catalog_files(Path(root), files)

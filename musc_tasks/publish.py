@@ -179,6 +179,36 @@ def publish_day(
     return summary, ranked
 
 
+def record_no_input(
+    catalog: CatalogRef, backbone: BackboneSpec, scoring: ScoringParams, out_dir: str, run: RunInfo
+) -> None:
+    """The runs row of a day whose input held no image: ``status`` ``no_input``, every count 0."""
+    now = datetime.now(timezone.utc)
+    parameters = {"backbone": backbone.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
+    row = {
+        "run_id": run.run_id,
+        "flow_run_id": run.flow_run_id,
+        "started_at": datetime.fromisoformat(run.started_at),
+        "finished_at": now,
+        "backbone_key": backbone.key,
+        "parameters": json.dumps(parameters, sort_keys=True),
+        "versions": json.dumps(_package_versions(), sort_keys=True),
+        "input_dir": catalog.input_dir,
+        **dict.fromkeys(("n_images", "n_scored", "n_flagged", "n_failed"), 0),
+        **{f"seconds_{stage}": run.seconds.get(stage, 0.0) for stage in ("catalog", "extract", "score", "rescore")},
+        "seconds_publish": 0.0,
+        **dict.fromkeys(("images_extracted", "images_token_cached", "pairs_computed", "pairs_cached"), 0),
+        "status": "no_input",
+    }
+    tables.publish_partition(
+        Path(out_dir) / "tables" / "runs",
+        {"date": catalog.run_date},
+        run.run_id,
+        tables.to_table([row], tables.RUNS_SCHEMA),
+        tables.RUNS_SCHEMA,
+    )
+
+
 def _package_versions() -> dict[str, str]:
     versions = {}
     for name in VERSIONED_PACKAGES:

@@ -148,6 +148,30 @@ def test_missing_input_and_read_only_out_are_clear_errors(prefect_api, tiny_back
         score_captures(input_dir=str(tmp_path), out_dir=str(read_only / "out"), backbone=tiny_backbone, device="cpu")
 
 
+def test_empty_night_fails_the_flow_run_and_records_no_input(prefect_api, tiny_backbone, tmp_path):
+    """A camera upload that failed is an alarm: a failed flow run and a runs row saying no_input."""
+    from prefect.client.orchestration import get_client
+
+    (tmp_path / "night" / "bolt").mkdir(parents=True)
+    out = tmp_path / "out"
+    state = score_captures(
+        input_dir=str(tmp_path / "night"),
+        out_dir=str(out),
+        run_date=date(2026, 11, 22),
+        backbone=tiny_backbone,
+        device="cpu",
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(FileNotFoundError, match="no image in .*night: nothing to score for 2026-11-22"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).state.is_failed()
+    runs = tables.read_table(out / "tables" / "runs")
+    assert list(runs["status"]) == ["no_input"] and list(runs["n_images"]) == [0]
+    assert runs["run_id"].iloc[0] == str(state.state_details.flow_run_id)
+
+
 def test_image_that_breaks_after_cataloguing_is_failed_with_its_reason(
     prefect_api, dask_address, demo_day, tiny_backbone, tmp_path
 ):

@@ -54,3 +54,8 @@ def test_dask_scale_benchmark(tmp_path):
 def test_day_scale_benchmark(tmp_path):
     out = run("day_scale.py", "--smoke", "--json", str(tmp_path / "day.json"))
     assert "time per image" in out, out
+
+
+def test_cli_errors_benchmark():
+    out = run("cli_errors.py", "--repeats", "1")
+    assert out.count("exit 2") == 8 and out.count("musc: error: ") == 8, out

@@ -144,6 +144,9 @@ def test_nightly_deployment_settings(site):
         limit = deployment["global_concurrency_limit"]["limit"]
     assert limit == 1
     assert deployment["job_variables"]["env"]["TZ"] == TIMEZONE
+    # nothing phones home from a flow run
+    assert deployment["job_variables"]["env"]["DO_NOT_TRACK"] == "1"
+    assert deployment["job_variables"]["env"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     everything = json.dumps([params, deployment["job_variables"], deployment["pull_steps"]])
     assert "{{" not in everything, f"an environment variable was not templated: {everything}"

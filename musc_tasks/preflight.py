@@ -1,0 +1,121 @@
+"""Checks of the command line and the input that run before Prefect, Dask or torch start.
+
+A mistake in an option or a path must cost the user one line and well under two seconds,
+not a server start-up and a page of traceback. Everything here stays light: no torch,
+open_clip, timm, Prefect or Dask import (the patch size of a CLIP backbone is read from
+open_clip's JSON model config without importing open_clip). The flows check the same
+things again with the real libraries; these checks only make the common mistakes fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from datetime import date
+from pathlib import Path
+
+from .catalog import IMAGE_SUFFIXES
+from .config import BackboneSpec
+
+__all__ = [
+    "UsageError",
+    "parse_day",
+    "existing_dir",
+    "check_pool_size",
+    "check_backbone",
+    "light_patch_size",
+    "require_images",
+]
+
+
+class UsageError(Exception):
+    """A bad option or input, said in one line that names it and what to do; exit status 2."""
+
+
+def parse_day(text: str, option: str = "--date") -> date:
+    """A ``YYYY-MM-DD`` day, or a `UsageError` naming ``option``."""
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        return date.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a date: give it as YYYY-MM-DD, e.g. 2026-11-22") from None
+
+
+def existing_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder that exists, or a `UsageError` naming ``what``."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise UsageError(f"{what} {folder} does not exist: check the path (and the date it holds, if any)")
+    if not folder.is_dir():
+        raise UsageError(f"{what} {folder} is not a folder")
+    return folder
+
+
+def check_pool_size(pool_size: int | None, option: str = "--pool-size") -> None:
+    """Mutual scoring needs at least two images in a pool."""
+    if pool_size is not None and pool_size < 2:
+        raise UsageError(f"{option} {pool_size}: a pool needs at least 2 images (each is scored against the others)")
+
+
+def light_patch_size(spec: BackboneSpec) -> int | None:
+    """The patch side of ``spec``'s ViT from config files and names alone; None when unknown here.
+
+    CLIP backbones: the ``--model-config`` JSON or open_clip's shipped JSON. DINO and timm
+    backbones: the ``patchNN`` or ``vit...NN`` in the (timm) model name, as every timm ViT
+    name spells it.
+    """
+    if spec.family == "clip":
+        candidates = [Path(spec.model_config_path)] if spec.model_config_path else []
+        found = importlib.util.find_spec("open_clip")
+        if found is not None and found.submodule_search_locations:
+            shipped = Path(next(iter(found.submodule_search_locations))) / "model_configs" / f"{spec.name}.json"
+            candidates.append(shipped)
+        for path in candidates:
+            if path.is_file() and path.stem == spec.name:
+                patch = json.loads(path.read_text()).get("vision_cfg", {}).get("patch_size")
+                return patch if isinstance(patch, int) else None
+        return None
+    name = spec.name
+    if spec.model_config_path is not None and Path(spec.model_config_path).is_file():
+        name = json.loads(Path(spec.model_config_path).read_text()).get("timm_model", name)
+    match = re.search(r"patch(\d+)", name) or re.search(r"vit[a-z]*?(\d+)$", name)
+    return int(match.group(1)) if match else None
+
+
+def check_backbone(spec: BackboneSpec) -> None:
+    """Image size a multiple of the patch size; a model config and a checkpoint file that exist."""
+    if spec.model_config_path is not None and not Path(spec.model_config_path).is_file():
+        raise UsageError(f"--model-config {spec.model_config_path} does not exist")
+    patch = light_patch_size(spec)
+    if patch and spec.image_size % patch:
+        lower, upper = spec.image_size // patch * patch, (spec.image_size // patch + 1) * patch
+        sizes = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UsageError(
+            f"--image-size {spec.image_size} is not a multiple of {spec.name}'s patch size {patch}: use e.g. {sizes}"
+        )
+    pretrained = spec.pretrained
+    if pretrained is not None:
+        looks_like_file = Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained
+        if looks_like_file and not Path(pretrained).expanduser().is_file():
+            raise UsageError(
+                f"--pretrained {pretrained}: checkpoint file does not exist (give a file, a pretrained tag or 'none')"
+            )
+
+
+def require_images(input_dir: str | os.PathLike, what: str = "input folder") -> None:
+    """A `UsageError` unless at least one image-like file lies below ``input_dir``.
+
+    Only names are looked at, up to the first image (the catalog decodes every file later);
+    symlinked folders are not entered, as the catalog does not enter them either.
+    """
+    folder = existing_dir(input_dir, what)
+    for _, _, files in os.walk(folder):
+        if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files):
+            return
+    raise UsageError(
+        f"{what} {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}): "
+        "is the upload missing or the date wrong? Expected INPUT/<product>/**/<image>"
+    )

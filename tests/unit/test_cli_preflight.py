@@ -1,0 +1,98 @@
+"""Bad options and inputs: one line naming the option or file, exit status 2, nothing heavy started."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from musc_tasks.cli import main
+
+from ..conftest import TINY_CONFIG
+
+TINY = ["--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--pretrained", "none"]
+
+
+@pytest.fixture
+def day(tmp_path):
+    (tmp_path / "day" / "bolt").mkdir(parents=True)
+    (tmp_path / "day" / "bolt" / "000.png").write_bytes(b"not decoded by the preflight")
+    return tmp_path / "day"
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("musc: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_score_errors_name_the_option_or_file(day, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "does-not-exist does not exist" in _error(capsys, ["score", str(tmp_path / "does-not-exist"), "--out", out])
+    assert "--date '22-11-2026' is not a date: give it as YYYY-MM-DD" in _error(
+        capsys, ["score", str(day), "--out", out, "--date", "22-11-2026"]
+    )
+    assert "--pool-size 1: a pool needs at least 2 images" in _error(
+        capsys, ["score", str(day), "--out", out, "--pool-size", "1"]
+    )
+    # the preset's ViT-B-16-plus-240 has 16 px patches
+    assert "--image-size 225 is not a multiple of ViT-B-16-plus-240's patch size 16: use e.g. 224 or 240" in _error(
+        capsys, ["score", str(day), "--out", out, "--preset", "fast", "--image-size", "225"]
+    )
+    assert "--pretrained /no/such.pth: checkpoint file does not exist" in _error(
+        capsys, ["score", str(day), "--out", out, "--pretrained", "/no/such.pth"]
+    )
+    empty = tmp_path / "empty" / "bolt"
+    empty.mkdir(parents=True)
+    (empty / "notes.txt").write_text("no image here")
+    assert "holds no image" in _error(capsys, ["score", str(empty.parent), "--out", out])
+    dated = str(tmp_path / "{date}")
+    assert "2026-11-22 does not exist" in _error(capsys, ["score", dated, "--out", out, "--date", "2026-11-22"])
+
+
+def test_timm_and_dino_patch_sizes_from_names(day, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "dinov2_vits14's patch size 14" in _error(
+        capsys, ["score", str(day), "--out", out, "--backbone", "dinov2_vits14", "--image-size", "225"]
+    )
+    message = _error(capsys, ["score", str(day), "--out", out, *TINY, "--image-size", "200"])
+    assert "--image-size 200 is not a multiple of musc-tiny-vit's patch size 14" in message
+
+
+def test_backfill_compare_and_evaluate_errors(day, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--input-root", str(tmp_path / "{date}"), "--out", out]
+    assert "--from '2026-13-01' is not a date" in _error(
+        capsys, ["backfill", "--from", "2026-13-01", "--to", "2026-12-02", *common]
+    )
+    assert "--from 2026-12-03 is after --to 2026-12-02" in _error(
+        capsys, ["backfill", "--from", "2026-12-03", "--to", "2026-12-02", *common]
+    )
+    assert "has no {date}" in _error(
+        capsys, ["backfill", "--from", "2026-12-01", "--to", "2026-12-02", "--input-root", str(day), "--out", out]
+    )
+    assert "holds no scores table (tables/scores)" in _error(
+        capsys, ["compare", "--out", out, "--date", "2026-12-01", "--backbones", "a,b"]
+    )
+    # an MVTec-shaped root read as VisA finds nothing: an error, not an empty metrics table
+    (tmp_path / "mvtec" / "bottle" / "test" / "good").mkdir(parents=True)
+    message = _error(capsys, ["evaluate", str(tmp_path / "mvtec"), "--layout", "visa", "--out", out])
+    assert "holds no visa category" in message and "is --layout right?" in message
+    message = _error(
+        capsys, ["evaluate", str(tmp_path / "mvtec"), "--layout", "mvtec", "--out", out, "--categories", "x"]
+    )
+    assert "--categories x not under" in message
+
+
+def test_errors_start_no_heavy_library(tmp_path):
+    """The validation path imports neither torch, Prefect nor Dask (they cost seconds to import)."""
+    script = (
+        "import sys; from musc_tasks.cli import main; "
+        f"rc = main(['score', {str(tmp_path / 'missing')!r}, '--out', 'x', '--image-size', '225']); "
+        "heavy = sorted({'torch', 'prefect', 'dask', 'distributed', 'open_clip', 'timm'} & set(sys.modules)); "
+        "print(rc, heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
