@@ -225,6 +225,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         preflight.require_images(args.input.replace("{date}", run_date.isoformat()), "input folder")
     backbone = validate_scoring(args)
+    try:
+        outputs = outputs_from_args(args)
+    except ValueError as error:
+        raise UsageError(_first_line(error)) from None
     from flows.score import score_captures
 
     summary = score_captures(
@@ -236,7 +240,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         device=args.device,
         dask_address=args.dask_address,
         refresh=args.refresh,
-        outputs=outputs_from_args(args),
+        outputs=outputs,
     )
     print_summary(summary)
     return 0
