@@ -1,4 +1,4 @@
-"""The `musc` command: score a day, run the demo, fetch weights."""
+"""The `musc` command: score a day, run the demo, rebuild a report, fetch weights."""
 
 from __future__ import annotations
 
@@ -263,6 +263,8 @@ def print_summary(summary) -> None:
     print(f"  tables:   {out / 'tables'}  (scores/, regions/, runs/)")
     print(f"  masks:    {out / 'masks' / summary.run_date}")
     print(f"  heatmaps: {out / 'heatmaps' / summary.run_date}")
+    if summary.report_path:
+        print(f"  report:   {summary.report_path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -438,6 +440,23 @@ def cmd_rscin(args: argparse.Namespace) -> int:
     )
     for _, row in rescored[status != "rescored"].head(10).iterrows():
         print(f"  {row[args.path_column]}: {row['rscin_reason']}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``musc report``: (re)build a night's report and the index of nights from OUT alone."""
+    from . import tables
+    from .report import build_day_report
+
+    out = Path(args.out).resolve()
+    day = args.date
+    if day is None:
+        dates = tables.read_table(out / "tables" / "scores")["date"]
+        if dates.empty:
+            raise ValueError(f"no results in {out / 'tables' / 'scores'}")
+        day = dates.max()
+    report = build_day_report(out, day, args.backbone)
+    print(report.path)
+    print(f"  all nights: {report.path.parent.parent / 'index.html'}")
     return 0
 
 
@@ -639,19 +658,40 @@ def build_parser() -> argparse.ArgumentParser:
         add_backbone_arguments(sub)
         sub.set_defaults(func=cmd_references)
 
+    report = commands.add_parser("report", help="(re)build a night's HTML report and the index of nights")
+    report.add_argument("--date", help="YYYY-MM-DD of the night (default: the latest with results)")
+    report.add_argument("--out", default=".", help="results folder (default: the current one)")
+    report.add_argument("--backbone", help="backbone key to show (default: the night's latest run)")
+    report.set_defaults(func=cmd_report)
+
     fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
     add_backbone_arguments(fetch)
     fetch.set_defaults(func=cmd_fetch_weights)
     return parser
 
 
+def quiet_console(verbose: bool) -> None:
+    """Progress bars, warnings and the summary on the console; ``-v`` adds INFO logs.
+
+    Prefect's and Dask's loggers carry their own INFO levels (Dask sets them when first
+    imported, also in each worker process), so the console handler filters, and Dask's
+    workers, which configure logging themselves, get the level through Dask's config.
+    Runs logged to a Prefect server keep their INFO records.
+    """
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    if not verbose:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        # The local cluster's HTTP server moves to a free port when 8787 is taken: not news.
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``musc`` command; bad paths and values end with a one-line error and status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_console(args.verbose)
     os.environ.setdefault("MUSC_PROGRESS", "1")
     # Without a Prefect server, each command starts a temporary one whose first start in a
     # fresh PREFECT_HOME creates its database: Prefect's 20 s limit is too short on a busy

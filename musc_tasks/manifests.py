@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -98,6 +100,7 @@ class RunSummary(_Manifest):
     pairs_computed: int
     pairs_cached: int
     top: tuple[tuple[str, str, float], ...]  # (product, path, score), most anomalous first
+    report_path: str | None = None  # OUT/reports/<date>/index.html; None if it could not be built
 
     def as_markdown(self) -> str:
         lines = [
@@ -108,6 +111,8 @@ class RunSummary(_Manifest):
             f"- tokens: {self.images_extracted} extracted, {self.images_token_cached} from cache",
             f"- block pairs: {self.pairs_computed} computed, {self.pairs_cached} from cache",
             "- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
-            f"- outputs: `{self.out_dir}` (tables/, masks/, heatmaps/)",
+            f"- outputs: `{self.out_dir}` (tables/, masks/, heatmaps/, reports/)",
         ]
+        if self.report_path:
+            lines.append(f"- report: [{self.report_path}]({Path(self.report_path).absolute().as_uri()})")
         return "\n".join(lines)

@@ -26,6 +26,7 @@ from .layout import maps_store_path
 from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, TokensRef
 from .maps import upsample_map
 from .render import HEATMAP_FORMATS, encode_image, heatmap_legend, heatmap_overlay, mask_pixels, region_rows, write_png
+from .report import build_day_report
 from .rscin import ProductScores, read_product_scores
 from .scoring import dask_client
 from .store import open_pool_store, pool_layout, write_maps_store
@@ -80,7 +81,7 @@ def publish_day(
     on_progress: Callable[[int, int], None] | None = None,
     log: logging.Logger = logger,
 ) -> tuple[RunSummary, list[dict]]:
-    """Publish every product's rows, masks, heatmaps and maps, then the run's row.
+    """Publish every product's rows, masks, heatmaps and maps, then the run's row and the report.
 
     Images are published in blocks of ``PUBLISH_BLOCK_IMAGES`` as Dask tasks on the cluster
     at ``dask_address`` (None: a local one; False: in this process, one block after the
@@ -176,6 +177,12 @@ def publish_day(
         out / "tables" / "runs", {"date": catalog.run_date}, run.run_id, runs_table, tables.RUNS_SCHEMA
     )
     log.info("published %d rows for %s", len(all_scores), catalog.run_date)
+    try:
+        report = build_day_report(out, catalog.run_date, backbone.key)
+        summary = summary.model_copy(update={"report_path": str(report.path)})
+    except Exception:  # noqa: BLE001 - the tables are the night's result; a report can be rebuilt
+        day = catalog.run_date
+        log.exception("the report for %s was not written; `musc report --date %s` rebuilds it", day, day)
     return summary, ranked
 
 
