@@ -1,0 +1,217 @@
+"""The morning report of three nights, opened in a real headless Chromium served over HTTP.
+
+Nights 1 and 2 run the flow in this process; night 3 runs the `musc score` command (its own
+Dask cluster and a broken file in the input), which also shows what its console prints.
+"""
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import duckdb
+import httpx
+import pytest
+from PIL import Image
+
+from flows.score import score_captures
+from musc_tasks.config import ScoringParams
+from musc_tasks.report import TREND_NIGHTS
+
+from .browser import chromium, static_server
+from .conftest import subprocess_env
+from .processes import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
+
+NIGHTS = ("2026-11-20", "2026-11-21", "2026-11-22")
+BROKEN = "brick/zz-broken.png"
+# Set to a path (e.g. docs/report-screenshot.png) to refresh README's screenshot.
+DOCS_SCREENSHOT = os.environ.get("MUSC_DOCS_SCREENSHOT")
+
+
+@pytest.fixture(scope="module")
+def nights(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path_factory):
+    """OUT after three nights of the demo day; the third with a zero-byte file, run by the CLI."""
+    out_dir = tmp_path_factory.mktemp("out")
+    for night in NIGHTS[:2]:
+        score_captures(
+            input_dir=str(demo_day.input_dir), out_dir=str(out_dir), run_date=night, backbone=tiny_backbone,
+            scoring=ScoringParams(), device="cpu", dask_address=dask_address,
+        )
+    third = tmp_path_factory.mktemp("night3") / "input"
+    shutil.copytree(demo_day.input_dir, third)
+    (third / BROKEN).write_bytes(b"")
+    command = [
+        sys.executable, "-m", "musc_tasks.cli", "score", str(third), "--out", str(out_dir), "--date", NIGHTS[2],
+        "--backbone", tiny_backbone.name, "--model-config", str(tiny_backbone.model_config_path),
+        "--pretrained", "none", "--image-size", str(tiny_backbone.image_size),
+        "--layers", ",".join(map(str, tiny_backbone.layers)), "--device", "cpu",
+    ]
+    env = {**subprocess_env(prefect_api), "PYTHONPATH": str(REPO), "MUSC_PROGRESS": "0"}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out_dir, done
+
+
+def scores_sql(out_dir, sql):
+    scores = f"read_parquet('{out_dir}/tables/scores/**/*.parquet', hive_partitioning=true)"
+    return duckdb.sql(sql.format(scores=scores)).df()
+
+
+def same_origin_links(driver, base):
+    """Every image and link target of the page, asserting that none leaves the served folder."""
+    urls = driver.execute_script(
+        "return [...document.querySelectorAll('img')].map(e => e.src)"
+        ".concat([...document.querySelectorAll('a[href]')].map(e => e.href))"
+        ".concat([...document.querySelectorAll('link[href]')].map(e => e.href))"
+    )
+    for url in urls:
+        assert url.startswith(base + "/") or url.startswith("data:"), f"{url} is not inside the report's folder"
+    return urls
+
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200, url
+        return response.read()
+
+
+def assert_images_loaded(driver):
+    images = driver.execute_script(
+        "return [...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth, i.alt])"
+    )
+    assert images
+    for src, complete, width, alt in images:
+        assert complete and width > 0, f"{src} did not load"
+        assert alt.strip(), f"{src} has no alt text"
+    return images
+
+
+def test_cli_run_prints_a_short_console_and_the_report_path(nights, prefect_api):
+    out_dir, done = nights
+    console = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in console if "distributed" in line or line.startswith("INFO")], "\n".join(console)
+    report = out_dir / "reports" / NIGHTS[2] / "index.html"
+    assert f"  report:   {report}" in done.stdout.splitlines()
+    assert report.is_file()
+    filter_ = {"artifacts": {"key": {"any_": ["score-summary"]}}}
+    artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json=filter_).raise_for_status().json()
+    assert any(f"]({report.as_uri()})" in artifact["data"] for artifact in artifacts)
+
+
+def test_report_in_a_real_browser(nights, tmp_path):
+    out_dir, _ = nights
+    night = NIGHTS[2]
+    table = scores_sql(out_dir, f"select * from {{scores}} where date = '{night}' order by product, rank, path")
+    trend = scores_sql(
+        out_dir,
+        "select product, date::varchar date, count(*) n, sum(flagged::int)::int flagged, median(score) median "
+        "from {scores} where status = 'scored' group by all order by product, date",
+    )
+    with static_server(out_dir) as base, chromium(1280, 900) as driver:
+        driver.get(f"{base}/reports/{night}/index.html")
+        assert driver.title == f"MuSc report {night}"
+        images = assert_images_loaded(driver)
+        assert sum(1 for src, *_ in images if src.endswith(".svg")) == 1 + 2 * table["product"].nunique()
+
+        sections = driver.execute_script(
+            "return [...document.querySelectorAll('section.product')].map(s => [s.dataset.product,"
+            " [...s.querySelectorAll('.gallery > li')].map(li => [Number(li.dataset.rank),"
+            " li.classList.contains('flagged'), li.querySelector('.path code').textContent]),"
+            " [...s.querySelectorAll('table.problems tbody tr')].map(tr => tr.innerText),"
+            " [...s.querySelectorAll('table.trend tbody tr')].map(tr => tr.cells[0].textContent + ' ' + tr.cells[2].textContent)])"
+        )
+        assert [s[0] for s in sections] == sorted(table["product"].unique())
+        for product, parts, problems, trend_rows in sections:
+            rows = table[(table["product"] == product) & (table["status"] == "scored")]
+            flagged = rows[rows["flagged"].astype(bool)]
+            shown = [(rank, is_flagged, path) for rank, is_flagged, path in parts]
+            assert [rank for rank, *_ in shown] == sorted(rank for rank, *_ in shown), f"{product}: not in rank order"
+            assert shown[0][0] == 1
+            # every flagged part, each with its table rank, in the table's order
+            assert [(r.rank, r.path) for r in flagged.itertuples()] == [(rank, path) for rank, f, path in shown if f]
+            failed = table[(table["product"] == product) & (table["status"] != "scored")]
+            assert len(problems) == len(failed)
+            for row, text in zip(failed.itertuples(), problems):
+                assert row.path in text and row.error in text
+            nightly = trend[trend["product"] == product].tail(TREND_NIGHTS)
+            assert trend_rows == [f"{r.date} {r.flagged}" for r in nightly.itertuples()]
+            assert len(trend_rows) == len(NIGHTS)
+        assert any(BROKEN.split("/")[1] in text for s in sections for text in s[2])
+
+        hrefs = [u for u in same_origin_links(driver, base) if u.startswith(base)]
+        full_res = driver.execute_script("return [...document.querySelectorAll('a.full-res')].map(a => a.href)")
+        assert len(full_res) >= 2 * sum(len(s[1]) for s in sections)
+        for url in set(hrefs):
+            body = fetch(url)
+            if url in full_res:
+                local = out_dir / urllib.request.url2pathname(urlparse(url).path).lstrip("/")
+                assert body == local.read_bytes(), url
+        heatmaps = {url for url in full_res if "/heatmaps/" in url}
+        assert {urljoin(base + "/", urllib.request.pathname2url(p)) for p in table["heatmap_path"].dropna()} >= heatmaps
+
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert not errors, errors
+        screenshot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(screenshot))
+        print(f"\nreport screenshot: {screenshot}")
+        if DOCS_SCREENSHOT:
+            driver.set_window_size(1280, 1500)
+            driver.execute_script("window.scrollTo(0, 0)")
+            docs = REPO / DOCS_SCREENSHOT
+            driver.save_screenshot(str(docs))
+            with Image.open(docs) as full:
+                small = full.convert("RGB").resize((960, 1125), Image.Resampling.LANCZOS)
+            small.quantize(colors=128).save(docs, optimize=True)
+            print(f"docs screenshot: {docs} ({docs.stat().st_size // 1024} KB)")
+    with Image.open(screenshot) as shot:
+        assert shot.size[0] > 0
+
+
+def test_days_index_lists_the_three_nights(nights):
+    out_dir, _ = nights
+    counts = scores_sql(
+        out_dir,
+        "select date::varchar date, count(*) images, sum(coalesce(flagged, false)::int)::int flagged, "
+        "sum((status = 'failed')::int)::int failed from {scores} group by date order by date desc",
+    )
+    with static_server(out_dir) as base, chromium() as driver:
+        driver.get(f"{base}/reports/index.html")
+        rows = driver.execute_script(
+            "return [...document.querySelectorAll('tr.day')].map(tr => [tr.dataset.date,"
+            " [...tr.cells].map(c => c.textContent.trim()), tr.querySelector('a').href])"
+        )
+        assert [r[0] for r in rows] == list(reversed(NIGHTS))
+        for (day, cells, href), expected in zip(rows, counts.itertuples()):
+            assert day == expected.date
+            assert cells[2:5] == [str(expected.images), str(expected.flagged), str(expected.failed)]
+            assert href == f"{base}/reports/{day}/index.html"
+            assert b"MuSc morning report" in fetch(href)
+        same_origin_links(driver, base)
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_musc_report_rebuilds_a_past_night(nights, prefect_api, tmp_path):
+    """Removed entirely, the first night's report comes back byte for byte from OUT alone."""
+    out_dir, _ = nights
+    day_dir = out_dir / "reports" / NIGHTS[0]
+    kept = tmp_path / "kept"
+    shutil.copytree(day_dir, kept)
+    shutil.rmtree(day_dir)
+    (out_dir / "reports" / "index.html").unlink()
+    command = [sys.executable, "-m", "musc_tasks.cli", "report", "--date", NIGHTS[0], "--out", str(out_dir)]
+    env = {**subprocess_env(prefect_api), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0] == str(day_dir / "index.html")
+    files = sorted(p.relative_to(kept) for p in kept.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(day_dir) for p in day_dir.rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(kept, day_dir, [str(f) for f in files], shallow=False)
+    assert not mismatch and not errors
+    index = (out_dir / "reports" / "index.html").read_text()
+    assert all(f'data-date="{night}"' in index for night in NIGHTS)
