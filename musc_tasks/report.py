@@ -265,7 +265,7 @@ def heatmap_legend_svg() -> bytes:
         axes.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=colours, extent=(0, 1, 0, 1))
         axes.set_yticks([])
         axes.set_xticks([0, 0.5, 1], ["lowest score of the product", "", "highest"])
-        axes.set_title("heatmap colours (over the grey-blended capture)", fontsize=8)
+        axes.set_title("heatmap colours, blended over the capture", fontsize=8)
         figure.tight_layout()
         return _svg(figure)
 
