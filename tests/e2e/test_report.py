@@ -20,7 +20,7 @@ from PIL import Image
 
 from flows.score import score_captures
 from musc_tasks.config import ScoringParams
-from musc_tasks.report import TREND_NIGHTS
+from musc_tasks.report import TREND_NIGHTS, build_day_report
 
 from .browser import chromium, static_server
 from .conftest import subprocess_env
@@ -55,7 +55,7 @@ def nights(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path_factory)
     env = {**subprocess_env(prefect_api), "PYTHONPATH": str(REPO), "MUSC_PROGRESS": "0"}
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    return out_dir, done
+    return out_dir, done, third
 
 
 def scores_sql(out_dir, sql):
@@ -93,7 +93,7 @@ def assert_images_loaded(driver):
 
 
 def test_cli_run_prints_a_short_console_and_the_report_path(nights, prefect_api):
-    out_dir, done = nights
+    out_dir, done, _ = nights
     console = (done.stdout + done.stderr).splitlines()
     assert not [line for line in console if "distributed" in line or line.startswith("INFO")], "\n".join(console)
     report = out_dir / "reports" / NIGHTS[2] / "index.html"
@@ -105,7 +105,7 @@ def test_cli_run_prints_a_short_console_and_the_report_path(nights, prefect_api)
 
 
 def test_report_in_a_real_browser(nights, tmp_path):
-    out_dir, _ = nights
+    out_dir, *_ = nights
     night = NIGHTS[2]
     table = scores_sql(out_dir, f"select * from {{scores}} where date = '{night}' order by product, rank, path")
     trend = scores_sql(
@@ -116,6 +116,7 @@ def test_report_in_a_real_browser(nights, tmp_path):
     with static_server(out_dir) as base, chromium(1280, 900) as driver:
         driver.get(f"{base}/reports/{night}/index.html")
         assert driver.title == f"MuSc report {night}"
+        assert driver.execute_script("return document.scripts.length") == 0  # the gallery needs no JS
         images = assert_images_loaded(driver)
         assert sum(1 for src, *_ in images if src.endswith(".svg")) == 1 + 2 * table["product"].nunique()
 
@@ -174,7 +175,7 @@ def test_report_in_a_real_browser(nights, tmp_path):
 
 
 def test_days_index_lists_the_three_nights(nights):
-    out_dir, _ = nights
+    out_dir, *_ = nights
     counts = scores_sql(
         out_dir,
         "select date::varchar date, count(*) images, sum(coalesce(flagged, false)::int)::int flagged, "
@@ -198,7 +199,7 @@ def test_days_index_lists_the_three_nights(nights):
 
 def test_musc_report_rebuilds_a_past_night(nights, prefect_api, tmp_path):
     """Removed entirely, the first night's report comes back byte for byte from OUT alone."""
-    out_dir, _ = nights
+    out_dir, *_ = nights
     day_dir = out_dir / "reports" / NIGHTS[0]
     kept = tmp_path / "kept"
     shutil.copytree(day_dir, kept)
@@ -215,3 +216,27 @@ def test_musc_report_rebuilds_a_past_night(nights, prefect_api, tmp_path):
     assert not mismatch and not errors
     index = (out_dir / "reports" / "index.html").read_text()
     assert all(f'data-date="{night}"' in index for night in NIGHTS)
+
+
+def test_report_rebuilds_from_out_alone_when_the_captures_are_gone(nights, tmp_path):
+    """Without its input folder a night's page still builds: heatmaps boxed, captures marked missing."""
+    out_dir, _, third = nights
+    copy = tmp_path / "out"
+    shutil.copytree(out_dir, copy, ignore=shutil.ignore_patterns("cache"))
+    shutil.rmtree(copy / "reports" / NIGHTS[2])
+    moved = third.with_name("moved-away")
+    third.rename(moved)
+    try:
+        report = build_day_report(copy, NIGHTS[2])
+    finally:
+        moved.rename(third)
+    assert report.path == copy / "reports" / NIGHTS[2] / "index.html"
+    with static_server(copy) as base, chromium() as driver:
+        driver.get(f"{base}/reports/{NIGHTS[2]}/index.html")
+        images = assert_images_loaded(driver)
+        parts = driver.execute_script("return document.querySelectorAll('.gallery > li').length")
+        missing = driver.execute_script("return document.querySelectorAll('.gallery .missing').length")
+        assert parts > 0 and missing == parts
+        assert not [src for src, *_ in images if src.endswith("-capture.jpg")]
+        assert sum(1 for src, *_ in images if src.endswith("-overlay.jpg")) == parts
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
