@@ -47,7 +47,6 @@ __all__ = [
     "TREND_NIGHTS",
     "build_day_report",
     "build_days_index",
-    "day_report_path",
     "gallery_rows",
     "histogram_svg",
     "nightly_trend",
@@ -308,10 +307,6 @@ class DayReport:
     summary: dict
 
 
-def day_report_path(out_dir: Path, run_date: str) -> Path:
-    return Path(out_dir) / REPORTS / run_date / "index.html"
-
-
 def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = None) -> DayReport:
     """Write ``OUT/reports/<date>/`` for one backbone's results, then the days index.
 
@@ -374,7 +369,6 @@ def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = No
         trend_nights=TREND_NIGHTS,
     )
     _remove_unused(assets, html)
-    _write_if_changed(out_dir / REPORTS / "style.css", _STYLE.read_bytes())
     _write_if_changed(day_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True).encode())
     path = _write_if_changed(day_dir / "index.html", html.encode())
     build_days_index(out_dir)
@@ -452,14 +446,17 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
             _write_if_changed(capture_file, _jpeg(thumbnail(np.asarray(image))))
         except (ImageReadError, OSError) as error:
             logger.warning("report: no thumbnail of %s (%s)", row.path, getattr(error, "reason", error))
-    heatmap_file = out_dir / row.heatmap_path
     if not overlay_file.exists():
-        with Image.open(heatmap_file) as heatmap:
-            full = np.asarray(heatmap.convert("RGB"))
-        small = thumbnail(full)
-        drawn = boxes.head(BOXES_DRAWN)
-        box_list = list(zip(drawn["bbox_x0"], drawn["bbox_y0"], drawn["bbox_x1"], drawn["bbox_y1"]))
-        _write_if_changed(overlay_file, _jpeg(draw_boxes(small, box_list, small.shape[1] / full.shape[1])))
+        try:
+            with Image.open(out_dir / row.heatmap_path) as heatmap:
+                full = np.asarray(heatmap.convert("RGB"))
+        except OSError as error:
+            logger.warning("report: no heatmap thumbnail of %s (%s)", row.path, error)
+        else:
+            small = thumbnail(full)
+            drawn = boxes.head(BOXES_DRAWN)
+            box_list = list(zip(drawn["bbox_x0"], drawn["bbox_y0"], drawn["bbox_x1"], drawn["bbox_y1"]))
+            _write_if_changed(overlay_file, _jpeg(draw_boxes(small, box_list, small.shape[1] / full.shape[1])))
     capture = Path(row.path)
     inside = capture.is_absolute() and capture.resolve().is_relative_to(out_dir.resolve())
     up = "../../"  # from OUT/reports/<date>/ back to OUT
@@ -470,7 +467,7 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
         "path": row.path,
         "note": _text(row.note),
         "capture": capture_file.relative_to(day_dir).as_posix() if capture_file.exists() else None,
-        "overlay": overlay_file.relative_to(day_dir).as_posix(),
+        "overlay": overlay_file.relative_to(day_dir).as_posix() if overlay_file.exists() else None,
         "heatmap_href": up + _href(row.heatmap_path),
         "mask_href": up + _href(row.mask_path),
         "capture_href": up + _href(capture.resolve().relative_to(out_dir.resolve()).as_posix()) if inside else None,
