@@ -156,7 +156,8 @@ def thumbnail(pixels: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
     image = Image.fromarray(np.ascontiguousarray(pixels))
     scale = min(1.0, side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return np.asarray(image.resize(size, Image.Resampling.LANCZOS) if scale < 1 else image)
+    # reducing_gap: a fast box reduction first, Lanczos for the last factor of 3 (same look).
+    return np.asarray(image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0) if scale < 1 else image)
 
 
 def draw_boxes(pixels: np.ndarray, boxes: list[tuple[int, int, int, int]], scale: float) -> np.ndarray:
@@ -499,7 +500,7 @@ def _run_facts(runs: pd.DataFrame) -> dict | None:
         # Every run so far scores each image against the night's other images only.
         "reference_mode": parameters.get("scoring", {}).get("reference_mode", "zero-shot (the night's own images)"),
         "seconds": {
-            stage: float(latest[f"seconds_{stage}"]) for stage in ("catalog", "extract", "score", "rescore", "publish")
+            column.removeprefix("seconds_"): float(latest[column]) for column in runs.columns if column.startswith("seconds_")
         },
         "cache": {
             "tokens extracted": int(latest["images_extracted"]),
