@@ -140,12 +140,13 @@ def gallery_rows(scores: pd.DataFrame, top: int = GALLERY_TOP, limit: int = GALL
     return chosen.sort_values(["rank", "path"]).head(limit).reset_index(drop=True)
 
 
-def thumbnail(pixels: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
+def thumbnail(image: Image.Image, side: int = THUMB_SIDE) -> np.ndarray:
     """An RGB image shrunk (never enlarged) so its longer side is at most ``side``.
 
     Parameters
     ----------
-    pixels : (H, W, 3) uint8 array
+    image : (H, W) RGB PIL image
+        Resized by PIL directly, so a large capture is never copied into an array.
     side : int
 
     Returns
@@ -153,7 +154,6 @@ def thumbnail(pixels: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
     small : (h, w, 3) uint8 array
         ``max(h, w) == min(side, max(H, W))``, aspect ratio kept, antialiased.
     """
-    image = Image.fromarray(np.ascontiguousarray(pixels))
     scale = min(1.0, side / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     # reducing_gap: a fast box reduction first, Lanczos for the last factor of 3 (same look).
@@ -444,20 +444,20 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
     if not capture_file.exists():
         try:
             image, _ = read_rgb(Path(row.path))
-            _write_if_changed(capture_file, _jpeg(thumbnail(np.asarray(image))))
+            _write_if_changed(capture_file, _jpeg(thumbnail(image)))
         except (ImageReadError, OSError) as error:
             logger.warning("report: no thumbnail of %s (%s)", row.path, getattr(error, "reason", error))
     if not overlay_file.exists():
         try:
             with Image.open(out_dir / row.heatmap_path) as heatmap:
-                full = np.asarray(heatmap.convert("RGB"))
+                small = thumbnail(heatmap.convert("RGB"))
+                full_width = heatmap.width
         except OSError as error:
             logger.warning("report: no heatmap thumbnail of %s (%s)", row.path, error)
         else:
-            small = thumbnail(full)
             drawn = boxes.head(BOXES_DRAWN)
             box_list = list(zip(drawn["bbox_x0"], drawn["bbox_y0"], drawn["bbox_x1"], drawn["bbox_y1"]))
-            _write_if_changed(overlay_file, _jpeg(draw_boxes(small, box_list, small.shape[1] / full.shape[1])))
+            _write_if_changed(overlay_file, _jpeg(draw_boxes(small, box_list, small.shape[1] / full_width)))
     capture = Path(row.path)
     inside = capture.is_absolute() and capture.resolve().is_relative_to(out_dir.resolve())
     up = "../../"  # from OUT/reports/<date>/ back to OUT
