@@ -326,7 +326,10 @@ def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = No
         Its ``index.html`` path, the backbone shown and the headline numbers.
     """
     out_dir = Path(out_dir)
-    run_date = date.fromisoformat(run_date).isoformat()  # also keeps the folder inside OUT
+    try:
+        run_date = date.fromisoformat(run_date).isoformat()  # also keeps the folder inside OUT
+    except ValueError:
+        raise ValueError(f"the night must be a date YYYY-MM-DD, got {run_date!r}") from None
     scores = tables.read_table(out_dir / "tables" / "scores", filters=[("date", "<=", run_date)])
     runs = tables.read_table(out_dir / "tables" / "runs", filters=[("date", "=", run_date)])
     night = scores[scores["date"] == run_date]
