@@ -59,3 +59,8 @@ def test_day_scale_benchmark(tmp_path):
 def test_cli_errors_benchmark():
     out = run("cli_errors.py", "--repeats", "1")
     assert out.count("exit 2") == 8 and out.count("musc: error: ") == 8, out
+
+
+def test_report_benchmark(tmp_path):
+    out = run("report.py", "--smoke", "--json", str(tmp_path / "report.json"))
+    assert "| images x products | nights |" in out, out
