@@ -61,7 +61,9 @@ def write_out(out: Path, images: int, products: int, nights: int, side: int, see
             order = np.argsort(-scores, kind="stable")
             ranks = np.empty(images, int)
             ranks[order] = np.arange(1, images + 1)
-            shown = set(order[: min(GALLERY_MAX, max(GALLERY_TOP, int(FLAG_SHARE * images) + 1))]) if back == 0 else set()
+            shown = (
+                set(order[: min(GALLERY_MAX, max(GALLERY_TOP, int(FLAG_SHARE * images) + 1))]) if back == 0 else set()
+            )
             rows, regions = [], []
             for i in range(images):
                 path = out / "input" / night / product / f"{i:05d}.png"
@@ -74,40 +76,103 @@ def write_out(out: Path, images: int, products: int, nights: int, side: int, see
                     write_png(out / heat, heatmap_overlay(capture, score_map, vmin=0.0, vmax=1.0))
                     for region in range(1, int(rng.integers(1, 4)) + 1):
                         x0, y0 = (int(v) for v in rng.integers(0, side // 2, 2))
-                        regions.append({
-                            "image_id": image_id(night, product, i), "path": str(path), "region": region,
-                            "bbox_x0": x0, "bbox_y0": y0, "bbox_x1": x0 + side // 10, "bbox_y1": y0 + side // 12,
-                            "area_px": side * side // 120, "area_fraction": 1 / 120, "max_score": 0.9,
-                            "mean_score": 0.7, "centroid_x": float(x0 + side // 20), "centroid_y": float(y0 + side // 24),
-                            "backbone_key": backbone, "run_id": run_id,
-                        })
-                rows.append({
-                    "image_id": image_id(night, product, i), "path": str(path), "width": side, "height": int(side * 0.83),
-                    "score": float(scores[i]), "raw_score": float(scores[i]), "rank": int(ranks[i]),
-                    "flagged": bool(scores[i] > threshold), "image_threshold": threshold, "pixel_threshold": 0.8,
-                    "pool_index": 0, "pool_images": images, "anomalous_fraction": 0.01,
-                    "mask_path": heat.replace("heatmaps/", "masks/"), "heatmap_path": heat,
-                    "backbone_key": backbone, "run_id": run_id, "status": "scored",
-                })
-            rows.append({"image_id": image_id(night, product, -1), "path": str(out / "input" / "bad.png"),
-                         "backbone_key": backbone, "run_id": run_id, "status": "failed", "error": "zero-byte file"})
+                        regions.append(
+                            {
+                                "image_id": image_id(night, product, i),
+                                "path": str(path),
+                                "region": region,
+                                "bbox_x0": x0,
+                                "bbox_y0": y0,
+                                "bbox_x1": x0 + side // 10,
+                                "bbox_y1": y0 + side // 12,
+                                "area_px": side * side // 120,
+                                "area_fraction": 1 / 120,
+                                "max_score": 0.9,
+                                "mean_score": 0.7,
+                                "centroid_x": float(x0 + side // 20),
+                                "centroid_y": float(y0 + side // 24),
+                                "backbone_key": backbone,
+                                "run_id": run_id,
+                            }
+                        )
+                rows.append(
+                    {
+                        "image_id": image_id(night, product, i),
+                        "path": str(path),
+                        "width": side,
+                        "height": int(side * 0.83),
+                        "score": float(scores[i]),
+                        "raw_score": float(scores[i]),
+                        "rank": int(ranks[i]),
+                        "flagged": bool(scores[i] > threshold),
+                        "image_threshold": threshold,
+                        "pixel_threshold": 0.8,
+                        "pool_index": 0,
+                        "pool_images": images,
+                        "anomalous_fraction": 0.01,
+                        "mask_path": heat.replace("heatmaps/", "masks/"),
+                        "heatmap_path": heat,
+                        "backbone_key": backbone,
+                        "run_id": run_id,
+                        "status": "scored",
+                    }
+                )
+            rows.append(
+                {
+                    "image_id": image_id(night, product, -1),
+                    "path": str(out / "input" / "bad.png"),
+                    "backbone_key": backbone,
+                    "run_id": run_id,
+                    "status": "failed",
+                    "error": "zero-byte file",
+                }
+            )
             partition = {"date": night, "product": product}
-            tables.publish_partition(out / "tables" / "scores", partition, backbone,
-                                     tables.to_table(rows, tables.SCORES_SCHEMA), tables.SCORES_SCHEMA)
-            tables.publish_partition(out / "tables" / "regions", partition, backbone,
-                                     tables.to_table(regions, tables.REGIONS_SCHEMA), tables.REGIONS_SCHEMA)
+            tables.publish_partition(
+                out / "tables" / "scores",
+                partition,
+                backbone,
+                tables.to_table(rows, tables.SCORES_SCHEMA),
+                tables.SCORES_SCHEMA,
+            )
+            tables.publish_partition(
+                out / "tables" / "regions",
+                partition,
+                backbone,
+                tables.to_table(regions, tables.REGIONS_SCHEMA),
+                tables.REGIONS_SCHEMA,
+            )
         now = datetime.now(timezone.utc)
         run = {
-            "run_id": f"{run_id}-{night}", "started_at": now, "finished_at": now, "backbone_key": backbone,
-            "parameters": json.dumps({"backbone": {"name": "bench"}, "scoring": {}}), "versions": "{}",
-            "input_dir": str(out / "input" / night), "n_images": products * (images + 1),
-            "n_scored": products * images, "n_flagged": 0, "n_failed": products, "seconds_catalog": 1.0,
-            "seconds_extract": 1.0, "seconds_score": 1.0, "seconds_rescore": 1.0, "seconds_publish": 1.0,
-            "images_extracted": 0, "images_token_cached": 0, "pairs_computed": 0, "pairs_cached": 0,
+            "run_id": f"{run_id}-{night}",
+            "started_at": now,
+            "finished_at": now,
+            "backbone_key": backbone,
+            "parameters": json.dumps({"backbone": {"name": "bench"}, "scoring": {}}),
+            "versions": "{}",
+            "input_dir": str(out / "input" / night),
+            "n_images": products * (images + 1),
+            "n_scored": products * images,
+            "n_flagged": 0,
+            "n_failed": products,
+            "seconds_catalog": 1.0,
+            "seconds_extract": 1.0,
+            "seconds_score": 1.0,
+            "seconds_rescore": 1.0,
+            "seconds_publish": 1.0,
+            "images_extracted": 0,
+            "images_token_cached": 0,
+            "pairs_computed": 0,
+            "pairs_cached": 0,
             "status": "completed",
         }
-        tables.publish_partition(out / "tables" / "runs", {"date": night}, run["run_id"],
-                                 tables.to_table([run], tables.RUNS_SCHEMA), tables.RUNS_SCHEMA)
+        tables.publish_partition(
+            out / "tables" / "runs",
+            {"date": night},
+            run["run_id"],
+            tables.to_table([run], tables.RUNS_SCHEMA),
+            tables.RUNS_SCHEMA,
+        )
 
 
 def timed_build(out: Path) -> tuple[float, float, Path]:
@@ -146,19 +211,29 @@ def main() -> None:
         thumbs = sorted(p.stat().st_size for p in report_path.parent.rglob("*.jpg"))
         folder = sum(p.stat().st_size for p in report_path.parent.rglob("*") if p.is_file())
         result = {
-            "images_per_product": args.images, "products": args.products, "nights": args.nights,
-            "capture_side": args.side, "gallery_parts": len(thumbs) // 2, "setup_s": round(setup, 1),
-            "cold_s": round(cold, 2), "warm_s": round(warm, 2),
+            "images_per_product": args.images,
+            "products": args.products,
+            "nights": args.nights,
+            "capture_side": args.side,
+            "gallery_parts": len(thumbs) // 2,
+            "setup_s": round(setup, 1),
+            "cold_s": round(cold, 2),
+            "warm_s": round(warm, 2),
             "peak_rss_mib": round(peak_mib),
-            "thumb_kb_median": round(thumbs[len(thumbs) // 2] / 1024, 1), "thumb_kb_max": round(thumbs[-1] / 1024, 1),
+            "thumb_kb_median": round(thumbs[len(thumbs) // 2] / 1024, 1),
+            "thumb_kb_max": round(thumbs[-1] / 1024, 1),
             "report_folder_kb": round(folder / 1024),
         }
-    print("| images x products | nights | capture px | gallery parts | cold s | rebuild s | peak MiB "
-          "| thumbnail KB (median, max) | report folder KB |")
+    print(
+        "| images x products | nights | capture px | gallery parts | cold s | rebuild s | peak MiB "
+        "| thumbnail KB (median, max) | report folder KB |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {args.images} x {args.products} | {args.nights} | {args.side} | {result['gallery_parts']} | "
-          f"{result['cold_s']} | {result['warm_s']} | {result['peak_rss_mib']} | "
-          f"{result['thumb_kb_median']}, {result['thumb_kb_max']} | {result['report_folder_kb']} |")
+    print(
+        f"| {args.images} x {args.products} | {args.nights} | {args.side} | {result['gallery_parts']} | "
+        f"{result['cold_s']} | {result['warm_s']} | {result['peak_rss_mib']} | "
+        f"{result['thumb_kb_median']}, {result['thumb_kb_max']} | {result['report_folder_kb']} |"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -256,9 +256,7 @@ def trend_svg(trend: pd.DataFrame, product: str) -> bytes:
 
 def heatmap_legend_svg() -> bytes:
     """The colour ramp of the heatmaps (``render.HEATMAP_ANCHORS``), low to high."""
-    colours = LinearSegmentedColormap.from_list(
-        "musc-heatmap", [(a[0], a[1:] / 255.0) for a in HEATMAP_ANCHORS]
-    )
+    colours = LinearSegmentedColormap.from_list("musc-heatmap", [(a[0], a[1:] / 255.0) for a in HEATMAP_ANCHORS])
     with matplotlib.rc_context(_SVG_RC):
         figure = Figure(figsize=(4.6, 0.75))
         axes = figure.add_subplot()
@@ -503,7 +501,9 @@ def _run_facts(runs: pd.DataFrame) -> dict | None:
         # Every run so far scores each image against the night's other images only.
         "reference_mode": parameters.get("scoring", {}).get("reference_mode", "zero-shot (the night's own images)"),
         "seconds": {
-            column.removeprefix("seconds_"): float(latest[column]) for column in runs.columns if column.startswith("seconds_")
+            column.removeprefix("seconds_"): float(latest[column])
+            for column in runs.columns
+            if column.startswith("seconds_")
         },
         "cache": {
             "tokens extracted": int(latest["images_extracted"]),

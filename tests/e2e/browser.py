@@ -33,7 +33,9 @@ CHROMIUM_FLAGS = (
 def chromium(width: int = 1280, height: int = 900) -> Iterator:
     """A selenium driver of headless Chromium with a fresh profile, browser console logged."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are needed: apt-get install -y chromium chromium-driver (.ci/run does)")
+        pytest.fail(
+            f"{CHROMIUM} and {CHROMEDRIVER} are needed: apt-get install -y chromium chromium-driver (.ci/run does)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

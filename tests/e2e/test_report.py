@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import duckdb
@@ -40,17 +39,39 @@ def nights(prefect_api, dask_address, demo_day, tiny_backbone, tmp_path_factory)
     out_dir = tmp_path_factory.mktemp("out")
     for night in NIGHTS[:2]:
         score_captures(
-            input_dir=str(demo_day.input_dir), out_dir=str(out_dir), run_date=night, backbone=tiny_backbone,
-            scoring=ScoringParams(), device="cpu", dask_address=dask_address,
+            input_dir=str(demo_day.input_dir),
+            out_dir=str(out_dir),
+            run_date=night,
+            backbone=tiny_backbone,
+            scoring=ScoringParams(),
+            device="cpu",
+            dask_address=dask_address,
         )
     third = tmp_path_factory.mktemp("night3") / "input"
     shutil.copytree(demo_day.input_dir, third)
     (third / BROKEN).write_bytes(b"")
     command = [
-        sys.executable, "-m", "musc_tasks.cli", "score", str(third), "--out", str(out_dir), "--date", NIGHTS[2],
-        "--backbone", tiny_backbone.name, "--model-config", str(tiny_backbone.model_config_path),
-        "--pretrained", "none", "--image-size", str(tiny_backbone.image_size),
-        "--layers", ",".join(map(str, tiny_backbone.layers)), "--device", "cpu",
+        sys.executable,
+        "-m",
+        "musc_tasks.cli",
+        "score",
+        str(third),
+        "--out",
+        str(out_dir),
+        "--date",
+        NIGHTS[2],
+        "--backbone",
+        tiny_backbone.name,
+        "--model-config",
+        str(tiny_backbone.model_config_path),
+        "--pretrained",
+        "none",
+        "--image-size",
+        str(tiny_backbone.image_size),
+        "--layers",
+        ",".join(map(str, tiny_backbone.layers)),
+        "--device",
+        "cpu",
     ]
     env = {**subprocess_env(prefect_api), "PYTHONPATH": str(REPO), "MUSC_PROGRESS": "0"}
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -125,7 +146,8 @@ def test_report_in_a_real_browser(nights, tmp_path):
             " [...s.querySelectorAll('.gallery > li')].map(li => [Number(li.dataset.rank),"
             " li.classList.contains('flagged'), li.querySelector('.path code').textContent]),"
             " [...s.querySelectorAll('table.problems tbody tr')].map(tr => tr.innerText),"
-            " [...s.querySelectorAll('table.trend tbody tr')].map(tr => tr.cells[0].textContent + ' ' + tr.cells[2].textContent)])"
+            " [...s.querySelectorAll('table.trend tbody tr')]"
+            ".map(tr => tr.cells[0].textContent + ' ' + tr.cells[2].textContent)])"
         )
         assert [s[0] for s in sections] == sorted(table["product"].unique())
         for product, parts, problems, trend_rows in sections:

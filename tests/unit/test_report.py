@@ -26,8 +26,18 @@ def test_nightly_trend_keeps_the_last_nights_up_to_the_report():
     rng = np.random.default_rng(0)
     days = [f"2026-10-{d:02d}" for d in range(1, 32)] + ["2026-11-01", "2026-11-02"]
     frames = [night_rows(rng, day, int(rng.integers(3, 12))) for day in days]
-    frames.append(pd.DataFrame({"date": ["2026-10-05"], "path": ["/bad"], "score": [np.nan], "flagged": [None],
-                                "rank": [None], "status": ["failed"]}))
+    frames.append(
+        pd.DataFrame(
+            {
+                "date": ["2026-10-05"],
+                "path": ["/bad"],
+                "score": [np.nan],
+                "flagged": [None],
+                "rank": [None],
+                "status": ["failed"],
+            }
+        )
+    )
     scores = pd.concat(frames, ignore_index=True)
     trend = nightly_trend(scores, "2026-11-01", nights=30)
     assert list(trend["date"]) == days[2:32]  # 30 nights ending at the report's, 11-02 excluded
@@ -66,10 +76,26 @@ def test_boxes_are_drawn_at_the_scaled_region_edges():
     white, black, grey = (255, 255, 255), (0, 0, 0), (128, 128, 128)
     # 2 px white just outside the region, 1 px black outside that, the region untouched
     assert [tuple(drawn[15, x]) for x in (6, 7, 8, 9, 10, 29, 30, 31, 32, 33)] == [
-        grey, black, white, white, grey, grey, white, white, black, grey
+        grey,
+        black,
+        white,
+        white,
+        grey,
+        grey,
+        white,
+        white,
+        black,
+        grey,
     ]
     assert [tuple(drawn[y, 20]) for y in (7, 8, 9, 10, 19, 20, 21, 22)] == [
-        black, white, white, grey, grey, white, white, black
+        black,
+        white,
+        white,
+        grey,
+        grey,
+        white,
+        white,
+        black,
     ]
 
 
@@ -77,9 +103,21 @@ def test_charts_are_deterministic_svg_with_the_threshold():
     scores = np.random.default_rng(3).random(25)
     first = histogram_svg(scores, 0.8, "bottle")
     assert first == histogram_svg(scores, 0.8, "bottle")
-    assert first.startswith(b"<?xml") and b"threshold 0.8" in first and b"http://" not in first.replace(
-        b"http://www.w3.org", b""
-    ).replace(b"http://purl.org", b"").replace(b"http://creativecommons.org", b"")
-    trend = pd.DataFrame({"date": ["2026-11-01", "2026-11-02"], "images": [4, 5], "flagged": [1, 0],
-                          "flag_rate": [0.25, 0.0], "median_score": [0.3, 0.2]})
+    assert (
+        first.startswith(b"<?xml")
+        and b"threshold 0.8" in first
+        and b"http://"
+        not in first.replace(b"http://www.w3.org", b"")
+        .replace(b"http://purl.org", b"")
+        .replace(b"http://creativecommons.org", b"")
+    )
+    trend = pd.DataFrame(
+        {
+            "date": ["2026-11-01", "2026-11-02"],
+            "images": [4, 5],
+            "flagged": [1, 0],
+            "flag_rate": [0.25, 0.0],
+            "median_score": [0.3, 0.2],
+        }
+    )
     assert trend_svg(trend, "bottle") == trend_svg(trend, "bottle")
