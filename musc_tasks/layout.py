@@ -6,6 +6,7 @@ OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr, scores-<key>.json
 OUT/cache/references/<backbone_key>/<product>/<name>.json  known-good reference sets
 OUT/maps/<date>/<product>/<backbone_key>.zarr   raw patch-grid anomaly maps of a day
 OUT/tables/, OUT/masks/, OUT/heatmaps/          the published results
+OUT/reports/index.html, OUT/reports/<date>/     the morning reports
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "pool_stores_dir",
     "reference_set_path",
     "reference_sets_dir",
+    "reports_dir",
     "token_store_path",
     "token_stores_dir",
 ]
@@ -69,3 +71,8 @@ def reference_set_path(out_dir: str | Path, backbone_key: str, product: str, nam
 def maps_store_path(out_dir: str | Path, run_date: str, product: str, backbone_key: str) -> Path:
     """The raw anomaly maps of one day, product and backbone (written by publish)."""
     return Path(out_dir) / "maps" / run_date / path_segment(product) / f"{backbone_key}.zarr"
+
+
+def reports_dir(out_dir: str | Path) -> Path:
+    """The morning reports: the index of nights and one folder per night."""
+    return Path(out_dir) / "reports"

@@ -20,7 +20,6 @@ asset names depend only on their content's identity.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -40,7 +39,9 @@ from PIL import Image, ImageDraw
 
 from . import tables
 from .atomic import write_atomic
+from .identity import params_key
 from .imageio import ImageReadError, read_rgb
+from .layout import reports_dir
 from .render import HEATMAP_ANCHORS
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPORTS = "reports"
 # Nights in the trend chart, the report's own night included.
 TREND_NIGHTS = 30
 # Parts shown in a product's gallery: every flagged one and the top-ranked few, up to a cap.
@@ -288,7 +288,7 @@ def _text(value) -> str:
 def _slug(name: str) -> str:
     """A file-name and anchor-safe key for a product, unique through its hash suffix."""
     cleaned = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower()).strip("-")
-    return f"{cleaned[:40] or 'product'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{cleaned[:40] or 'product'}-{params_key(name, length=8)}"
 
 
 def _href(relpath: str) -> str:
@@ -344,7 +344,7 @@ def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = No
     regions = tables.read_table(out_dir / "tables" / "regions", filters=[("date", "=", run_date)])
     regions = regions[regions["backbone_key"] == backbone_key]
 
-    day_dir = out_dir / REPORTS / run_date
+    day_dir = reports_dir(out_dir) / run_date
     assets = day_dir / "assets"
     legend = _write_if_changed(assets / "heatmap-legend.svg", heatmap_legend_svg())
     products = [
@@ -380,7 +380,7 @@ def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = No
 
 def build_days_index(out_dir: Path) -> Path:
     """Write ``OUT/reports/index.html``: one line per day that has a report, newest first."""
-    reports = Path(out_dir) / REPORTS
+    reports = reports_dir(out_dir)
     days = []
     for summary_path in sorted(reports.glob("*/summary.json"), reverse=True):
         summary = json.loads(summary_path.read_text())
@@ -439,7 +439,7 @@ def _product_view(
 def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.DataFrame) -> dict:
     # Named by what they show, so a rebuild reuses them: the capture by its content hash, the
     # overlay by the run that wrote its heatmap (a re-run or another backbone gets a new one).
-    overlay_key = hashlib.sha256(f"{row.run_id}\0{row.heatmap_path}".encode()).hexdigest()[:20]
+    overlay_key = params_key([row.run_id, row.heatmap_path], length=20)
     capture_file = assets / f"{row.image_id[:20]}-capture.jpg"
     overlay_file = assets / f"{overlay_key}-overlay.jpg"
     if not capture_file.exists():
