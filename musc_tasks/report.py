@@ -42,6 +42,7 @@ from .atomic import write_atomic
 from .identity import params_key
 from .imageio import ImageReadError, read_rgb
 from .layout import reports_dir
+from .locks import exclusive_lock
 from .render import HEATMAP_ANCHORS
 
 __all__ = [
@@ -309,6 +310,8 @@ class DayReport:
 def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = None) -> DayReport:
     """Write ``OUT/reports/<date>/`` for one backbone's results, then the days index.
 
+    Holds ``OUT/locks/reports.lock`` while it writes.
+
     Parameters
     ----------
     out_dir : Path
@@ -328,6 +331,14 @@ def build_day_report(out_dir: Path, run_date: str, backbone_key: str | None = No
         run_date = date.fromisoformat(run_date).isoformat()  # also keeps the folder inside OUT
     except ValueError:
         raise ValueError(f"the night must be a date YYYY-MM-DD, got {run_date!r}") from None
+    # One writer of OUT/reports at a time: runs of two backbones (or two dates) finishing together
+    # would otherwise remove each other's assets or drop a night from the index.
+    waiting = f"another run is writing a report in {reports_dir(out_dir)}; waiting for it"
+    with exclusive_lock(out_dir / "locks" / "reports.lock", waiting_message=waiting):
+        return _build_day_report(out_dir, run_date, backbone_key)
+
+
+def _build_day_report(out_dir: Path, run_date: str, backbone_key: str | None) -> DayReport:
     scores = tables.read_table(out_dir / "tables" / "scores", filters=[("date", "<=", run_date)])
     runs = tables.read_table(out_dir / "tables" / "runs", filters=[("date", "=", run_date)])
     night = scores[scores["date"] == run_date]
