@@ -73,7 +73,7 @@ def write_out(out: Path, images: int, products: int, nights: int, side: int, see
                     write_png(path, capture)
                     coarse = Image.fromarray(rng.random((16, 16)).astype(np.float32))  # smooth, like MuSc's maps
                     score_map = np.asarray(coarse.resize(capture.shape[1::-1], Image.Resampling.BILINEAR))
-                    write_png(out / heat, heatmap_overlay(capture, score_map, vmin=0.0, vmax=1.0))
+                    write_png(out / heat, heatmap_overlay(capture, score_map, floor=0.8, vmax=1.0))
                     for region in range(1, int(rng.integers(1, 4)) + 1):
                         x0, y0 = (int(v) for v in rng.integers(0, side // 2, 2))
                         regions.append(
@@ -107,6 +107,8 @@ def write_out(out: Path, images: int, products: int, nights: int, side: int, see
                         "flagged": bool(scores[i] > threshold),
                         "image_threshold": threshold,
                         "pixel_threshold": 0.8,
+                        "heatmap_min": 0.8,
+                        "heatmap_max": 1.0,
                         "pool_index": 0,
                         "pool_images": images,
                         "anomalous_fraction": 0.01,

@@ -33,7 +33,6 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_svg import FigureCanvasSVG
-from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
@@ -43,7 +42,7 @@ from .identity import params_key
 from .imageio import ImageReadError, read_rgb
 from .layout import reports_dir
 from .locks import exclusive_lock
-from .render import HEATMAP_ANCHORS
+from .render import BOX_RGB, heatmap_legend
 
 __all__ = [
     "TREND_NIGHTS",
@@ -162,7 +161,7 @@ def thumbnail(image: Image.Image, side: int = THUMB_SIDE) -> np.ndarray:
 
 
 def draw_boxes(pixels: np.ndarray, boxes: list[tuple[int, int, int, int]], scale: float) -> np.ndarray:
-    """Region boxes drawn around the regions, white edged with black: visible on any colour.
+    """Region boxes drawn around the regions in ``render.BOX_RGB`` edged with black.
 
     Parameters
     ----------
@@ -181,9 +180,10 @@ def draw_boxes(pixels: np.ndarray, boxes: list[tuple[int, int, int, int]], scale
     for x0, y0, x1, y1 in boxes:
         left, top = round(x0 * scale), round(y0 * scale)
         right, bottom = max(left, round(x1 * scale) - 1), max(top, round(y1 * scale) - 1)
-        # Outside the region, so the defect itself stays visible: 2 px white, then 1 px black.
+        # Outside the region, so the defect itself stays visible: 2 px in the heatmaps' box
+        # colour, then 1 px black so the box shows on light and dark parts alike.
         draw.rectangle([left - 3, top - 3, right + 3, bottom + 3], outline=(0, 0, 0), width=1)
-        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], outline=(255, 255, 255), width=2)
+        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], outline=BOX_RGB, width=2)
     return np.asarray(image)
 
 
@@ -255,23 +255,15 @@ def trend_svg(trend: pd.DataFrame, product: str) -> bytes:
         return _svg(figure)
 
 
-def heatmap_legend_svg() -> bytes:
-    """The colour ramp of the heatmaps (``render.HEATMAP_ANCHORS``), low to high."""
-    colours = LinearSegmentedColormap.from_list("musc-heatmap", [(a[0], a[1:] / 255.0) for a in HEATMAP_ANCHORS])
-    with matplotlib.rc_context(_SVG_RC):
-        figure = Figure(figsize=(4.6, 0.75))
-        axes = figure.add_subplot()
-        axes.imshow(np.linspace(0, 1, 256)[None, :], aspect="auto", cmap=colours, extent=(0, 1, 0, 1))
-        axes.set_yticks([])
-        axes.set_xticks([0, 0.5, 1], ["lowest score of the product", "", "highest"])
-        axes.set_title("heatmap colours, blended over the capture", fontsize=8)
-        figure.tight_layout()
-        return _svg(figure)
-
-
 def _svg(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     FigureCanvasSVG(figure).print_svg(buffer, metadata={"Date": None, "Creator": None})
+    return buffer.getvalue()
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -357,7 +349,6 @@ def _build_day_report(out_dir: Path, run_date: str, backbone_key: str | None) ->
 
     day_dir = reports_dir(out_dir) / run_date
     assets = day_dir / "assets"
-    legend = _write_if_changed(assets / "heatmap-legend.svg", heatmap_legend_svg())
     products = [
         _product_view(out_dir, day_dir, name, group, scores[scores["product"] == name], regions, run_date)
         for name, group in sorted(night.groupby("product"), key=lambda item: item[0])
@@ -378,7 +369,6 @@ def _build_day_report(out_dir: Path, run_date: str, backbone_key: str | None) ->
         products=products,
         run=_run_facts(runs[runs["backbone_key"] == backbone_key]),
         other_backbones=[key for key in backbones if key != backbone_key],
-        legend=legend.relative_to(day_dir).as_posix(),
         trend_nights=TREND_NIGHTS,
     )
     _remove_unused(assets, html)
@@ -439,6 +429,13 @@ def _product_view(
     trend = nightly_trend(history, run_date)
     view["trend"] = _write_if_changed(assets / "trend.svg", trend_svg(trend, name)).relative_to(day_dir).as_posix()
     view["trend_rows"] = trend.to_dict("records")
+    view["legend"] = None
+    scale = scored[["heatmap_min", "heatmap_max"]].dropna() if "heatmap_min" in scored else scored.iloc[:0]
+    if len(scale):  # nights published before heatmaps had a recorded scale have no legend
+        floor, top = (float(v) for v in scale.iloc[0])
+        legend = _write_if_changed(assets / "legend.png", _png(heatmap_legend(floor, top)))
+        view["legend"] = legend.relative_to(day_dir).as_posix()
+        view["heatmap_scale"] = (floor, top)
     chosen = gallery_rows(night)
     view["more_flagged"] = view["flagged"] - int(chosen["flagged"].astype(bool).sum())
     for row in chosen.itertuples():

@@ -139,7 +139,8 @@ def test_report_in_a_real_browser(nights, tmp_path):
         assert driver.title == f"MuSc report {night}"
         assert driver.execute_script("return document.scripts.length") == 0  # the gallery needs no JS
         images = assert_images_loaded(driver)
-        assert sum(1 for src, *_ in images if src.endswith(".svg")) == 1 + 2 * table["product"].nunique()
+        assert sum(1 for src, *_ in images if src.endswith(".svg")) == 2 * table["product"].nunique()  # charts
+        assert sum(1 for src, *_ in images if src.endswith("/legend.png")) == table["product"].nunique()
 
         sections = driver.execute_script(
             "return [...document.querySelectorAll('section.product')].map(s => [s.dataset.product,"

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from musc_tasks.render import BOX_RGB
 from musc_tasks.report import draw_boxes, gallery_rows, histogram_svg, nightly_trend, thumbnail, trend_svg
 
 
@@ -73,28 +74,28 @@ def test_thumbnail_shrinks_to_the_longer_side_and_never_enlarges():
 def test_boxes_are_drawn_at_the_scaled_region_edges():
     pixels = np.full((50, 50, 3), 128, np.uint8)
     drawn = draw_boxes(pixels, [(20, 20, 60, 40)], scale=0.5)  # original 100 px -> 50 px: x 10..29, y 10..19
-    white, black, grey = (255, 255, 255), (0, 0, 0), (128, 128, 128)
-    # 2 px white just outside the region, 1 px black outside that, the region untouched
+    box, black, grey = BOX_RGB, (0, 0, 0), (128, 128, 128)
+    # 2 px of the heatmaps' box colour just outside the region, 1 px black outside that, the region untouched
     assert [tuple(drawn[15, x]) for x in (6, 7, 8, 9, 10, 29, 30, 31, 32, 33)] == [
         grey,
         black,
-        white,
-        white,
+        box,
+        box,
         grey,
         grey,
-        white,
-        white,
+        box,
+        box,
         black,
         grey,
     ]
     assert [tuple(drawn[y, 20]) for y in (7, 8, 9, 10, 19, 20, 21, 22)] == [
         black,
-        white,
-        white,
+        box,
+        box,
         grey,
         grey,
-        white,
-        white,
+        box,
+        box,
         black,
     ]
 
