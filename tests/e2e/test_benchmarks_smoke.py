@@ -59,3 +59,11 @@ def test_day_scale_benchmark(tmp_path):
 def test_cli_errors_benchmark():
     out = run("cli_errors.py", "--repeats", "1")
     assert out.count("exit 2") == 8 and out.count("musc: error: ") == 8, out
+
+
+def test_factory_night_5mp_captures_end_to_end(tmp_path):
+    """A few 5-MP camera captures through `musc score`: every one scored, full-size masks, heatmaps."""
+    out = run(
+        "factory_night.py", "--images", "4", "--resolution", "2448x2048", "--check", "--json", str(tmp_path / "f.json")
+    )
+    assert "| all outputs |" in out, out
