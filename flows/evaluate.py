@@ -39,7 +39,7 @@ def evaluate_dataset(
     """
     scoring = scoring or ScoringParams(rscin_k=DEFAULT_RSCIN_K[layout], pool_size=100_000)
     day = (run_date or date.today()).isoformat()
-    stages = Stages(refresh)
+    stages = Stages(refresh, out_dir=out_dir)
     with run_lock(out_dir, day, backbone.key):
         catalog, labels_path = stages.run(
             "catalog",

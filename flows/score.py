@@ -39,7 +39,7 @@ def score_captures(
     """
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
     geometry = token_geometry(backbone)
-    stages = Stages(refresh)
+    stages = Stages(refresh, out_dir=out_dir)
     with run_lock(out_dir, day, backbone.key):
         catalog = stages.run(
             "catalog",

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect.runtime import flow_run
 
-from musc_tasks.manifests import PoolsRef, TokensRef
+from musc_tasks.manifests import PoolsRef, TokensRef, missing_paths
 from musc_tasks.publish import RunInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Stages:
-    """Runs stage tasks for a flow, timing each and noting which came from Prefect's cache."""
+    """Runs stage tasks for a flow, timing each and noting which came from Prefect's cache.
+
+    The cached results and cache records of a run live under ``OUT/cache/prefect``, with the
+    stores they point into, not in ``PREFECT_HOME``: deleting OUT deletes them too. A cache hit
+    whose manifest names a store or file that no longer exists (``cache/tokens`` deleted) is
+    not trusted: the stage runs again and its stores resume from what is left.
+    """
 
     refresh: bool = False
+    out_dir: str | None = None
     run_id: str = field(default_factory=lambda: str(flow_run.get_id() or uuid.uuid4()))
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     seconds: dict[str, float] = field(default_factory=dict)
@@ -26,7 +37,18 @@ class Stages:
     def run(self, stage: str, stage_task, **arguments):
         """``stage_task(**arguments)``, bypassing cached results when ``refresh``."""
         began = time.perf_counter()
-        state = stage_task.with_options(refresh_cache=self.refresh or None)(**arguments, return_state=True)
+        options = {}
+        if self.out_dir is not None and stage_task.persist_result:
+            records = Path(self.out_dir) / "cache" / "prefect"
+            options["result_storage"] = records  # a Path: Prefect stores there, no saved block needed
+        state = stage_task.with_options(refresh_cache=self.refresh or None, **options)(**arguments, return_state=True)
+        if state.name == "Cached":
+            missing = missing_paths(state.result())
+            if missing:
+                log.warning(
+                    "%s: cached result names %d missing path(s), e.g. %s; recomputing", stage, len(missing), missing[0]
+                )
+                state = stage_task.with_options(refresh_cache=True, **options)(**arguments, return_state=True)
         self.seconds[stage] = time.perf_counter() - began
         if state.name == "Cached":
             self.cached.add(stage)

@@ -460,6 +460,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+QUERY_TABLES = ("scores", "regions", "runs", "metrics")
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """``musc query SQL``: DuckDB over OUT's tables, each a view named after it."""
+    tables_dir = Path(args.out) / "tables"
+    present = [name for name in QUERY_TABLES if any((tables_dir / name).rglob("*.parquet"))]
+    if not present:
+        raise UsageError(f"--out {args.out} holds no table (tables/{{scores,regions,runs}}): score a day into it first")
+    import duckdb
+
+    connection = duckdb.connect()
+    for name in present:
+        pattern = str(tables_dir.resolve() / name / "**" / "*.parquet").replace("'", "''")
+        connection.execute(
+            f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
+            "union_by_name = true)"
+        )
+    try:
+        result = connection.sql(args.sql)
+    except duckdb.Error as error:
+        raise UsageError(f"SQL: {str(error).splitlines()[0]} (views: {', '.join(present)})") from None
+    if result is None:
+        return 0
+    frame = result.df()
+    print(frame.to_string(index=False, max_rows=args.max_rows) if len(frame) else "(no rows)")
+    return 0
+
+
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     """``musc fetch-weights``: download a backbone's weights into the Hugging Face cache."""
     from .backbone import resolve_checkpoint
@@ -663,6 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=".", help="results folder (default: the current one)")
     report.add_argument("--backbone", help="backbone key to show (default: the night's latest run)")
     report.set_defaults(func=cmd_report)
+    query = commands.add_parser(
+        "query", help="SQL (DuckDB) over the results: views scores, regions, runs (and metrics) of OUT/tables"
+    )
+    query.add_argument("sql", help='e.g. "SELECT product, path, score FROM scores WHERE rank <= 5"')
+    query.add_argument("--out", required=True, help="results folder holding tables/")
+    query.add_argument("--max-rows", type=int, default=60, help="rows printed at most")
+    query.set_defaults(func=cmd_query)
 
     fetch = commands.add_parser("fetch-weights", help="download a backbone's weights into the Hugging Face cache")
     add_backbone_arguments(fetch)

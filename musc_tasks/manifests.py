@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -116,3 +117,25 @@ class RunSummary(_Manifest):
         if self.report_path:
             lines.append(f"- report: [{self.report_path}]({Path(self.report_path).absolute().as_uri()})")
         return "\n".join(lines)
+
+
+def missing_paths(result: object) -> list[str]:
+    """The store and file paths a task result names (``*_path``, ``*_paths`` fields) that do not exist.
+
+    A cached result is only as good as the files it points at; the flows recompute a stage
+    whose cached manifest names one that is gone.
+    """
+    if isinstance(result, (tuple, list)):
+        return [path for item in result for path in missing_paths(item)]
+    if not isinstance(result, _Manifest):
+        return []
+    missing = []
+    for name in type(result).model_fields:
+        value = getattr(result, name)
+        if name.endswith("_path") and isinstance(value, str):
+            missing.extend([value] if not os.path.exists(value) else [])
+        elif name.endswith("_paths") and isinstance(value, tuple):
+            missing.extend(path for path in value if not os.path.exists(path))
+        elif isinstance(value, (tuple, _Manifest)):
+            missing.extend(missing_paths(value))
+    return missing

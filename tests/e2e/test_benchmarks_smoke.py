@@ -64,3 +64,11 @@ def test_cli_errors_benchmark():
 def test_report_benchmark(tmp_path):
     out = run("report.py", "--smoke", "--json", str(tmp_path / "report.json"))
     assert "| images x products | nights |" in out, out
+
+
+def test_factory_night_5mp_captures_end_to_end(tmp_path):
+    """A few 5-MP camera captures through `musc score`: every one scored, full-size masks, heatmaps."""
+    out = run(
+        "factory_night.py", "--images", "4", "--resolution", "2448x2048", "--check", "--json", str(tmp_path / "f.json")
+    )
+    assert "| all outputs |" in out, out

@@ -1,6 +1,7 @@
 """The real nightly flow: Prefect, Zarr, a 2-worker Dask cluster, Parquet read back by DuckDB."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -293,3 +294,33 @@ def test_resume_after_sigkill_redoes_only_what_is_missing(
     for store in stores:
         ours, theirs = (zarr.open_group(d / store, mode="r")["patch_scores"][:] for d in (out_dir, reference_dir))
         assert ours.tobytes() == theirs.tobytes(), f"{store}: maps differ after resume"
+
+
+def test_deleting_out_or_its_token_cache_recomputes_the_same_results(
+    prefect_api, dask_address, demo_day, tiny_backbone, tmp_path
+):
+    """Prefect's cache lives in OUT: `rm -rf OUT` (or OUT/cache/tokens) and a re-run computes it all again."""
+    out_dir = tmp_path / "out"
+
+    def outputs():
+        masks = {p.relative_to(out_dir): p.read_bytes() for p in sorted((out_dir / "masks").rglob("*.png"))}
+        return {name: comparable(out_dir, name) for name in ("scores", "regions")}, masks
+
+    run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
+    assert (out_dir / "cache" / "prefect").is_dir(), "cached results are not kept with the data"
+    tables_before, masks_before = outputs()
+    assert masks_before
+
+    shutil.rmtree(out_dir)
+    summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
+    assert summary.images_extracted == len(demo_day.images)
+    tables_after, masks_after = outputs()
+    assert masks_after == masks_before
+    assert all(tables_before[name].equals(tables_after[name]) for name in tables_before)
+
+    shutil.rmtree(out_dir / "cache" / "tokens")
+    summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
+    assert summary.images_extracted == len(demo_day.images)
+    tables_after, masks_after = outputs()
+    assert masks_after == masks_before
+    assert all(tables_before[name].equals(tables_after[name]) for name in tables_before)

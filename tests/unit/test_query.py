@@ -1,0 +1,22 @@
+"""`musc query`: DuckDB SQL over OUT's tables, one view per table, partitions as columns."""
+
+import pandas as pd
+
+from musc_tasks.cli import main
+
+
+def test_query_reads_the_tables_as_views(tmp_path, capsys):
+    for product, scores in (("bolt", [0.9, 0.1]), ("nut", [0.5])):
+        folder = tmp_path / "tables" / "scores" / "date=2026-11-22" / f"product={product}"
+        folder.mkdir(parents=True)
+        paths = [f"{product}/{i}.png" for i in range(len(scores))]
+        pd.DataFrame({"path": paths, "score": scores}).to_parquet(folder / "key.parquet")
+    sql = "SELECT product, path, score FROM scores WHERE date = '2026-11-22' ORDER BY score DESC LIMIT 2"
+    assert main(["query", sql, "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["bolt", "bolt/0.png", "0.9"] and lines[2].split() == ["nut", "nut/0.png", "0.5"]
+    assert main(["query", "SELECT nope FROM scores", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("musc: error: SQL: ") and err.count("\n") == 1 and "views: scores" in err
+    assert main(["query", "SELECT 1", "--out", str(tmp_path / "empty")]) == 2
+    assert "holds no table" in capsys.readouterr().err
