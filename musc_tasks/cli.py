@@ -440,6 +440,7 @@ def cmd_rscin(args: argparse.Namespace) -> int:
     )
     for _, row in rescored[status != "rescored"].head(10).iterrows():
         print(f"  {row[args.path_column]}: {row['rscin_reason']}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
