@@ -241,6 +241,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         dask_address=args.dask_address,
         refresh=args.refresh,
         outputs=outputs,
+        references=args.references,
+        reference_mode=args.reference_mode,
     )
     print_summary(summary)
     return 0
@@ -566,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="results folder (tables/, masks/, heatmaps/, cache/)")
     score.add_argument("--date", help="YYYY-MM-DD of the captures (default: today)")
     score.add_argument("--refresh", action="store_true", help="ignore cached task results")
+    score.add_argument(
+        "--references", help="known-good images: a stored set's name (musc references) or a folder DIR/<product>/**"
+    )
+    score.add_argument(
+        "--reference-mode",
+        choices=["few-shot", "plus", "combined"],
+        default="combined",
+        help="how references score the night (README: Known-good references); default combined",
+    )
     add_backbone_arguments(score)
     add_scoring_arguments(score)
     add_output_arguments(score)

@@ -77,6 +77,8 @@ class PoolsRef(_Manifest):
     pool_paths: tuple[str, ...]
     pairs_computed: int
     pairs_reused: int
+    # set when pool_paths are reference stores: the set's name@version:content
+    reference_set: str | None = None
 
 
 class ProductScoresRef(_Manifest):

@@ -98,6 +98,8 @@ SCORES_SCHEMA = pa.schema(
         _required("status", pa.string()),  # one of SCORE_STATUSES
         _optional("error", pa.string()),
         _optional("note", pa.string()),
+        _optional("reference_set", pa.string()),  # name@vN:content of the known-good set used, or null
+        _optional("reference_mode", pa.string()),  # few-shot | plus | combined, or null (zero-shot)
     ]
 )
 
@@ -148,6 +150,7 @@ RUNS_SCHEMA = pa.schema(
         _required("pairs_computed", pa.int32()),
         _required("pairs_cached", pa.int32()),
         _required("status", pa.string()),
+        _optional("seconds_references", pa.float64()),  # scoring with known-good references; null without
     ]
 )
 

@@ -22,6 +22,8 @@ from . import catalog as catalog_stage
 from . import evaluate as evaluate_stage
 from . import extract as extract_stage
 from . import publish as publish_stage
+from . import reference_scoring as reference_scoring_stage
+from . import references as references_stage
 from . import rscin as rscin_stage
 from . import scoring as scoring_stage
 from .backbone import load_backbone
@@ -125,6 +127,35 @@ def score_pools(
             scoring,
             backbone_key,
             out_dir,
+            dask_address=dask_address,
+            device=device,
+            on_progress=on_progress,
+            log=get_run_logger(),
+        )
+
+
+@task(name="score_references", **RETRIES)
+def score_references(
+    pools: tuple[PoolsRef, ...],
+    references: str,
+    reference_mode: str,
+    scoring: ScoringParams,
+    backbone: BackboneSpec,
+    out_dir: str,
+    dask_address: str | None = None,
+    device: str = "auto",
+) -> tuple[PoolsRef, ...]:
+    """Stage 2b: the pools scored with a known-good reference set (resumes from its stores)."""
+    sets = references_stage.resolve_reference_sets(
+        references, [p.product for p in pools], out_dir, backbone, device=device
+    )
+    with progress_bar("reference-scoring", "reference scoring") as on_progress:
+        return reference_scoring_stage.score_with_references(
+            pools,
+            sets,
+            reference_mode,
+            scoring,
+            backbone.key,
             dask_address=dask_address,
             device=device,
             on_progress=on_progress,
