@@ -17,6 +17,7 @@ from musc_tasks.publish import record_no_input
 from musc_tasks.tasks import (
     catalog_images,
     extract_tokens,
+    publish_days,
     publish_results,
     rscin_scores,
     score_pools,
@@ -133,6 +134,10 @@ def score_catalog(
         outputs=outputs,
         dask_address=dask_address,
     )
+    alerts = publish_days(
+        pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=summary.run_id
+    )
+    summary = summary.model_copy(update={"alerts": alerts})
     create_markdown_artifact(
         key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
     )

@@ -150,6 +150,7 @@ def make_bad_night(
     product: str = "brick",
     images: int = 12,
     repeated: int = 5,
+    scattered: int = 0,
     golden: int = 6,
     kind: DefectKind = "stain",
     size: int = 112,
@@ -160,30 +161,34 @@ def make_bad_night(
     colour) on every affected part, so mutual scoring finds it in other images of the night
     and calls it normal. ``golden`` more photos of the product, drawn from the same source
     but never part of the night, form the known-good reference folder ``golden/<product>/``.
-    ``repeated=0`` gives an ordinary defect-free night with the same photos.
+    ``scattered`` other photos each get their own defect (kind, shape and place drawn per
+    image), as on an ordinary night: ``repeated=0, scattered=3`` is an ordinary night.
     """
-    if not 0 <= repeated <= images:
-        raise ValueError(f"repeated must be in [0, images={images}], got {repeated}")
+    if repeated < 0 or scattered < 0 or repeated + scattered > images:
+        raise ValueError(f"need 0 <= repeated, scattered and repeated + scattered <= images={images}")
     if golden < 0:
         raise ValueError(f"golden must be >= 0, got {golden}")
     base = Path(root)
     input_dir, truth_dir, golden_dir = base / "input", base / "ground_truth", base / "golden"
     source = _source(product)
     photo_rng = np.random.default_rng([seed, 7, 0])
-    chosen = set(np.random.default_rng([seed, 7, 1]).choice(images, size=repeated, replace=False).tolist())
+    order = np.random.default_rng([seed, 7, 1]).permutation(images).tolist()
+    chosen, alone = set(order[:repeated]), order[repeated : repeated + scattered]
     (input_dir / product).mkdir(parents=True, exist_ok=True)
     (golden_dir / product).mkdir(parents=True, exist_ok=True)
     written = []
     for index in range(images):
         photo = _photo(product, source, photo_rng, size)
         path = input_dir / product / f"{index:03d}.png"
-        if index in chosen:
-            # the same generator state for every affected part: the same defect at the same place
-            photo, mask = _plant(photo, kind, np.random.default_rng([seed, 7, 2]))
+        if index in chosen or index in alone:
+            # the same generator state for every repeated part: the same defect at the same place
+            rng = np.random.default_rng([seed, 7, 2] if index in chosen else [seed, 7, 3, index])
+            planted = kind if index in chosen else DEFECT_KINDS[alone.index(index) % len(DEFECT_KINDS)]
+            photo, mask = _plant(photo, planted, rng)
             mask_path = truth_dir / product / f"{index:03d}_mask.png"
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(mask_path)
-            written.append(DemoImage(product, path, True, kind, mask_path))
+            written.append(DemoImage(product, path, True, planted, mask_path))
         else:
             written.append(DemoImage(product, path, False, None, None))
         Image.fromarray(photo, mode="RGB").save(path, compress_level=1)

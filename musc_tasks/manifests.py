@@ -102,6 +102,7 @@ class RunSummary(_Manifest):
     pairs_computed: int
     pairs_cached: int
     top: tuple[tuple[str, str, float], ...]  # (product, path, score), most anomalous first
+    alerts: tuple[str, ...] = ()  # one line each, e.g. a suspected systematic defect (tables/days)
 
     def as_markdown(self) -> str:
         lines = [
@@ -114,6 +115,8 @@ class RunSummary(_Manifest):
             "- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
             f"- outputs: `{self.out_dir}` (tables/, masks/, heatmaps/)",
         ]
+        if self.alerts:
+            lines[1:1] = [f"**{alert}**" for alert in self.alerts] + [""]
         return "\n".join(lines)
 
 

@@ -150,6 +150,25 @@ def _run(jobs: list[ReferenceJob], dask_address: str | None, on_progress, log: l
             finish_pool_store(Path(job.union.pool_path))
 
 
+def night_signals(zero_shot: torch.Tensor, plus: torch.Tensor, reference_zero_shot, reference_plus) -> dict:
+    """Per-image evidence of a repeated defect, from image peaks (max over patches).
+
+    An image is *reference-flagged* when its MuSc+ peak exceeds every reference's leave-one-out
+    MuSc+ peak (no known-good image looks that far from the others), and *zero-shot-flagged*
+    when its zero-shot peak exceeds every reference's zero-shot peak tonight. Flagged by the
+    references only is what a repeated defect does: the night vouches for it, the references do not.
+    """
+    night_plus, night_zero = plus.amax(dim=1), zero_shot.amax(dim=1)
+    reference_peak_plus = reference_plus.amax(dim=1)
+    by_references = night_plus > reference_peak_plus.max()
+    by_zero_shot = night_zero > reference_zero_shot.amax(dim=1).max()
+    return {
+        "reference_only": (by_references & ~by_zero_shot).tolist(),
+        "night_plus_median": float(night_plus.median()),
+        "reference_plus_median": float(reference_peak_plus.median()),
+    }
+
+
 def _finished(path: Path) -> bool:
     return pool_is_complete(path) and pool_store_intact(path)
 
@@ -195,7 +214,12 @@ def write_reference_store(job: ReferenceJob) -> str:
     )
     group = open_pool_store(path, "r+")
     group["patch_scores"][:] = chosen.numpy()
-    scales = {"zero_shot_scale": zero_shot_scale, "plus_scale": plus_scale, "n_maps": n_maps}
+    scales = {
+        "zero_shot_scale": zero_shot_scale,
+        "plus_scale": plus_scale,
+        "n_maps": n_maps,
+        **night_signals(zero_shot, plus_scores, reference_zero_shot, reference_plus),
+    }
     for name, values in (
         ("zero_shot", zero_shot),
         ("few_shot", few_shot),

@@ -19,6 +19,7 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from . import catalog as catalog_stage
+from . import days as days_stage
 from . import evaluate as evaluate_stage
 from . import extract as extract_stage
 from . import publish as publish_stage
@@ -161,6 +162,19 @@ def score_references(
             on_progress=on_progress,
             log=get_run_logger(),
         )
+
+
+@task(name="publish_days", **RETRIES)
+def publish_days(
+    pools: tuple[PoolsRef, ...], run_date: str, backbone_key: str, out_dir: str, run_id: str
+) -> tuple[str, ...]:
+    """The night's repeated-defect signals per product (tables/days); returns the alert lines."""
+    rows = days_stage.day_rows(pools, run_date, backbone_key, run_id)
+    days_stage.publish_days(out_dir, run_date, backbone_key, rows)
+    alerts = tuple(days_stage.suspicion_lines(rows))
+    for alert in alerts:
+        get_run_logger().warning("%s", alert)
+    return alerts
 
 
 @task(name="rscin_scores", cache_policy=ON_INPUTS, persist_result=True, **RETRIES)

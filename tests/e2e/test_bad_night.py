@@ -62,8 +62,8 @@ def night_aurocs(night, out: Path) -> dict[str, float]:
     return found
 
 
-def score_night(root: Path, seed: int, repeated: int) -> tuple:
-    night = make_bad_night(root / "night", seed=seed, repeated=repeated)
+def score_night(root: Path, seed: int, repeated: int, scattered: int = 0) -> tuple:
+    night = make_bad_night(root / "night", seed=seed, repeated=repeated, scattered=scattered)
     out = root / "out"
     args = ["score", str(night.input_dir), "--out", str(out), "--date", "2026-11-30", *TINY]
     assert main([*args, "--references", str(night.golden_dir)]) == 0
@@ -78,3 +78,16 @@ def test_references_catch_a_repeated_defect(prefect_api, tmp_path, seed):
     scores = tables.read_table(out / "tables" / "scores")
     assert scores["reference_mode"].eq("combined").all()
     assert scores["reference_set"].str.startswith("dir-").all()
+    days = tables.read_table(out / "tables" / "days")
+    print(days.to_string())
+    assert len(days) == 1 and days["systematic_defect_suspected"].all()
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("MUSC_BAD_NIGHT_SEEDS", "0").split(",")])
+def test_ordinary_night_combined_stays_close_to_zero_shot(prefect_api, tmp_path, seed):
+    night, out = score_night(tmp_path / "ordinary", seed, repeated=0, scattered=3)
+    aurocs = night_aurocs(night, out)
+    print(f"ordinary night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
+    days = tables.read_table(out / "tables" / "days")
+    print(days.to_string())
+    assert len(days) == 1 and not days["systematic_defect_suspected"].any()
