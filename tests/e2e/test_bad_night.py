@@ -75,6 +75,9 @@ def test_references_catch_a_repeated_defect(prefect_api, tmp_path, seed):
     night, out = score_night(tmp_path / "bad", seed, repeated=5)
     aurocs = night_aurocs(night, out)
     print(f"bad night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
+    # measured (README): zero-shot 0.60-0.64, plus 0.99+, combined 0.99 on seeds 0, 1: margins 0.35-0.40
+    assert aurocs["plus"] >= aurocs["zero_shot"] + 0.2
+    assert aurocs["combined"] >= aurocs["zero_shot"] + 0.2
     scores = tables.read_table(out / "tables" / "scores")
     assert scores["reference_mode"].eq("combined").all()
     assert scores["reference_set"].str.startswith("dir-").all()
@@ -88,6 +91,8 @@ def test_ordinary_night_combined_stays_close_to_zero_shot(prefect_api, tmp_path,
     night, out = score_night(tmp_path / "ordinary", seed, repeated=0, scattered=3)
     aurocs = night_aurocs(night, out)
     print(f"ordinary night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
+    # measured (README): zero-shot 0.945, combined 0.940 on seed 1
+    assert aurocs["combined"] >= aurocs["zero_shot"] - 0.05
     days = tables.read_table(out / "tables" / "days")
     print(days.to_string())
     assert len(days) == 1 and not days["systematic_defect_suspected"].any()
