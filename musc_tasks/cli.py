@@ -453,7 +453,7 @@ def cmd_rscin(args: argparse.Namespace) -> int:
     return 0
 
 
-QUERY_TABLES = ("scores", "regions", "runs", "metrics")
+QUERY_TABLES = ("scores", "regions", "runs", "metrics", "days")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
