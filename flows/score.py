@@ -14,7 +14,15 @@ from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
 from musc_tasks.publish import record_no_input
-from musc_tasks.tasks import catalog_images, extract_tokens, publish_results, rscin_scores, score_pools
+from musc_tasks.tasks import (
+    catalog_images,
+    extract_tokens,
+    publish_days,
+    publish_results,
+    rscin_scores,
+    score_pools,
+    score_references,
+)
 
 
 @flow(name="score-captures")
@@ -29,6 +37,8 @@ def score_captures(
     dask_address: str | None = None,
     refresh: bool = False,
     outputs: OutputPolicy = OutputPolicy(),
+    references: str | None = None,
+    reference_mode: str = "combined",
 ) -> RunSummary:
     """Score one day's captures: every image gets a score, a rank, a mask and a heatmap.
 
@@ -36,6 +46,8 @@ def score_captures(
     ``day_offset`` days: the nightly deployment scores yesterday with ``day_offset=-1``.
     ``refresh`` ignores cached task results (the on-disk stores still resume); ``outputs`` sizes
     and encodes the heatmaps.
+    ``references`` (a stored set's name or a folder ``DIR/<product>/**``) scores the night
+    against known-good images too, in ``reference_mode`` (few-shot, plus or combined; README).
     """
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
     geometry = token_geometry(backbone)
@@ -54,7 +66,17 @@ def score_captures(
             record_no_input(catalog, backbone, scoring, out_dir, stages.info((), ()))
             raise FileNotFoundError(f"no image in {catalog.input_dir}: nothing to score for {day} (runs row no_input)")
         summary, _ = score_catalog(
-            catalog, backbone, geometry, scoring, out_dir, device, dask_address, stages, outputs=outputs
+            catalog,
+            backbone,
+            geometry,
+            scoring,
+            out_dir,
+            device,
+            dask_address,
+            stages,
+            outputs=outputs,
+            references=references,
+            reference_mode=reference_mode,
         )
     return summary
 
@@ -70,6 +92,8 @@ def score_catalog(
     stages: Stages,
     *,
     outputs: OutputPolicy = OutputPolicy(),
+    references: str | None = None,
+    reference_mode: str = "combined",
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     """The stages after the catalog, shared by the nightly and the evaluation flows."""
     tokens = stages.run(
@@ -85,6 +109,19 @@ def score_catalog(
         dask_address=dask_address,
         device=device,
     )
+    if references:
+        pools = stages.run(
+            "references",
+            score_references,
+            pools=pools,
+            references=references,
+            reference_mode=reference_mode,
+            scoring=scoring,
+            backbone=backbone,
+            out_dir=out_dir,
+            dask_address=dask_address,
+            device=device,
+        )
     scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
     summary = publish_results(
         catalog=catalog,
@@ -97,6 +134,10 @@ def score_catalog(
         outputs=outputs,
         dask_address=dask_address,
     )
+    alerts = publish_days(
+        pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=summary.run_id
+    )
+    summary = summary.model_copy(update={"alerts": alerts})
     create_markdown_artifact(
         key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
     )

@@ -241,6 +241,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         dask_address=args.dask_address,
         refresh=args.refresh,
         outputs=outputs,
+        references=args.references,
+        reference_mode=args.reference_mode,
     )
     print_summary(summary)
     return 0
@@ -252,6 +254,8 @@ def print_summary(summary) -> None:
     print(f"MuSc {summary.run_date}  backbone {summary.backbone_key}")
     counts = f"scored {summary.n_scored}, flagged {summary.n_flagged}, failed {summary.n_failed}"
     print(f"  images {summary.n_images}: {counts}")
+    for alert in summary.alerts:
+        print(f"  {alert}")
     print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items()))
     tokens = f"tokens extracted {summary.images_extracted} (cached {summary.images_token_cached})"
     print(f"  {tokens}; block pairs computed {summary.pairs_computed} (cached {summary.pairs_cached})")
@@ -272,10 +276,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.score import score_captures
 
     from .backbone import WeightsUnavailable, resolve_checkpoint
-    from .demo import make_demo_day
+    from .demo import make_bad_night, make_demo_day
 
     out = Path(args.out).resolve()
-    day = make_demo_day(out / "demo-input", seed=args.seed)
+    if args.bad_night:
+        day = make_bad_night(out / "bad-night-input", seed=args.seed)
+        print(
+            f"bad night: {sum(i.is_defective for i in day.images)} of {len(day.images)} {day.product} parts carry "
+            f"the same defect at the same place; known-good references in {day.golden_dir}"
+        )
+    else:
+        day = make_demo_day(out / "demo-input", seed=args.seed)
     backbone = PRESETS["fast"]
     try:
         resolve_checkpoint(backbone)
@@ -296,6 +307,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backbone=backbone,
         scoring=ScoringParams(),
         device=args.device,
+        references=str(day.golden_dir) if args.bad_night else None,
     )
     print_summary(summary)
     print(f"  planted ground truth: {day.ground_truth_dir}")
@@ -461,7 +473,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-QUERY_TABLES = ("scores", "regions", "runs", "metrics")
+QUERY_TABLES = ("scores", "regions", "runs", "metrics", "days")
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -586,6 +598,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", required=True, help="results folder (tables/, masks/, heatmaps/, cache/)")
     score.add_argument("--date", help="YYYY-MM-DD of the captures (default: today)")
     score.add_argument("--refresh", action="store_true", help="ignore cached task results")
+    score.add_argument(
+        "--references", help="known-good images: a stored set's name (musc references) or a folder DIR/<product>/**"
+    )
+    score.add_argument(
+        "--reference-mode",
+        choices=["few-shot", "plus", "combined"],
+        default="combined",
+        help="how references score the night (README: Known-good references); default combined",
+    )
     add_backbone_arguments(score)
     add_scoring_arguments(score)
     add_output_arguments(score)
@@ -604,6 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="generate a synthetic day with planted defects and score it")
     demo.add_argument("--out", default="demo-out", help="results folder; the synthetic day goes to OUT/demo-input")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and defects")
+    demo.add_argument(
+        "--bad-night",
+        action="store_true",
+        help="a night where one defect repeats at one place, scored with a golden set (README: bad nights)",
+    )
     demo.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the ViT runs (auto: cuda if present)"
     )

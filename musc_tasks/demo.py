@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-__all__ = ["DEFECT_KINDS", "PRODUCTS", "DemoImage", "DemoDay", "make_demo_day"]
+__all__ = ["DEFECT_KINDS", "PRODUCTS", "BadNight", "DemoImage", "DemoDay", "make_bad_night", "make_demo_day"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,72 @@ def make_demo_day(
             Image.fromarray(photo, mode="RGB").save(path, compress_level=1)
     log.info("demo day: %d images (%d defective) in %s", len(images), sum(i.is_defective for i in images), input_dir)
     return DemoDay(input_dir=input_dir, ground_truth_dir=ground_truth_dir, images=tuple(images))
+
+
+@dataclass(frozen=True)
+class BadNight:
+    """A night where one defect repeats at one place on many parts, and a clean golden set."""
+
+    input_dir: Path  # input/<product>/NNN.png
+    ground_truth_dir: Path  # ground_truth/<product>/NNN_mask.png for the defective images
+    golden_dir: Path  # golden/<product>/gNNN.png: known-good photos, none of them in the night
+    product: str
+    images: tuple[DemoImage, ...]
+
+
+def make_bad_night(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    product: str = "brick",
+    images: int = 12,
+    repeated: int = 5,
+    scattered: int = 0,
+    golden: int = 6,
+    kind: DefectKind = "stain",
+    size: int = 112,
+) -> BadNight:
+    """Write a "bad night": ``repeated`` of ``images`` photos carry the same defect at the same place.
+
+    A worn tool or a dirty lens does this: the defect is identical (same shape, place and
+    colour) on every affected part, so mutual scoring finds it in other images of the night
+    and calls it normal. ``golden`` more photos of the product, drawn from the same source
+    but never part of the night, form the known-good reference folder ``golden/<product>/``.
+    ``scattered`` other photos each get their own defect (kind, shape and place drawn per
+    image), as on an ordinary night: ``repeated=0, scattered=3`` is an ordinary night.
+    """
+    if repeated < 0 or scattered < 0 or repeated + scattered > images:
+        raise ValueError(f"need 0 <= repeated, scattered and repeated + scattered <= images={images}")
+    if golden < 0:
+        raise ValueError(f"golden must be >= 0, got {golden}")
+    base = Path(root)
+    input_dir, truth_dir, golden_dir = base / "input", base / "ground_truth", base / "golden"
+    source = _source(product)
+    photo_rng = np.random.default_rng([seed, 7, 0])
+    order = np.random.default_rng([seed, 7, 1]).permutation(images).tolist()
+    chosen, alone = set(order[:repeated]), order[repeated : repeated + scattered]
+    (input_dir / product).mkdir(parents=True, exist_ok=True)
+    (golden_dir / product).mkdir(parents=True, exist_ok=True)
+    written = []
+    for index in range(images):
+        photo = _photo(product, source, photo_rng, size)
+        path = input_dir / product / f"{index:03d}.png"
+        if index in chosen or index in alone:
+            # the same generator state for every repeated part: the same defect at the same place
+            rng = np.random.default_rng([seed, 7, 2] if index in chosen else [seed, 7, 3, index])
+            planted = kind if index in chosen else DEFECT_KINDS[alone.index(index) % len(DEFECT_KINDS)]
+            photo, mask = _plant(photo, planted, rng)
+            mask_path = truth_dir / product / f"{index:03d}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(mask_path)
+            written.append(DemoImage(product, path, True, planted, mask_path))
+        else:
+            written.append(DemoImage(product, path, False, None, None))
+        Image.fromarray(photo, mode="RGB").save(path, compress_level=1)
+    for index in range(golden):
+        photo = _photo(product, source, photo_rng, size)
+        Image.fromarray(photo, mode="RGB").save(golden_dir / product / f"g{index:03d}.png", compress_level=1)
+    return BadNight(input_dir, truth_dir, golden_dir, product, tuple(written))
 
 
 def _source(product: str) -> np.ndarray:

@@ -78,6 +78,8 @@ class PoolsRef(_Manifest):
     pool_paths: tuple[str, ...]
     pairs_computed: int
     pairs_reused: int
+    # set when pool_paths are reference stores: the set's name@version:content
+    reference_set: str | None = None
 
 
 class ProductScoresRef(_Manifest):
@@ -102,6 +104,7 @@ class RunSummary(_Manifest):
     pairs_cached: int
     top: tuple[tuple[str, str, float], ...]  # (product, path, score), most anomalous first
     report_path: str | None = None  # OUT/reports/<date>/index.html; None if it could not be built
+    alerts: tuple[str, ...] = ()  # one line each, e.g. a suspected systematic defect (tables/days)
 
     def as_markdown(self) -> str:
         lines = [
@@ -116,6 +119,8 @@ class RunSummary(_Manifest):
         ]
         if self.report_path:
             lines.append(f"- report: [{self.report_path}]({Path(self.report_path).absolute().as_uri()})")
+        if self.alerts:
+            lines[1:1] = [f"**{alert}**" for alert in self.alerts] + [""]
         return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, To
 from .maps import upsample_map
 from .render import HEATMAP_FORMATS, encode_image, heatmap_legend, heatmap_overlay, mask_pixels, region_rows, write_png
 from .report import build_day_report
-from .rscin import ProductScores, read_product_scores
+from .rscin import ProductScores, pool_reference, read_product_scores
 from .scoring import dask_client
 from .store import open_pool_store, pool_layout, write_maps_store
 
@@ -379,6 +379,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
     by_id = {s.image_id: s for s in (scores.images if scores else ())}
     ranks = plan.ranks
     patch_maps = _patch_maps(plan.pool_paths) if scores is not None else {}
+    reference = pool_reference(plan.pool_paths)
     heat_suffix = HEATMAP_FORMATS[outputs.heatmap_format]
     score_rows, region_rows_out, sizes = [], [], []
     for index in range(start, stop):
@@ -452,6 +453,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
                 "heatmap_min": scores.pixel_threshold,
                 "heatmap_max": max(scores.map_max, scores.pixel_threshold),
                 "status": "scored",
+                **reference,
             }
         )
     return BlockRows(scores=score_rows, regions=region_rows_out, sizes=sizes)

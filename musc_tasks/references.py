@@ -43,6 +43,7 @@ __all__ = [
     "read_reference_set",
     "reference_tokens",
     "remove_references",
+    "resolve_reference_sets",
 ]
 
 # A reference GEMM costs M images per night image; 64 known-good images already cover a
@@ -256,6 +257,51 @@ def remove_references(
         )
         _write(out_dir, stored)
     return stored
+
+
+def resolve_reference_sets(
+    references: str,
+    products: Sequence[str],
+    out_dir: str | Path,
+    backbone: BackboneSpec,
+    *,
+    device: str = "auto",
+) -> dict[str, ReferenceSet]:
+    """The reference set of each product: a stored set's name, or a folder laid out like INPUT.
+
+    A folder ``DIR/<product>/**`` becomes a stored set named ``dir-<hash of DIR>`` (tokens
+    extracted once, versioned like any set). Products without references are left out; none
+    at all is an error.
+    """
+    folder = Path(references)
+    sets = {}
+    if folder.is_dir():
+        name = "dir-" + params_key(str(folder.resolve()), length=8)
+        for product in products:
+            if (folder / product).is_dir():
+                stored, problems = add_references(
+                    out_dir,
+                    product,
+                    [folder / product],
+                    backbone,
+                    name=name,
+                    added_by=f"folder:{folder.resolve()}",
+                    device=device,
+                )
+                for line in problems:
+                    logger.warning("reference not used: %s", line)
+                sets[product] = stored
+    else:
+        for product in products:
+            if reference_set_path(out_dir, backbone.key, product, references).is_file():
+                sets[product] = read_reference_set(out_dir, backbone.key, product, references)
+    if not sets:
+        what = f"folder {folder} has no <product>/ subfolder" if folder.is_dir() else f"no reference set {references!r}"
+        raise FileNotFoundError(
+            f"{what} for any of the products {', '.join(products)} with backbone {backbone.key} "
+            "(see 'musc references list')"
+        )
+    return sets
 
 
 def reference_tokens(stored: ReferenceSet) -> list[np.ndarray]:

@@ -159,6 +159,15 @@ def patch_score_rows(pool_paths: Sequence[Path]) -> dict[str, tuple[Path, int]]:
     return rows
 
 
+def pool_reference(pool_paths: Sequence[Path]) -> dict[str, str]:
+    """The reference set and mode the pools were scored with (empty for zero-shot pools)."""
+    for path in pool_paths:
+        attrs = open_pool_store(path).attrs
+        if "reference_set" in attrs:
+            return {"reference_set": attrs["reference_set"], "reference_mode": attrs["reference_mode"]}
+    return {}
+
+
 def score_map(pool_path: Path, row: int, height: int, width: int) -> np.ndarray:
     """One image's anomaly map at (height, width) pixels: (height, width) float32 array."""
     layout = pool_layout(pool_path)

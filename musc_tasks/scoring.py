@@ -277,8 +277,12 @@ def score_pools_with_dask(
     client: Client,
     *,
     on_progress: Callable[[int, int], None] | None = None,
+    finish: bool = True,
 ) -> dict[str, tuple[int, int]]:
     """Run every missing pair and row task of the pools.
+
+    ``finish=False`` leaves the similarity tables in place (not marked complete) for a caller
+    that derives more from them (the reference scores) and finishes the stores itself.
 
     Returns
     -------
@@ -314,6 +318,6 @@ def score_pools_with_dask(
         if on_progress:
             on_progress(done, total)
     for job in jobs:
-        if not pool_is_complete(Path(job.pool_path)):
+        if finish and not pool_is_complete(Path(job.pool_path)):
             finish_pool_store(Path(job.pool_path))
     return counts

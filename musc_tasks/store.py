@@ -48,6 +48,7 @@ __all__ = [
     "mark_done",
     "is_done",
     "open_pool_store",
+    "write_pool_array",
     "read_token_rows",
     "read_embeddings",
     "token_index",
@@ -276,6 +277,16 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
         fill_value=np.nan,
     )
     return group
+
+
+def write_pool_array(path: Path, name: str, values: np.ndarray, attributes: dict | None = None) -> None:
+    """Store an extra (image, patch) array in a pool-like store (the reference scores of each mode)."""
+    group = zarr.open_group(path, mode="r+")
+    if name in group:
+        del group[name]
+    group.create_array(name, data=np.ascontiguousarray(values), dimension_names=("image", "patch"))
+    if attributes:
+        group.attrs.update(attributes)
 
 
 def open_pool_store(path: Path, mode: str = "r") -> zarr.Group:

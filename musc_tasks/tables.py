@@ -45,6 +45,7 @@ __all__ = [
     "SCORES_SCHEMA",
     "REGIONS_SCHEMA",
     "RUNS_SCHEMA",
+    "DAYS_SCHEMA",
     "METRICS_SCHEMA",
     "TABLES",
     "SCORE_STATUSES",
@@ -98,6 +99,8 @@ SCORES_SCHEMA = pa.schema(
         _required("status", pa.string()),  # one of SCORE_STATUSES
         _optional("error", pa.string()),
         _optional("note", pa.string()),
+        _optional("reference_set", pa.string()),  # name@vN:content of the known-good set used, or null
+        _optional("reference_mode", pa.string()),  # few-shot | plus | combined, or null (zero-shot)
     ]
 )
 
@@ -148,6 +151,7 @@ RUNS_SCHEMA = pa.schema(
         _required("pairs_computed", pa.int32()),
         _required("pairs_cached", pa.int32()),
         _required("status", pa.string()),
+        _optional("seconds_references", pa.float64()),  # scoring with known-good references; null without
     ]
 )
 
@@ -173,11 +177,26 @@ METRICS_SCHEMA = pa.schema(
     ]
 )
 
+DAYS_SCHEMA = pa.schema(
+    [
+        _required("n_images", pa.int32()),  # distinct images scored in the product
+        _optional("reference_set", pa.string()),  # name@vN:content, null without references
+        _optional("reference_mode", pa.string()),
+        _optional("reference_only_fraction", pa.float64()),  # flagged by the references, not by zero-shot
+        _optional("night_to_reference_plus", pa.float64()),  # median MuSc+ peak: night / references (LOO)
+        _required("systematic_defect_suspected", pa.bool_()),
+        _required("reason", pa.string()),
+        _required("backbone_key", pa.string()),
+        _required("run_id", pa.string()),
+    ]
+)
+
 # Table directory name -> (schema of the file contents, partition keys in path order).
 TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "scores": (SCORES_SCHEMA, ("date", "product")),
     "regions": (REGIONS_SCHEMA, ("date", "product")),
     "runs": (RUNS_SCHEMA, ("date",)),
+    "days": (DAYS_SCHEMA, ("date", "product")),
     "metrics": (METRICS_SCHEMA, ("dataset",)),
 }
 

@@ -19,9 +19,12 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from . import catalog as catalog_stage
+from . import days as days_stage
 from . import evaluate as evaluate_stage
 from . import extract as extract_stage
 from . import publish as publish_stage
+from . import reference_scoring as reference_scoring_stage
+from . import references as references_stage
 from . import rscin as rscin_stage
 from . import scoring as scoring_stage
 from .backbone import load_backbone
@@ -130,6 +133,48 @@ def score_pools(
             on_progress=on_progress,
             log=get_run_logger(),
         )
+
+
+@task(name="score_references", **RETRIES)
+def score_references(
+    pools: tuple[PoolsRef, ...],
+    references: str,
+    reference_mode: str,
+    scoring: ScoringParams,
+    backbone: BackboneSpec,
+    out_dir: str,
+    dask_address: str | None = None,
+    device: str = "auto",
+) -> tuple[PoolsRef, ...]:
+    """Stage 2b: the pools scored with a known-good reference set (resumes from its stores)."""
+    sets = references_stage.resolve_reference_sets(
+        references, [p.product for p in pools], out_dir, backbone, device=device
+    )
+    with progress_bar("reference-scoring", "reference scoring") as on_progress:
+        return reference_scoring_stage.score_with_references(
+            pools,
+            sets,
+            reference_mode,
+            scoring,
+            backbone.key,
+            dask_address=dask_address,
+            device=device,
+            on_progress=on_progress,
+            log=get_run_logger(),
+        )
+
+
+@task(name="publish_days", **RETRIES)
+def publish_days(
+    pools: tuple[PoolsRef, ...], run_date: str, backbone_key: str, out_dir: str, run_id: str
+) -> tuple[str, ...]:
+    """The night's repeated-defect signals per product (tables/days); returns the alert lines."""
+    rows = days_stage.day_rows(pools, run_date, backbone_key, run_id)
+    days_stage.publish_days(out_dir, run_date, backbone_key, rows)
+    alerts = tuple(days_stage.suspicion_lines(rows))
+    for alert in alerts:
+        get_run_logger().warning("%s", alert)
+    return alerts
 
 
 @task(name="rscin_scores", cache_policy=ON_INPUTS, persist_result=True, **RETRIES)

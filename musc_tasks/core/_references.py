@@ -37,6 +37,7 @@ __all__ = [
     "combined_scores",
     "few_shot_neighbour_count",
     "few_shot_scores_from_similarities",
+    "leave_one_out_distances",
     "nearest_reference_distances",
     "reference_pool_patch_scores",
     "reference_scale",
@@ -261,7 +262,7 @@ def reference_pool_patch_scores(
                     )
                 )
                 among, _ = nearest_similarities(known, known)
-                rows["ref-plus"].append(_leave_one_out_plus(among))
+                rows["ref-plus"].append(leave_one_out_distances(among))
         for name, per_layer in rows.items():
             if per_layer:
                 maps[name].append(torch.stack(per_layer))
@@ -276,8 +277,19 @@ def reference_pool_patch_scores(
     )
 
 
-def _leave_one_out_plus(among: Tensor) -> Tensor:
-    """MuSc+ scores of each reference against the other references, from their (M, L, M) similarities."""
+def leave_one_out_distances(among: Tensor) -> Tensor:
+    """MuSc+ scores of each reference against the other references.
+
+    Parameters
+    ----------
+    among : (M, L, M) float tensor
+        Best-match similarity of each reference patch with every reference image.
+
+    Returns
+    -------
+    scores : (M, L) float32 tensor
+        Distance to the nearest patch of any *other* reference (its own column ignored).
+    """
     masked = among.float().clone()
     rows = torch.arange(masked.shape[0])
     masked[rows, :, rows] = -1.0  # a reference never matches itself

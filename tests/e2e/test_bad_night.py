@@ -1,0 +1,98 @@
+"""A bad night: one defect repeated on many parts. References catch what mutual scoring calls normal.
+
+One `musc score --references golden/ --reference-mode combined` run per night writes reference
+stores holding every mode's patch scores (zero-shot, few-shot, plus, combined) of the same
+images; the test reads those maps back, upsamples them as publishing does and measures the
+pixel AUROC of the planted defect in each mode.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from musc_tasks import tables
+from musc_tasks.cli import main
+from musc_tasks.core import pixel_metrics, upsample_maps
+from musc_tasks.demo import make_bad_night
+from musc_tasks.store import open_pool_store, pool_layout
+
+from ..conftest import TINY_CONFIG
+
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
+SIZE = 112
+TINY = ["--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--layers", "1,3", "--pretrained", "none"]
+TINY += ["--image-size", str(SIZE), "--device", "cpu"]
+MODES = ("zero_shot", "few_shot", "plus", "combined")
+
+
+def mode_maps(out: Path) -> dict[str, dict[str, np.ndarray]]:
+    """mode -> image id -> (S, S) map, from the reference stores the run wrote."""
+    stores = [p for p in out.glob("cache/pools/*/*/refs-*.zarr")]
+    assert stores, "the run wrote no reference store"
+    maps: dict[str, dict[str, np.ndarray]] = {mode: {} for mode in MODES}
+    for store in stores:
+        layout = pool_layout(store)
+        group = open_pool_store(store)
+        assert group.attrs["reference_mode"] == "combined"
+        np.testing.assert_array_equal(group["patch_scores"][:], group["combined"][:])
+        for mode in MODES:
+            upsampled = upsample_maps(torch.from_numpy(np.asarray(group[mode][:])), layout.grid, (SIZE, SIZE))
+            maps[mode].update(zip(layout.image_ids, upsampled.numpy()))
+    return maps
+
+
+def night_aurocs(night, out: Path) -> dict[str, float]:
+    scores = tables.read_table(out / "tables" / "scores")
+    ids = dict(zip(scores["path"], scores["image_id"]))
+    maps = mode_maps(out)
+    truth = []
+    for image in night.images:
+        mask = np.zeros((SIZE, SIZE), bool)
+        if image.mask_path is not None:
+            mask = np.asarray(Image.open(image.mask_path)) > 127
+        truth.append(mask)
+    found = {}
+    for mode in MODES:
+        stacked = np.stack([maps[mode][ids[str(image.path)]] for image in night.images])
+        found[mode] = pixel_metrics(stacked, np.stack(truth), pro=False)["auroc"]
+    return found
+
+
+def score_night(root: Path, seed: int, repeated: int, scattered: int = 0) -> tuple:
+    night = make_bad_night(root / "night", seed=seed, repeated=repeated, scattered=scattered)
+    out = root / "out"
+    args = ["score", str(night.input_dir), "--out", str(out), "--date", "2026-11-30", *TINY]
+    assert main([*args, "--references", str(night.golden_dir)]) == 0
+    return night, out
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("MUSC_BAD_NIGHT_SEEDS", "0").split(",")])
+def test_references_catch_a_repeated_defect(prefect_api, tmp_path, seed):
+    night, out = score_night(tmp_path / "bad", seed, repeated=5)
+    aurocs = night_aurocs(night, out)
+    print(f"bad night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
+    # measured (README): zero-shot 0.60-0.64, plus 0.99+, combined 0.99 on seeds 0, 1: margins 0.35-0.40
+    assert aurocs["plus"] >= aurocs["zero_shot"] + 0.2
+    assert aurocs["combined"] >= aurocs["zero_shot"] + 0.2
+    scores = tables.read_table(out / "tables" / "scores")
+    assert scores["reference_mode"].eq("combined").all()
+    assert scores["reference_set"].str.startswith("dir-").all()
+    days = tables.read_table(out / "tables" / "days")
+    print(days.to_string())
+    assert len(days) == 1 and days["systematic_defect_suspected"].all()
+
+
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("MUSC_BAD_NIGHT_SEEDS", "0").split(",")])
+def test_ordinary_night_combined_stays_close_to_zero_shot(prefect_api, tmp_path, seed):
+    night, out = score_night(tmp_path / "ordinary", seed, repeated=0, scattered=3)
+    aurocs = night_aurocs(night, out)
+    print(f"ordinary night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
+    # measured (README): zero-shot 0.945, combined 0.940 on seed 1
+    assert aurocs["combined"] >= aurocs["zero_shot"] - 0.05
+    days = tables.read_table(out / "tables" / "days")
+    print(days.to_string())
+    assert len(days) == 1 and not days["systematic_defect_suspected"].any()
