@@ -14,6 +14,7 @@ from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
 from musc_tasks.publish import record_no_input
+from musc_tasks.scoring import dask_cluster
 from musc_tasks.tasks import (
     catalog_images,
     extract_tokens,
@@ -52,7 +53,8 @@ def score_captures(
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
     geometry = token_geometry(backbone)
     stages = Stages(refresh, out_dir=out_dir)
-    with run_lock(out_dir, day, backbone.key):
+    # one Dask cluster for the whole run, checked before any work: an unreachable scheduler fails in seconds
+    with run_lock(out_dir, day, backbone.key), dask_cluster(dask_address) as cluster:
         catalog = stages.run(
             "catalog",
             catalog_images,
@@ -72,7 +74,7 @@ def score_captures(
             scoring,
             out_dir,
             device,
-            dask_address,
+            cluster,
             stages,
             outputs=outputs,
             references=references,
@@ -95,9 +97,38 @@ def score_catalog(
     references: str | None = None,
     reference_mode: str = "combined",
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
-    """The stages after the catalog, shared by the nightly and the evaluation flows."""
+    """The stages after the catalog, shared by the nightly and the evaluation flows.
+
+    ``dask_address`` None starts a local cluster for these stages; the nightly flow passes its own.
+    """
+    with dask_cluster(dask_address) as cluster:
+        return _score_catalog(
+            catalog, backbone, geometry, scoring, out_dir, device, cluster, stages, outputs, references, reference_mode
+        )
+
+
+def _score_catalog(
+    catalog: CatalogRef,
+    backbone: BackboneSpec,
+    geometry: TokenGeometry,
+    scoring: ScoringParams,
+    out_dir: str,
+    device: str,
+    dask_address: str,
+    stages: Stages,
+    outputs: OutputPolicy,
+    references: str | None,
+    reference_mode: str,
+) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     tokens = stages.run(
-        "extract", extract_tokens, catalog=catalog, backbone=backbone, geometry=geometry, out_dir=out_dir, device=device
+        "extract",
+        extract_tokens,
+        catalog=catalog,
+        backbone=backbone,
+        geometry=geometry,
+        out_dir=out_dir,
+        device=device,
+        dask_address=dask_address,
     )
     pools = stages.run(
         "score",

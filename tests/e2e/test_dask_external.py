@@ -76,7 +76,7 @@ def test_score_runs_its_mutual_scoring_on_an_external_scheduler(external_cluster
 
     with Client(address, timeout=60) as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    assert {"score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
+    assert {"extract_block_task", "score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
 
     local = score(demo_day, tmp_path / "local", prefect_api)
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
