@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -51,6 +52,8 @@ def score_captures(
     against known-good images too, in ``reference_mode`` (few-shot, plus or combined; README).
     """
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
+    # Dask workers have their own working folders: every path that reaches them is absolute
+    input_dir, out_dir = str(Path(day_input(input_dir, day)).resolve()), str(Path(out_dir).resolve())
     geometry = token_geometry(backbone)
     stages = Stages(refresh, out_dir=out_dir)
     # one Dask cluster for the whole run, checked before any work: an unreachable scheduler fails in seconds
@@ -58,7 +61,7 @@ def score_captures(
         catalog = stages.run(
             "catalog",
             catalog_images,
-            input_dir=day_input(input_dir, day),
+            input_dir=input_dir,
             out_dir=out_dir,
             run_date=day,
             min_side=geometry.patch_size,

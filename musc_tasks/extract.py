@@ -287,6 +287,7 @@ def extract_block(
         group = prepare_token_store(store_path, layout, rows)
     else:
         group = open_token_store(store_path, layout)
+    failpoint("worker-extract")
     write_token_block(group, store_path, block, ids, [t.cpu().numpy() for t in layer_tokens], embeddings.cpu().numpy())
     return len(ids), failed
 

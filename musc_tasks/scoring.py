@@ -285,6 +285,7 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
     # stored with the (r, layer) maps on one axis, r major: (R*Y, N, L, N)
     similarity = open_pool_store(pool_path, "r+")["similarity"]
     similarity[:, rows_a, :, rows_b] = a_to_b.flatten(0, 1).cpu().numpy()
+    failpoint("worker-pair")  # crash tests: a worker dies between its two writes
     if a != b:
         similarity[:, rows_b, :, rows_a] = b_to_a.flatten(0, 1).cpu().numpy()
     mark_done(pool_path, name)
