@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, timedelta
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -14,6 +15,7 @@ from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
 from musc_tasks.publish import record_no_input
+from musc_tasks.scoring import dask_cluster
 from musc_tasks.tasks import (
     catalog_images,
     extract_tokens,
@@ -50,13 +52,16 @@ def score_captures(
     against known-good images too, in ``reference_mode`` (few-shot, plus or combined; README).
     """
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
+    # Dask workers have their own working folders: every path that reaches them is absolute
+    input_dir, out_dir = str(Path(day_input(input_dir, day)).resolve()), str(Path(out_dir).resolve())
     geometry = token_geometry(backbone)
     stages = Stages(refresh, out_dir=out_dir)
-    with run_lock(out_dir, day, backbone.key):
+    # one Dask cluster for the whole run, checked before any work: an unreachable scheduler fails in seconds
+    with run_lock(out_dir, day, backbone.key), dask_cluster(dask_address) as cluster:
         catalog = stages.run(
             "catalog",
             catalog_images,
-            input_dir=day_input(input_dir, day),
+            input_dir=input_dir,
             out_dir=out_dir,
             run_date=day,
             min_side=geometry.patch_size,
@@ -72,7 +77,7 @@ def score_captures(
             scoring,
             out_dir,
             device,
-            dask_address,
+            cluster,
             stages,
             outputs=outputs,
             references=references,
@@ -95,9 +100,38 @@ def score_catalog(
     references: str | None = None,
     reference_mode: str = "combined",
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
-    """The stages after the catalog, shared by the nightly and the evaluation flows."""
+    """The stages after the catalog, shared by the nightly and the evaluation flows.
+
+    ``dask_address`` None starts a local cluster for these stages; the nightly flow passes its own.
+    """
+    with dask_cluster(dask_address) as cluster:
+        return _score_catalog(
+            catalog, backbone, geometry, scoring, out_dir, device, cluster, stages, outputs, references, reference_mode
+        )
+
+
+def _score_catalog(
+    catalog: CatalogRef,
+    backbone: BackboneSpec,
+    geometry: TokenGeometry,
+    scoring: ScoringParams,
+    out_dir: str,
+    device: str,
+    dask_address: str,
+    stages: Stages,
+    outputs: OutputPolicy,
+    references: str | None,
+    reference_mode: str,
+) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     tokens = stages.run(
-        "extract", extract_tokens, catalog=catalog, backbone=backbone, geometry=geometry, out_dir=out_dir, device=device
+        "extract",
+        extract_tokens,
+        catalog=catalog,
+        backbone=backbone,
+        geometry=geometry,
+        out_dir=out_dir,
+        device=device,
+        dask_address=dask_address,
     )
     pools = stages.run(
         "score",

@@ -775,6 +775,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"musc: error: {_first_line(error)} (run with -v for the traceback)", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from .scoring import SchedulerUnreachable  # imports Dask: only when something failed
+
+        if not isinstance(error, SchedulerUnreachable):
+            raise
+        print(f"musc: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

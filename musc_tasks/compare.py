@@ -28,7 +28,10 @@ def compare_backbones(scores: pd.DataFrame, key_a: str, key_b: str) -> tuple[pd.
     Parameters
     ----------
     scores : DataFrame
-        Score-table rows of one day (columns product, path, backbone_key, score, flagged, status).
+        Score-table rows of one day (columns product, image_id, path, backbone_key, score,
+        flagged, status). Images are matched by content (``image_id``, the sha256 of the
+        file), so a file renamed or moved between the two runs still pairs up; files with the
+        same content count once, under their first path.
 
     Returns
     -------
@@ -38,10 +41,13 @@ def compare_backbones(scores: pd.DataFrame, key_a: str, key_b: str) -> tuple[pd.
         product, path, score_a, score_b, flagged_a, flagged_b for every flag that differs.
     """
     scored = scores[scores["status"] == "scored"]
-    columns = ["product", "path", "score", "flagged"]
-    both = scored[scored["backbone_key"] == key_a][columns].merge(
-        scored[scored["backbone_key"] == key_b][columns], on=["product", "path"], suffixes=("_a", "_b")
-    )
+    columns = ["product", "image_id", "path", "score", "flagged"]
+
+    def side(key: str) -> pd.DataFrame:
+        rows = scored[scored["backbone_key"] == key][columns].sort_values(["product", "path"])
+        return rows.drop_duplicates(["product", "image_id"])
+
+    both = side(key_a).merge(side(key_b).drop(columns="path"), on=["product", "image_id"], suffixes=("_a", "_b"))
     rows = []
     for product, group in both.groupby("product", sort=True):
         # Spearman = Pearson of the ranks; ties share their average rank
@@ -57,5 +63,6 @@ def compare_backbones(scores: pd.DataFrame, key_a: str, key_b: str) -> tuple[pd.
             }
         )
     summary = pd.DataFrame(rows, columns=["product", "images", "spearman", "flagged_a", "flagged_b", "changed"])
-    changed = both[both["flagged_a"] != both["flagged_b"]].sort_values(["product", "path"]).reset_index(drop=True)
+    changed = both[both["flagged_a"] != both["flagged_b"]].drop(columns="image_id")
+    changed = changed.sort_values(["product", "path"]).reset_index(drop=True)
     return summary, changed

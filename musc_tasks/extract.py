@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from distributed import Client, Future, as_completed
 
-from .backbone import Backbone
+from .atomic import write_atomic
+from .backbone import Backbone, load_backbone
+from .config import BackboneSpec
 from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
 from .layout import token_store_path
@@ -20,6 +26,7 @@ from .store import (
     TokenLayout,
     drop_damaged_blocks,
     next_free_block,
+    open_token_store,
     prepare_token_store,
     token_index,
     write_token_block,
@@ -27,7 +34,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractResult", "extract_catalog", "extract_tokens_to_store"]
+__all__ = ["ExtractResult", "extract_block_task", "extract_catalog", "extract_tokens_to_store", "worker_backbone"]
 
 Progress = Callable[[int, int], None]
 # product -> a context manager yielding that product's progress callback
@@ -40,52 +47,249 @@ def _no_progress(product: str) -> AbstractContextManager[None]:
 
 def extract_catalog(
     catalog: CatalogRef,
-    backbone_key: str,
+    backbone: BackboneSpec,
     geometry: TokenGeometry,
     out_dir: str | Path,
-    load_backbone: Callable[[], Backbone],
+    client: Client,
     *,
+    device: str = "auto",
+    block_images: int = 8,
     progress: ProductProgress = _no_progress,
     log: logging.Logger = logger,
 ) -> tuple[TokensRef, ...]:
     """Stage 1: tokens of every readable image not already in the backbone's token stores.
 
-    ``load_backbone`` is called at most once, and only when some image lacks tokens.
+    One Dask task per (product, block of images), products side by side; each task writes
+    its own shard and record. Workers load the backbone once (`worker_backbone`); on a
+    cluster whose workers declare a ``GPU`` resource, only those run extraction.
     """
-    loaded: list[Backbone] = []
-
-    def load_once() -> Backbone:
-        if not loaded:
-            backbone = load_backbone()
-            if backbone.grid != geometry.grid:
-                raise ValueError(f"{backbone.spec.name} cuts a {backbone.grid} grid, the run resolved {geometry.grid}")
-            loaded.append(backbone)
-        return loaded[0]
-
+    products = [p for p in catalog.products if not p.not_scored_reason]
+    stores = {p.name: token_store_path(out_dir, backbone.key, p.name) for p in products}
+    with contextlib.ExitStack() as held:
+        # One global order of acquisition, as for the pool stores: two runs cannot deadlock.
+        for name in sorted(stores):
+            waiting = f"another run is writing tokens to {stores[name]}; waiting for it"
+            held.enter_context(exclusive_lock(stores[name].with_suffix(".lock"), waiting_message=waiting))
+        callbacks = {p.name: held.enter_context(progress(p.name)) for p in products}
+        plans = {p.name: plan_extraction(stores[p.name], p.images, block_images) for p in products}
+        done = run_extraction_tasks(client, plans, backbone, geometry, device, callbacks)
     refs = []
-    for product in catalog.products:
-        if product.not_scored_reason:
-            continue
-        store = token_store_path(out_dir, backbone_key, product.name)
-        with progress(product.name) as on_progress:
-            result = extract_tokens_to_store(store, product.images, load_once, on_progress=on_progress)
-        index = token_index(store)
+    for product in products:
+        plan, (extracted, failed) = plans[product.name], done[product.name]
+        index = token_index(stores[product.name])
         kept = tuple(i for i, _ in product.images if i in index)
-        log.info("%s: %d extracted, %d from cache", product.name, result.extracted, result.reused)
+        log.info("%s: %d extracted, %d from cache", product.name, extracted, plan.reused)
         refs.append(
             TokensRef(
                 product=product.name,
-                store_path=str(store),
+                store_path=str(stores[product.name]),
                 geometry=geometry,
                 image_ids=kept,
                 token_rows=tuple(index[i] for i in kept),
-                extracted=result.extracted,
-                reused=result.reused,
-                failed=tuple(sorted(result.failed.items())),
+                extracted=extracted,
+                reused=plan.reused,
+                failed=tuple(sorted(failed.items())),
                 pools=product.pools,
             )
         )
     return tuple(refs)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """The blocks one product still needs: (block index, [(image id, path)]) each, and the rows to size for."""
+
+    store_path: Path
+    blocks: tuple[tuple[int, tuple[tuple[str, str], ...]], ...]
+    rows: int
+    block_images: int
+    reused: int
+    writer: str  # this run's token in the store's writer file (see `extract_block_task`)
+
+
+def plan_extraction(store_path: Path, images: Sequence[tuple[str, str]], block_images: int) -> ExtractionPlan:
+    """Check the store, then number the blocks of the missing images from its first free block.
+
+    The caller holds the store's lock until every planned block is written.
+    """
+    wanted = dict(images)  # duplicates of one content share one row
+    drop_damaged_blocks(store_path, list(wanted))
+    have = token_index(store_path)
+    missing = [(image_id, path) for image_id, path in wanted.items() if image_id not in have]
+    first = next_free_block(store_path)
+    blocks = tuple(
+        (first + n, tuple(missing[start : start + block_images]))
+        for n, start in enumerate(range(0, len(missing), block_images))
+    )
+    rows = (first + len(blocks)) * block_images
+    writer = uuid.uuid4().hex
+    write_atomic(writer_file(store_path), writer)
+    return ExtractionPlan(store_path, blocks, rows, block_images, reused=len(wanted) - len(missing), writer=writer)
+
+
+def writer_file(store_path: Path) -> Path:
+    """Names the run whose planned blocks may write into the store (next to its lock file)."""
+    return store_path.with_suffix(".writer")
+
+
+def run_extraction_tasks(
+    client: Client,
+    plans: dict[str, ExtractionPlan],
+    backbone: BackboneSpec,
+    geometry: TokenGeometry,
+    device: str,
+    callbacks: dict[str, Progress | None],
+) -> dict[str, tuple[int, dict[str, str]]]:
+    """Submit every planned block; returns product -> (images extracted, failed id -> reason).
+
+    A product's first block creates or grows its store (array metadata has one writer), so
+    its other blocks are submitted once it is done; products start side by side.
+    """
+    gpu = (
+        {"GPU": 1}
+        if any(w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
+        else None
+    )
+
+    def submit(product: str, block: int, batch: tuple[tuple[str, str], ...], grow: bool) -> Future:
+        plan = plans[product]
+        return client.submit(
+            extract_block_task,
+            str(plan.store_path),
+            block,
+            batch,
+            backbone,
+            geometry.grid,
+            device,
+            plan.block_images,
+            plan.rows if grow else 0,
+            plan.writer,
+            pure=False,
+            resources=gpu,
+        )
+
+    owner: dict[Future, tuple[str, int, bool]] = {}  # future -> (product, position in plan, sizes the store)
+    pending = as_completed()
+    results: dict[str, tuple[int, dict[str, str]]] = {product: (0, {}) for product in plans}
+    done_images = dict.fromkeys(plans, 0)
+    totals = {product: sum(len(batch) for _, batch in plan.blocks) for product, plan in plans.items()}
+
+    def start(product: str, position: int, grow: bool) -> None:
+        future = submit(product, *plans[product].blocks[position], grow=grow)
+        owner[future] = (product, position, grow)
+        pending.add(future)
+
+    for product, plan in plans.items():
+        if callbacks[product]:
+            callbacks[product](0, totals[product])
+        if plan.blocks:
+            start(product, 0, grow=True)
+    for future in pending:
+        product, position, grew = owner.pop(future)
+        extracted, failed = future.result()  # a worker's error surfaces here, with its traceback
+        plan = plans[product]
+        results[product] = (results[product][0] + extracted, {**results[product][1], **failed})
+        done_images[product] += len(plan.blocks[position][1])
+        failpoint("extract-block")
+        if grew and position + 1 < len(plan.blocks):
+            if extracted:  # the store is sized: the other blocks write side by side
+                for later in range(position + 1, len(plan.blocks)):
+                    start(product, later, grow=False)
+            else:  # nothing readable in that block, so nothing was written: the next one sizes the store
+                start(product, position + 1, grow=True)
+        if callbacks[product]:
+            callbacks[product](done_images[product], totals[product])
+    return results
+
+
+def gpu_resources(client: Client) -> dict[str, int] | None:
+    """``{"GPU": 1}`` when some worker declares a GPU resource (extraction then runs only there), else None."""
+    workers = client.scheduler_info()["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
+@functools.lru_cache(maxsize=1)
+def worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
+    """The backbone of this worker process, loaded at its first block and kept (one model per worker)."""
+    return load_backbone(spec, device=device)
+
+
+def extract_block_task(
+    store_path: str,
+    block: int,
+    batch: Sequence[tuple[str, str]],
+    spec: BackboneSpec,
+    grid: tuple[int, int],
+    device: str,
+    block_images: int,
+    grow_to: int,
+    writer: str,
+) -> tuple[int, dict[str, str]]:
+    """Dask task: tokens of one block of images into its own shard and record.
+
+    ``grow_to`` > 0 (a product's first block) creates or grows the store to that many rows.
+    A task of a run that died (its client gone, the task already running) finds another
+    run's token in the writer file and writes nothing: that run may have planned the same
+    block index for other images. Returns (images extracted, failed id -> reason).
+    """
+
+    def still_ours() -> bool:
+        return writer_file(Path(store_path)).read_text() == writer
+
+    if not still_ours():
+        return 0, {}
+    backbone = worker_backbone(spec, device)
+    if backbone.grid != tuple(grid):
+        raise ValueError(f"{spec.name} cuts a {backbone.grid} grid, the run resolved {tuple(grid)}")
+    with torch.inference_mode():
+        return extract_block(Path(store_path), block, batch, backbone, block_images, grow_to, may_write=still_ours)
+
+
+def extract_block(
+    store_path: Path,
+    block: int,
+    batch: Sequence[tuple[str, str]],
+    backbone: Backbone,
+    block_images: int,
+    rows: int,
+    *,
+    may_write: Callable[[], bool] = lambda: True,
+) -> tuple[int, dict[str, str]]:
+    """Read, preprocess and extract one block of images, then write its shard and record.
+
+    ``rows`` > 0 creates or grows the store to that many rows first (one writer at a time);
+    ``may_write`` is asked once more just before writing. Returns (images extracted, failed
+    id -> reason).
+    """
+    pixels, ids, failed = [], [], {}
+    for image_id, path in batch:
+        try:
+            image, _ = read_rgb(Path(path))
+        except ImageReadError as error:
+            failed[image_id] = error.reason
+            logger.warning("%s", error)
+            continue
+        pixels.append(backbone.preprocess(image))
+        ids.append(image_id)
+    if not ids:
+        return 0, failed
+    layer_tokens, embeddings = backbone.extract(torch.stack(pixels))
+    if not may_write():
+        return 0, {}
+    layout = TokenLayout(
+        layers=backbone.spec.layers,
+        grid=backbone.grid,
+        channels=layer_tokens[0].shape[-1],
+        embed_dim=embeddings.shape[-1],
+        block_images=block_images,
+    )
+    if rows:
+        group = prepare_token_store(store_path, layout, rows)
+    else:
+        group = open_token_store(store_path, layout)
+    failpoint("worker-extract")
+    write_token_block(group, store_path, block, ids, [t.cpu().numpy() for t in layer_tokens], embeddings.cpu().numpy())
+    return len(ids), failed
 
 
 @dataclass(frozen=True)
@@ -121,38 +325,16 @@ def extract_tokens_to_store(
         if not missing:
             return ExtractResult(extracted=0, reused=len(wanted), failed={})
         backbone = load_backbone()
-        block = next_free_block(store_path)
-        n_blocks = -(-len(missing) // block_images)
-        group = None
         failed: dict[str, str] = {}
-        done = 0
-        for first in range(0, len(missing), block_images):
-            batch = missing[first : first + block_images]
-            pixels, ids = [], []
-            for image_id, path in batch:
-                try:
-                    image, _ = read_rgb(Path(path))
-                except ImageReadError as error:
-                    failed[image_id] = error.reason
-                    logger.warning("%s", error)
-                    continue
-                pixels.append(backbone.preprocess(image))
-                ids.append(image_id)
-            if ids:
-                layer_tokens, embeddings = backbone.extract(torch.stack(pixels))
-                if group is None:
-                    layout = TokenLayout(
-                        layers=backbone.spec.layers,
-                        grid=backbone.grid,
-                        channels=layer_tokens[0].shape[-1],
-                        embed_dim=embeddings.shape[-1],
-                        block_images=block_images,
-                    )
-                    group = prepare_token_store(store_path, layout, (block + n_blocks) * block_images)
-                write_token_block(group, store_path, block, ids, [t.numpy() for t in layer_tokens], embeddings.numpy())
-                block += 1
+        first = next_free_block(store_path)
+        rows = (first + -(-len(missing) // block_images)) * block_images
+        for n, start in enumerate(range(0, len(missing), block_images)):
+            batch = missing[start : start + block_images]
+            # the first written block sizes the store; later ones write into it
+            written, broken = extract_block(store_path, first + n, batch, backbone, block_images, rows)
+            failed.update(broken)
+            if written:
                 failpoint("extract-block")
-            done += len(batch)
             if on_progress:
-                on_progress(done, len(missing))
+                on_progress(start + len(batch), len(missing))
     return ExtractResult(extracted=len(missing) - len(failed), reused=len(wanted) - len(missing), failed=failed)

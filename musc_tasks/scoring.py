@@ -44,6 +44,7 @@ __all__ = [
     "PoolJob",
     "assemble_row_block",
     "dask_client",
+    "dask_cluster",
     "open_pool",
     "plan_pool",
     "score_block_pair",
@@ -184,6 +185,13 @@ def score_products(
     return tuple(out)
 
 
+CONNECT_TIMEOUT_S = 10  # an unreachable scheduler fails the run within this, not after Dask's own 30 s
+
+
+class SchedulerUnreachable(RuntimeError):
+    """The Dask scheduler of ``--dask-address`` did not answer (not an OSError: retrying the stage cannot help)."""
+
+
 @contextlib.contextmanager
 def dask_client(address: str | None = None, *, n_workers: int | None = None) -> Iterator[Client]:
     """A client of the cluster at ``address``, or of a LocalCluster started for the block.
@@ -192,16 +200,47 @@ def dask_client(address: str | None = None, *, n_workers: int | None = None) -> 
     (Dask sets OMP_NUM_THREADS=1 in its workers) and the GEMMs do not fight over cores.
     """
     if address:
-        with Client(address) as client:
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT_S)
+        except OSError as error:
+            raise SchedulerUnreachable(
+                f"Dask scheduler at {address} did not answer within {CONNECT_TIMEOUT_S} s ({error}); "
+                "start it (`dask scheduler`) or fix --dask-address / MUSC_DASK_ADDRESS"
+            ) from None
+        with client:
             yield client
         return
-
-    workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
+    with dask_cluster(None, n_workers=n_workers) as local, Client(local) as client:
         yield client
+
+
+@contextlib.contextmanager
+def dask_cluster(address: str | None = None, *, n_workers: int | None = None) -> Iterator[str]:
+    """The scheduler address one run shares across its stages: ``address`` once it answers, or a LocalCluster's.
+
+    The local cluster has one single-threaded worker process per core, at most 8, and no
+    more than the memory allows for one backbone each (`LOCAL_WORKER_MEMORY`): every
+    extraction worker keeps its model loaded.
+    """
+    if address:
+        with dask_client(address):  # fail now, within seconds, if nobody answers
+            pass
+        yield address
+        return
+    workers = n_workers or local_worker_count()
+    with LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+    ) as cluster:
+        yield cluster.scheduler_address
+
+
+LOCAL_WORKER_MEMORY = 6 * 2**30  # ViT-L weights, a block's activations and a pool task's blocks, with room
+
+
+def local_worker_count() -> int:
+    """Worker processes of the default local cluster: one per core, at most 8, each with LOCAL_WORKER_MEMORY."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(os.cpu_count() or 1, 8, memory // LOCAL_WORKER_MEMORY))
 
 
 def task_block_size(n_patches: int, n_images: int) -> int:
@@ -246,6 +285,7 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
     # stored with the (r, layer) maps on one axis, r major: (R*Y, N, L, N)
     similarity = open_pool_store(pool_path, "r+")["similarity"]
     similarity[:, rows_a, :, rows_b] = a_to_b.flatten(0, 1).cpu().numpy()
+    failpoint("worker-pair")  # crash tests: a worker dies between its two writes
     if a != b:
         similarity[:, rows_b, :, rows_a] = b_to_a.flatten(0, 1).cpu().numpy()
     mark_done(pool_path, name)

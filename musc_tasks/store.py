@@ -52,6 +52,7 @@ __all__ = [
     "read_token_rows",
     "read_embeddings",
     "token_index",
+    "open_token_store",
     "token_store_layout",
     "write_token_block",
     "prepare_token_store",
@@ -127,6 +128,13 @@ def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Grou
         if array.shape[0] < rows:
             array.resize((rows, *array.shape[1:]))
     return group
+
+
+def open_token_store(path: Path, layout: TokenLayout) -> zarr.Group:
+    """Open a token store that `prepare_token_store` already sized, to write blocks into it."""
+    if token_store_layout(path) != layout:
+        raise ValueError(f"token store {path} was written with another layout than {layout}")
+    return zarr.open_group(path, mode="r+")
 
 
 def token_store_layout(path: Path) -> TokenLayout:

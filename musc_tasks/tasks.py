@@ -27,7 +27,6 @@ from . import reference_scoring as reference_scoring_stage
 from . import references as references_stage
 from . import rscin as rscin_stage
 from . import scoring as scoring_stage
-from .backbone import load_backbone
 from .config import CODE_VERSION, BackboneSpec, OutputPolicy, RscinParams, ScoringParams
 from .faults import failpoint
 from .identity import tree_fingerprint
@@ -68,7 +67,7 @@ def _transient_io_error(task, task_run, state) -> bool:
 
 
 RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _transient_io_error}
-ON_TOKENS = INPUTS + TASK_SOURCE + StoresUnchanged(stores=("tokens",))
+ON_TOKENS = (INPUTS - "dask_address") + TASK_SOURCE + StoresUnchanged(stores=("tokens",))
 ON_POOLS = (INPUTS - "dask_address") + TASK_SOURCE + StoresUnchanged(stores=("tokens", "pools"))
 ON_INPUTS = INPUTS + TASK_SOURCE + StoresUnchanged()
 
@@ -94,22 +93,29 @@ def catalog_dataset(
 
 @task(name="extract_tokens", cache_policy=ON_TOKENS, persist_result=True, **RETRIES)
 def extract_tokens(
-    catalog: CatalogRef, backbone: BackboneSpec, geometry: TokenGeometry, out_dir: str, device: str = "auto"
+    catalog: CatalogRef,
+    backbone: BackboneSpec,
+    geometry: TokenGeometry,
+    out_dir: str,
+    device: str = "auto",
+    dask_address: str | None = None,
 ) -> tuple[TokensRef, ...]:
-    """Stage 1: tokens of every readable image not already in the backbone's token stores."""
+    """Stage 1: tokens of every readable image not already in the backbone's token stores, on Dask."""
 
     def product_progress(product: str):
         return progress_bar(f"extract-{artifact_key(product)}", f"tokens {product}")
 
-    return extract_stage.extract_catalog(
-        catalog,
-        backbone.key,
-        geometry,
-        out_dir,
-        lambda: load_backbone(backbone, device=device),
-        progress=product_progress,
-        log=get_run_logger(),
-    )
+    with scoring_stage.dask_client(dask_address) as client:
+        return extract_stage.extract_catalog(
+            catalog,
+            backbone,
+            geometry,
+            out_dir,
+            client,
+            device=device,
+            progress=product_progress,
+            log=get_run_logger(),
+        )
 
 
 @task(name="score_pools", cache_policy=ON_POOLS, persist_result=True, **RETRIES)

@@ -31,11 +31,11 @@ def tail(path: Path, lines: int = 80) -> str:
 
 
 @contextmanager
-def background(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+def background(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO) -> Iterator[subprocess.Popen]:
     """A process in its own group (its children die with it), output to ``log``."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         yield process

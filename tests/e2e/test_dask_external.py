@@ -1,8 +1,10 @@
-"""Mutual scoring on a Dask cluster that someone else runs: `dask scheduler` and `dask worker`.
+"""Extraction and mutual scoring on a Dask cluster that someone else runs: `dask scheduler` and `dask worker`.
 
 The cluster is two separate processes on 127.0.0.1, as a site would start them; `musc score
---dask-address` must send the pair and row tasks there and give the same scores as the
-LocalCluster it would otherwise start.
+--dask-address` must send the extraction, pair and row tasks there and give the same scores
+as the LocalCluster it would otherwise start, even though one worker process is SIGKILLed in
+the middle of an extraction task and one in the middle of a pair task (their nanny restarts
+them; the scheduler reruns their tasks on the workers left).
 """
 
 import os
@@ -34,8 +36,15 @@ def external_cluster(tmp_path):
     scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"]
     worker = [str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"]
     logs = [scheduler_log, worker_log]
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    # the first worker process at its 2nd extraction block, and the first at its 3rd block pair, die
+    dying = dict(os.environ, MUSC_KILL_AT="worker-extract:2,worker-pair:3", MUSC_KILL_ONCE_DIR=str(kills))
     with background(scheduler, dict(os.environ, PYTHONUNBUFFERED="1"), scheduler_log):
-        with background(worker, dict(os.environ, PYTHONUNBUFFERED="1"), worker_log):
+        # workers in a folder of their own, as on another machine: every path they get must be absolute
+        elsewhere = tmp_path / "worker-cwd"
+        elsewhere.mkdir()
+        with background(worker, dict(dying, PYTHONUNBUFFERED="1"), worker_log, cwd=elsewhere):
             with Client(address, timeout=120) as client:
                 wait_for("two Dask workers", lambda: len(client.scheduler_info()["workers"]) == 2, 120, logs)
             yield address, logs
@@ -68,7 +77,9 @@ def score(demo_day, out_dir, prefect_api, dask_address=None):
     return subprocess.run(command, env=subprocess_env(prefect_api), capture_output=True, text=True, timeout=400)
 
 
-def test_score_runs_its_mutual_scoring_on_an_external_scheduler(external_cluster, demo_day, prefect_api, tmp_path):
+def test_external_cluster_runs_the_stages_and_survives_killed_workers(
+    external_cluster, demo_day, prefect_api, tmp_path
+):
     address, logs = external_cluster
     started = time.monotonic()
     done = score(demo_day, tmp_path / "external", prefect_api, address)
@@ -76,7 +87,8 @@ def test_score_runs_its_mutual_scoring_on_an_external_scheduler(external_cluster
 
     with Client(address, timeout=60) as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    assert {"score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
+    assert {"extract_block_task", "score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
+    assert sorted(p.name for p in (tmp_path / "kills").iterdir()) == ["worker-extract", "worker-pair"]
 
     local = score(demo_day, tmp_path / "local", prefect_api)
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]

@@ -264,16 +264,18 @@ def test_resume_after_sigkill_redoes_only_what_is_missing(
     crashed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == -9, crashed.stderr[-3000:]
 
+    wait_until_idle(dask_address)  # tasks already running on the cluster finish after the crash
     token_blocks = list((out_dir / "cache" / "tokens").rglob("blocks/*.json"))
     pair_markers = list((out_dir / "cache" / "pools").rglob("done/pair-*"))
     if kill_at.startswith("extract"):
-        assert len(token_blocks) == 1 and not pair_markers  # one block per product store was written
+        # products extract side by side: the run died after one block; the first blocks of the other two
+        # products may have been in flight and ended on the workers; no second block was submitted
+        assert 1 <= len(token_blocks) <= 3 and not pair_markers
     elif kill_at.startswith("score"):
         assert pair_markers and not list((out_dir / "tables").rglob("*.parquet"))
     elif kill_at.startswith("publish"):
         assert len(list((out_dir / "tables" / "scores").rglob("*.parquet"))) == 2  # 2 of 3 products
     cached_images = sum(len(json.loads(p.read_text())["image_ids"]) for p in token_blocks)
-    wait_until_idle(dask_address)  # tasks already running on the cluster finish after the crash
     done_pairs = len(list((out_dir / "cache" / "pools").rglob("done/pair-*")))
 
     summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
