@@ -157,6 +157,11 @@ def _score_catalog(
             device=device,
         )
     scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
+    run = stages.info(tokens, pools)
+    # The night's signals first, so the report that publish writes can show them.
+    alerts = publish_days(
+        pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=run.run_id
+    )
     summary = publish_results(
         catalog=catalog,
         tokens=tokens,
@@ -164,12 +169,9 @@ def _score_catalog(
         backbone=backbone,
         scoring=scoring,
         out_dir=out_dir,
-        run=stages.info(tokens, pools),
+        run=run,
         outputs=outputs,
         dask_address=dask_address,
-    )
-    alerts = publish_days(
-        pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=summary.run_id
     )
     summary = summary.model_copy(update={"alerts": alerts})
     create_markdown_artifact(

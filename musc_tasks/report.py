@@ -346,11 +346,16 @@ def _build_day_report(out_dir: Path, run_date: str, backbone_key: str | None) ->
     night = night[night["backbone_key"] == backbone_key]
     regions = tables.read_table(out_dir / "tables" / "regions", filters=[("date", "=", run_date)])
     regions = regions[regions["backbone_key"] == backbone_key]
+    signals = tables.read_table(out_dir / "tables" / "days", filters=[("date", "=", run_date)])
+    signals = signals[signals["backbone_key"] == backbone_key].set_index("product")
 
     day_dir = reports_dir(out_dir) / run_date
     assets = day_dir / "assets"
     products = [
-        _product_view(out_dir, day_dir, name, group, scores[scores["product"] == name], regions, run_date)
+        {
+            **_product_view(out_dir, day_dir, name, group, scores[scores["product"] == name], regions, run_date),
+            "repeated_defect": _repeated_defect_check(signals, name),
+        }
         for name, group in sorted(night.groupby("product"), key=lambda item: item[0])
     ]
     summary = {
@@ -377,6 +382,14 @@ def _build_day_report(out_dir: Path, run_date: str, backbone_key: str | None) ->
     build_days_index(out_dir)
     logger.info("report for %s: %s", run_date, path)
     return DayReport(path=path, backbone_key=backbone_key, summary=summary)
+
+
+def _repeated_defect_check(signals: pd.DataFrame, product: str) -> dict | None:
+    """The night's repeated-defect check of tables/days (only where references were used), else None."""
+    if product not in signals.index or pd.isna(signals.loc[product, "reference_set"]):
+        return None
+    row = signals.loc[product]
+    return {"suspected": bool(row["systematic_defect_suspected"]), "reason": str(row["reason"])}
 
 
 def build_days_index(out_dir: Path) -> Path:
