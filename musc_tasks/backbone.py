@@ -217,11 +217,8 @@ def resolve_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None) -> P
         return resolve_timm_checkpoint(spec, cache_dir=cache_dir)
     if spec.pretrained is None:
         return None
-    candidate = Path(spec.pretrained).expanduser()
-    if candidate.is_file():
-        return candidate
-    if candidate.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in spec.pretrained:
-        raise WeightsUnavailable(f"checkpoint file {candidate} does not exist")
+    if (local := local_checkpoint(spec.pretrained)) is not None:
+        return local
     tag_cfg = get_pretrained_cfg(spec.name, spec.pretrained)
     if not tag_cfg:
         tags = list_pretrained_tags_by_model(spec.name)
@@ -365,4 +362,14 @@ def default_pretrained(name: str, model_config_path: Path | None = None) -> str 
         from .timm_backbone import timm_default_tag
 
         return timm_default_tag(name, model_config_path)
+    return None
+
+
+def local_checkpoint(pretrained: str) -> Path | None:
+    """The checkpoint file ``pretrained`` names, None when it is a tag; a missing file is an error."""
+    candidate = Path(pretrained).expanduser()
+    if candidate.is_file():
+        return candidate
+    if candidate.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
+        raise WeightsUnavailable(f"checkpoint file {candidate} does not exist")
     return None

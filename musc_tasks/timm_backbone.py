@@ -31,7 +31,15 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
-from .backbone import Backbone, WeightsUnavailable, _autocast, _hf_offline, _reachable, resolve_device
+from .backbone import (
+    Backbone,
+    WeightsUnavailable,
+    _autocast,
+    _hf_offline,
+    _reachable,
+    local_checkpoint,
+    resolve_device,
+)
 from .config import IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, BackboneSpec
 from .preprocess import Squash
 
@@ -287,11 +295,8 @@ def resolve_timm_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None)
     """
     if spec.pretrained is None:
         return None
-    candidate = Path(spec.pretrained).expanduser()
-    if candidate.is_file():
-        return candidate
-    if candidate.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in spec.pretrained:
-        raise WeightsUnavailable(f"checkpoint file {candidate} does not exist")
+    if (local := local_checkpoint(spec.pretrained)) is not None:
+        return local
     arch = timm_arch(spec.name, spec.model_config_path)
     full_name = f"{arch.timm_name}.{spec.pretrained}"
     known = timm.list_pretrained(f"{arch.timm_name}.*")

@@ -270,7 +270,7 @@ def test_resume_after_sigkill_redoes_only_what_is_missing(
     if kill_at.startswith("extract"):
         # products extract side by side: the run died after one block; the first blocks of the other two
         # products may have been in flight and ended on the workers; no second block was submitted
-        assert 1 <= len(token_blocks) <= 3 and not pair_markers
+        assert len(token_blocks) in (1, 2, 3) and not pair_markers
     elif kill_at.startswith("score"):
         assert pair_markers and not list((out_dir / "tables").rglob("*.parquet"))
     elif kill_at.startswith("publish"):
