@@ -20,23 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from day_scale import TINY_CONFIG, TreeMemory  # noqa: E402
+from day_scale import STAGES, run_musc_score, tiny_backbone_args  # noqa: E402
 
 from musc_tasks import tables  # noqa: E402
 from musc_tasks.demo import make_demo_day  # noqa: E402
 
-STAGES = ("catalog", "extract", "score", "rescore", "publish")
 OUTPUT_KINDS = ("tables", "masks", "heatmaps", "maps")
 
 
@@ -69,46 +65,12 @@ def score_command(input_dir: Path, out_dir: Path, args: argparse.Namespace) -> l
         return command + ["--preset", args.preset]
     if args.backbone:
         return command + ["--backbone", args.backbone]
-    return command + [
-        *("--backbone", "musc-tiny-vit", "--model-config", str(TINY_CONFIG), "--pretrained", "none"),
-        *("--image-size", str(args.image_size), "--layers", "1,3"),
-    ]
+    return command + tiny_backbone_args(args.image_size)
 
 
 def run_night(input_dir: Path, out_dir: Path, args: argparse.Namespace) -> dict:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        DO_NOT_TRACK="1",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    env.pop("PREFECT_API_URL", None)
-    with tempfile.TemporaryDirectory(prefix="musc-factory-home-") as home:
-        env["PREFECT_HOME"] = home
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        command = score_command(input_dir, out_dir, args)
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        with TreeMemory(process.pid) as memory:
-            output, _ = process.communicate()
-        seconds = time.perf_counter() - started
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if process.returncode != 0:
-        raise SystemExit(f"musc score failed ({process.returncode}):\n{output[-4000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    run = tables.read_table(out_dir / "tables" / "runs").iloc[-1]
-    return {
-        "seconds": seconds,
-        "cpu_seconds": cpu,
-        "peak_tree_rss_mib": memory.peak_total / 2**20,
-        "peak_process_rss_mib": memory.peak_single / 2**20,
-        "n_scored": int(run["n_scored"]),
-        "n_flagged": int(run["n_flagged"]),
-        **{f"seconds_{stage}": float(run[f"seconds_{stage}"]) for stage in STAGES},
-        **{f"bytes_{kind}": folder_bytes(out_dir / kind) for kind in OUTPUT_KINDS},
-    }
+    result = run_musc_score(score_command(input_dir, out_dir, args), out_dir)
+    return {**result, **{f"bytes_{kind}": folder_bytes(out_dir / kind) for kind in OUTPUT_KINDS}}
 
 
 def folder_bytes(folder: Path) -> int:

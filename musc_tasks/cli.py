@@ -10,10 +10,13 @@ import warnings
 from datetime import date
 from functools import partial
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args, get_origin
+
+from pydantic import BaseModel
 
 from . import preflight
 from .config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
+from .layout import day_input
 from .preflight import UsageError
 
 logger = logging.getLogger("musc")
@@ -66,28 +69,37 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _default(field: str):
-    """The default of a ScoringParams field: the one place a default is set."""
-    return ScoringParams.model_fields[field].default
-
-
 def _shown(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
 
 
+def _model_option(group, model: type[BaseModel], flag: str, field: str, help: str, **kwargs) -> None:
+    """An option stored under a parameter model's field name with that field's default (`HelpFormatter` shows it).
+
+    The model is the one place a default is set; a Literal field offers its values as the choices.
+    """
+    info = model.model_fields[field]
+    if get_origin(info.annotation) is Literal:
+        kwargs["choices"] = get_args(info.annotation)
+    else:
+        kwargs["metavar"] = flag.lstrip("-").upper().replace("-", "_")
+    group.add_argument(flag, dest=field, default=info.default, help=help, **kwargs)
+
+
+def _model_from_args(model: type[BaseModel], args: argparse.Namespace, **overrides):
+    """The model from whichever of its options a command has (each stored under its field's name)."""
+    given = {field: getattr(args, field) for field in model.model_fields if getattr(args, field, None) is not None}
+    return model(**{**given, **overrides})
+
+
 def add_msm_arguments(group: argparse._ArgumentGroup) -> None:
     """Mutual scoring options shared by every command that scores."""
-    group.add_argument(
-        "--r",
-        type=_int_list,
-        default=_default("r_list"),
-        help=f"LNAMD aggregation degrees (default {_shown(_default('r_list'))})",
-    )
-    group.add_argument(
+    option = partial(_model_option, group, ScoringParams)
+    option("--r", "r_list", "LNAMD aggregation degrees", type=_int_list)
+    option(
         "--msm-precision",
-        default=_default("msm_precision"),
-        choices=get_args(ScoringParams.model_fields["msm_precision"].annotation),
-        help="GEMM input dtype of mutual scoring; bfloat16/float16 are for GPUs (scores move by ~1e-3)",
+        "msm_precision",
+        "GEMM input dtype of mutual scoring; bfloat16/float16 are for GPUs (scores move by ~1e-3)",
     )
     group.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (default: a local one)")
 
@@ -96,71 +108,31 @@ def add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
     """The scoring options of the score and backfill commands, defaults from ScoringParams."""
     group = parser.add_argument_group("scoring")
     add_msm_arguments(group)
-    group.add_argument(
-        "--rscin-k",
-        type=_int_list,
-        default=_default("rscin_k"),
-        help=f"RsCIN window sizes (default {_shown(_default('rscin_k'))})",
-    )
-    group.add_argument(
-        "--pool-size",
-        type=int,
-        default=_default("pool_size"),
-        help=f"largest pool scored together (default {_default('pool_size')})",
-    )
-    group.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=_default("threshold"),
-        help="image threshold on the final score: auto or a value",
-    )
-    group.add_argument(
-        "--pixel-threshold",
-        type=_threshold,
-        default=_default("pixel_threshold"),
-        help="pixel threshold on the map: auto or a value",
-    )
+    option = partial(_model_option, group, ScoringParams)
+    option("--rscin-k", "rscin_k", "RsCIN window sizes", type=_int_list)
+    option("--pool-size", "pool_size", "largest pool scored together", type=int)
+    option("--threshold", "threshold", "image threshold on the final score: auto or a value", type=_threshold)
+    option("--pixel-threshold", "pixel_threshold", "pixel threshold on the map: auto or a value", type=_threshold)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """The heatmap size policy of the score command, defaults from OutputPolicy."""
     group = parser.add_argument_group("outputs (heatmap size policy; masks are always full-size PNG)")
-    fields = OutputPolicy.model_fields
-    group.add_argument(
-        "--heatmap-format",
-        choices=get_args(fields["heatmap_format"].annotation),
-        default=fields["heatmap_format"].default,
-        help=f"heatmap encoding; png is lossless (default {fields['heatmap_format'].default})",
-    )
-    group.add_argument(
-        "--heatmap-quality",
-        type=int,
-        default=fields["heatmap_quality"].default,
-        help=f"JPEG/WebP quality 1-100, WebP 100 = lossless (default {fields['heatmap_quality'].default})",
-    )
-    group.add_argument(
-        "--heatmap-long-side",
-        type=int,
-        default=fields["long_side"].default,
-        help=f"long side in pixels of the other heatmaps (default {fields['long_side'].default})",
-    )
-    group.add_argument(
+    option = partial(_model_option, group, OutputPolicy)
+    option("--heatmap-format", "heatmap_format", "heatmap encoding; png is lossless")
+    option("--heatmap-quality", "heatmap_quality", "JPEG/WebP quality 1-100, WebP 100 = lossless", type=int)
+    option("--heatmap-long-side", "long_side", "long side in pixels of the other heatmaps", type=int)
+    option(
         "--full-resolution-top",
+        "full_resolution_top",
+        "heatmaps at the capture's resolution: flagged images and this many top ranks per product",
         type=int,
-        default=fields["full_resolution_top"].default,
-        help="heatmaps at the capture's resolution: flagged images and this many top ranks per product "
-        f"(default {fields['full_resolution_top'].default})",
     )
 
 
 def outputs_from_args(args: argparse.Namespace) -> OutputPolicy:
     """OutputPolicy from the output options."""
-    return OutputPolicy(
-        heatmap_format=args.heatmap_format,
-        heatmap_quality=args.heatmap_quality,
-        long_side=args.heatmap_long_side,
-        full_resolution_top=args.full_resolution_top,
-    )
+    return _model_from_args(OutputPolicy, args)
 
 
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
@@ -187,16 +159,9 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     return BackboneSpec(**{**spec.model_dump(), **update})
 
 
-def scoring_from_args(args: argparse.Namespace) -> ScoringParams:
-    """ScoringParams from the scoring options."""
-    return ScoringParams(
-        r_list=args.r,
-        rscin_k=args.rscin_k,
-        pool_size=args.pool_size,
-        threshold=args.threshold,
-        pixel_threshold=args.pixel_threshold,
-        msm_precision=args.msm_precision,
-    )
+def scoring_from_args(args: argparse.Namespace, **overrides) -> ScoringParams:
+    """ScoringParams from the scoring options a command has; ``overrides`` win."""
+    return _model_from_args(ScoringParams, args, **overrides)
 
 
 def validate_scoring(args: argparse.Namespace) -> BackboneSpec:
@@ -220,10 +185,7 @@ def _first_line(error: Exception) -> str:
 def cmd_score(args: argparse.Namespace) -> int:
     """``musc score``: one day's folder."""
     run_date = preflight.parse_day(args.date) if args.date else date.today()
-    if "{date}" not in args.input:
-        preflight.require_images(args.input, "input folder")
-    else:
-        preflight.require_images(args.input.replace("{date}", run_date.isoformat()), "input folder")
+    preflight.require_images(day_input(args.input, run_date.isoformat()), "input folder")
     backbone = validate_scoring(args)
     try:
         outputs = outputs_from_args(args)
@@ -328,11 +290,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     backbone = validate_scoring(args)
     from flows.evaluate import evaluate_dataset
 
-    scoring = ScoringParams(
-        r_list=args.r,
-        rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout],
-        pool_size=args.pool_size or 100_000,
-        msm_precision=args.msm_precision,
+    scoring = scoring_from_args(
+        args, rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout], pool_size=args.pool_size or 100_000
     )
     rows = evaluate_dataset(
         root=str(Path(args.root).resolve()),
@@ -436,7 +395,7 @@ def cmd_rscin(args: argparse.Namespace) -> int:
         read_score_table(Path(args.scores)),
         args.images,
         backbone_from_args(args),
-        k_list=args.k,
+        k_list=args.rscin_k,
         path_column=args.path_column,
         score_column=args.score_column,
         product_column=args.product_column,
@@ -679,12 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", required=True, help="images root: ROOT/<product>/**; the table's paths relative to it"
     )
     rscin.add_argument("--out", required=True, help="re-scored table, .csv or .parquet (input columns plus rscin_*)")
-    rscin.add_argument(
-        "--k",
-        type=_int_list,
-        default=_default("rscin_k"),
-        help=f"RsCIN window sizes (default {_shown(_default('rscin_k'))}; VisA-like data: 1,8,9)",
-    )
+    _model_option(rscin, ScoringParams, "--k", "rscin_k", "RsCIN window sizes; VisA-like data: 1,8,9", type=_int_list)
     rscin.add_argument("--path-column", default="path", help="column of image paths, relative to --images")
     rscin.add_argument("--score-column", default="score", help="column of the other method's image scores")
     rscin.add_argument("--product-column", help="column naming each image's product (default: its folder under ROOT)")

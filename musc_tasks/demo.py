@@ -115,19 +115,8 @@ def make_demo_day(
         (input_dir / product).mkdir(parents=True, exist_ok=True)
         for index in range(images_per_product):
             photo = _photo(product, source, photo_rng, size)
-            name = f"{index:03d}"
-            path = input_dir / product / f"{name}.png"
-            if index in defective:
-                kind = kinds.pop()
-                photo, mask = _plant(photo, kind, defect_rng)
-                mask_path = ground_truth_dir / product / f"{name}_mask.png"
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(mask_path)
-                images.append(DemoImage(product, path, True, kind, mask_path))
-            else:
-                images.append(DemoImage(product, path, False, None, None))
-            # Low zlib effort: these files are throwaway, and encoding dominated the run time.
-            Image.fromarray(photo, mode="RGB").save(path, compress_level=1)
+            kind = kinds.pop() if index in defective else None
+            images.append(_write_photo(photo, product, f"{index:03d}", input_dir, ground_truth_dir, kind, defect_rng))
     log.info("demo day: %d images (%d defective) in %s", len(images), sum(i.is_defective for i in images), input_dir)
     return DemoDay(input_dir=input_dir, ground_truth_dir=ground_truth_dir, images=tuple(images))
 
@@ -179,23 +168,39 @@ def make_bad_night(
     written = []
     for index in range(images):
         photo = _photo(product, source, photo_rng, size)
-        path = input_dir / product / f"{index:03d}.png"
+        planted, rng = None, None
         if index in chosen or index in alone:
             # the same generator state for every repeated part: the same defect at the same place
             rng = np.random.default_rng([seed, 7, 2] if index in chosen else [seed, 7, 3, index])
             planted = kind if index in chosen else DEFECT_KINDS[alone.index(index) % len(DEFECT_KINDS)]
-            photo, mask = _plant(photo, planted, rng)
-            mask_path = truth_dir / product / f"{index:03d}_mask.png"
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(mask_path)
-            written.append(DemoImage(product, path, True, planted, mask_path))
-        else:
-            written.append(DemoImage(product, path, False, None, None))
-        Image.fromarray(photo, mode="RGB").save(path, compress_level=1)
+        written.append(_write_photo(photo, product, f"{index:03d}", input_dir, truth_dir, planted, rng))
     for index in range(golden):
         photo = _photo(product, source, photo_rng, size)
         Image.fromarray(photo, mode="RGB").save(golden_dir / product / f"g{index:03d}.png", compress_level=1)
     return BadNight(input_dir, truth_dir, golden_dir, product, tuple(written))
+
+
+def _write_photo(
+    photo: np.ndarray,
+    product: str,
+    name: str,
+    input_dir: Path,
+    truth_dir: Path,
+    kind: DefectKind | None,
+    rng: np.random.Generator | None,
+) -> DemoImage:
+    """Save ``input_dir/<product>/<name>.png``, with a ``kind`` defect planted by ``rng`` and its mask if given."""
+    path = input_dir / product / f"{name}.png"
+    image = DemoImage(product, path, False, None, None)
+    if kind is not None:
+        photo, mask = _plant(photo, kind, rng)
+        mask_path = truth_dir / product / f"{name}_mask.png"
+        mask_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(mask_path)
+        image = DemoImage(product, path, True, kind, mask_path)
+    # Low zlib effort: these files are throwaway, and encoding dominated the run time.
+    Image.fromarray(photo, mode="RGB").save(path, compress_level=1)
+    return image
 
 
 def _source(product: str) -> np.ndarray:
