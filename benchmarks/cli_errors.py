@@ -31,6 +31,7 @@ def cases(root: Path) -> dict[str, list[str]]:
         "--pool-size 1": [*score, "--pool-size", "1"],
         "--image-size 225": [*score, "--preset", "fast", "--image-size", "225"],
         "missing checkpoint": [*score, "--pretrained", "/no/such.pth"],
+        "unknown --backbone": [*score, "--backbone", "ViT-L-14-335"],
         "evaluate, wrong layout": ["evaluate", str(root / "mvtec"), "--layout", "visa", "--out", out],
         "compare, no results": ["compare", "--out", out, "--date", "2026-11-22", "--backbones", "a,b"],
     }

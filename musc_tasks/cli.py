@@ -137,6 +137,10 @@ def outputs_from_args(args: argparse.Namespace) -> OutputPolicy:
 
 def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     """The preset, with whatever the command line overrides."""
+    # Before the geometry lookup below imports torch and open_clip or timm: a typo costs a second.
+    if args.backbone:
+        preflight.check_backbone_name(args.backbone, args.model_config)
+    preflight.check_checkpoint(args.pretrained)
     spec = PRESETS[args.preset]
     update: dict = {}
     if args.model_config:
@@ -463,9 +467,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     """``musc fetch-weights``: download a backbone's weights into the Hugging Face cache."""
+    backbone = backbone_from_args(args)
     from .backbone import resolve_checkpoint
 
-    path = resolve_checkpoint(backbone_from_args(args))
+    path = resolve_checkpoint(backbone)
     print(path)
     return 0
 

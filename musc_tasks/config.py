@@ -27,6 +27,17 @@ TIMM_PREFIX = "timm:"
 
 RANDOM_WEIGHTS = ("none", "random", "")
 
+# The names the authors' code uses (torch.hub names of Meta's models): (family, timm
+# architecture, default pretrained tag). Here, not beside the timm code, so the CLI's
+# preflight can check a name without importing torch or timm.
+AUTHORS_TIMM_MODELS: dict[str, tuple[str, str, str]] = {
+    "dinov2_vits14": ("dinov2", "vit_small_patch14_dinov2", "lvd142m"),
+    "dinov2_vitb14": ("dinov2", "vit_base_patch14_dinov2", "lvd142m"),
+    "dinov2_vitl14": ("dinov2", "vit_large_patch14_dinov2", "lvd142m"),
+    "dino_vitbase16": ("dino", "vit_base_patch16_224", "dino"),
+    "dino_vitbase8": ("dino", "vit_base_patch8_224", "dino"),
+}
+
 
 class BackboneSpec(BaseModel):
     """Which ViT, which weights, which size, which layers."""

@@ -9,6 +9,7 @@ things again with the real libraries; these checks only make the common mistakes
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ from datetime import date
 from pathlib import Path
 
 from .catalog import IMAGE_SUFFIXES
-from .config import BackboneSpec
+from .config import AUTHORS_TIMM_MODELS, TIMM_PREFIX, BackboneSpec, backbone_family
 
 __all__ = [
     "UsageError",
@@ -25,6 +26,8 @@ __all__ = [
     "existing_dir",
     "check_pool_size",
     "check_backbone",
+    "check_backbone_name",
+    "check_checkpoint",
     "light_patch_size",
     "require_images",
 ]
@@ -60,6 +63,14 @@ def check_pool_size(pool_size: int | None, option: str = "--pool-size") -> None:
         raise UsageError(f"{option} {pool_size}: a pool needs at least 2 images (each is scored against the others)")
 
 
+def _open_clip_configs() -> Path | None:
+    """open_clip's shipped model config folder, found without importing open_clip."""
+    found = importlib.util.find_spec("open_clip")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations))) / "model_configs"
+
+
 def light_patch_size(spec: BackboneSpec) -> int | None:
     """The patch side of ``spec``'s ViT from config files and names alone; None when unknown here.
 
@@ -69,10 +80,9 @@ def light_patch_size(spec: BackboneSpec) -> int | None:
     """
     if spec.family == "clip":
         candidates = [Path(spec.model_config_path)] if spec.model_config_path else []
-        found = importlib.util.find_spec("open_clip")
-        if found is not None and found.submodule_search_locations:
-            shipped = Path(next(iter(found.submodule_search_locations))) / "model_configs" / f"{spec.name}.json"
-            candidates.append(shipped)
+        shipped = _open_clip_configs()
+        if shipped is not None:
+            candidates.append(shipped / f"{spec.name}.json")
         for path in candidates:
             if path.is_file() and path.stem == spec.name:
                 patch = json.loads(path.read_text()).get("vision_cfg", {}).get("patch_size")
@@ -85,10 +95,66 @@ def light_patch_size(spec: BackboneSpec) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# timm:<architecture>[.<pretrained tag>], as timm spells both.
+_TIMM_NAME = re.compile(rf"{re.escape(TIMM_PREFIX)}[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+
+
+def _model_config(path: Path | None) -> Path | None:
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"--model-config {path} does not exist")
+    return None if path is None else Path(path)
+
+
+def check_backbone_name(name: str, model_config_path: str | os.PathLike | None = None) -> None:
+    """A `UsageError` unless the flows can build ``name``, judged from names and config files alone.
+
+    Known: open_clip's shipped models (its ``model_configs/*.json``), the name a ``--model-config``
+    JSON registers (its file stem), the authors' DINO names and ``timm:<model>[.<tag>]`` (whether
+    timm has that model is left to the flows: asking timm costs the torch import).
+    """
+    config = _model_config(model_config_path)
+    try:
+        family = backbone_family(name, config)
+    except (ValueError, OSError) as error:  # a config's bad family, or JSON that does not parse
+        raise UsageError(f"--model-config {config}: {str(error).splitlines()[0]}") from None
+    if config is not None and config.stem == name:
+        return
+    if family == "timm" and _TIMM_NAME.fullmatch(name):
+        return
+    if family in ("dinov2", "dino") and name in AUTHORS_TIMM_MODELS:
+        return
+    shipped = _open_clip_configs()
+    clip_names = sorted(p.stem for p in shipped.glob("*.json")) if shipped is not None else []
+    if family == "clip" and name in clip_names:
+        return
+    if family == "timm":
+        raise UsageError(f"--backbone {name!r}: give a timm model as timm:<model> or timm:<model>.<tag>")
+    ours = Path(__file__).parent / "model_configs" / f"{name}.json"
+    if ours.is_file():
+        raise UsageError(f"--backbone {name}: add --model-config {ours} (it registers this model)")
+    known = {known.lower(): known for known in [*clip_names, *AUTHORS_TIMM_MODELS]}
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    hint = f" (did you mean {known[close[0]]}?)" if close else ""
+    raise UsageError(
+        f"--backbone {name!r} is unknown{hint}: give an open_clip model (e.g. ViT-L-14-336), "
+        f"{', '.join(AUTHORS_TIMM_MODELS)}, timm:<model>, or a name a --model-config JSON registers"
+    )
+
+
+def check_checkpoint(pretrained: str | None) -> None:
+    """A ``--pretrained`` value that looks like a file must be one."""
+    if pretrained is None:
+        return
+    looks_like_file = Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained
+    if looks_like_file and not Path(pretrained).expanduser().is_file():
+        raise UsageError(
+            f"--pretrained {pretrained}: checkpoint file does not exist (give a file, a pretrained tag or 'none')"
+        )
+
+
 def check_backbone(spec: BackboneSpec) -> None:
     """Image size a multiple of the patch size; a model config and a checkpoint file that exist."""
-    if spec.model_config_path is not None and not Path(spec.model_config_path).is_file():
-        raise UsageError(f"--model-config {spec.model_config_path} does not exist")
+    _model_config(spec.model_config_path)
     patch = light_patch_size(spec)
     if patch and spec.image_size % patch:
         lower, upper = spec.image_size // patch * patch, (spec.image_size // patch + 1) * patch
@@ -96,13 +162,7 @@ def check_backbone(spec: BackboneSpec) -> None:
         raise UsageError(
             f"--image-size {spec.image_size} is not a multiple of {spec.name}'s patch size {patch}: use e.g. {sizes}"
         )
-    pretrained = spec.pretrained
-    if pretrained is not None:
-        looks_like_file = Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained
-        if looks_like_file and not Path(pretrained).expanduser().is_file():
-            raise UsageError(
-                f"--pretrained {pretrained}: checkpoint file does not exist (give a file, a pretrained tag or 'none')"
-            )
+    check_checkpoint(spec.pretrained)
 
 
 def require_images(input_dir: str | os.PathLike, what: str = "input folder") -> None:

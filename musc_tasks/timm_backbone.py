@@ -40,7 +40,7 @@ from .backbone import (
     local_checkpoint,
     resolve_device,
 )
-from .config import IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, BackboneSpec
+from .config import AUTHORS_TIMM_MODELS, IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, BackboneSpec
 from .preprocess import Squash
 
 logger = logging.getLogger(__name__)
@@ -91,14 +91,8 @@ class TimmArch:
         return model.eval()
 
 
-# The names the authors' code uses (torch.hub names of Meta's models) and what timm calls them.
-AUTHORS_BACKBONES: dict[str, TimmArch] = {
-    "dinov2_vits14": TimmArch("dinov2", "vit_small_patch14_dinov2", "lvd142m"),
-    "dinov2_vitb14": TimmArch("dinov2", "vit_base_patch14_dinov2", "lvd142m"),
-    "dinov2_vitl14": TimmArch("dinov2", "vit_large_patch14_dinov2", "lvd142m"),
-    "dino_vitbase16": TimmArch("dino", "vit_base_patch16_224", "dino"),
-    "dino_vitbase8": TimmArch("dino", "vit_base_patch8_224", "dino"),
-}
+# The authors' DINO names and the timm architectures they stand for.
+AUTHORS_BACKBONES: dict[str, TimmArch] = {name: TimmArch(*arch) for name, arch in AUTHORS_TIMM_MODELS.items()}
 
 
 def timm_arch(name: str, model_config_path: Path | None = None) -> TimmArch:

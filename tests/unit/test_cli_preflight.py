@@ -61,6 +61,19 @@ def test_timm_and_dino_patch_sizes_from_names(day, tmp_path, capsys):
     assert "--image-size 200 is not a multiple of musc-tiny-vit's patch size 14" in message
 
 
+def test_unknown_backbone_names_and_missing_checkpoints(day, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "out")]
+    message = _error(capsys, ["score", str(day), *out, "--backbone", "ViT-L-14-335"])
+    assert "--backbone 'ViT-L-14-335' is unknown (did you mean ViT-L-14-336?)" in message
+    assert "did you mean dinov2_vitl14?" in _error(capsys, ["score", str(day), *out, "--backbone", "dinov2_vitl16"])
+    dates = ["--from", "2026-12-01", "--to", "2026-12-02", "--input-root", str(tmp_path / "{date}")]
+    assert "timm:<model>" in _error(capsys, ["backfill", *dates, *out, "--backbone", "timm:"])
+    message = _error(capsys, ["score", str(day), *out, "--backbone", "musc-tiny-vit"])
+    assert "add --model-config " in message and message.endswith("musc-tiny-vit.json (it registers this model)\n")
+    message = _error(capsys, ["fetch-weights", "--backbone", "dinov2_vits14", "--pretrained", "/no/such.pth"])
+    assert "--pretrained /no/such.pth: checkpoint file does not exist" in message
+
+
 def test_backfill_compare_and_evaluate_errors(day, tmp_path, capsys):
     out = str(tmp_path / "out")
     common = ["--input-root", str(tmp_path / "{date}"), "--out", out]
@@ -91,8 +104,9 @@ def test_errors_start_no_heavy_library(tmp_path):
     script = (
         "import sys; from musc_tasks.cli import main; "
         f"rc = main(['score', {str(tmp_path / 'missing')!r}, '--out', 'x', '--image-size', '225']); "
+        "rc += main(['fetch-weights', '--backbone', 'ViT-L-14-335']); "
         "heavy = sorted({'torch', 'prefect', 'dask', 'distributed', 'open_clip', 'timm'} & set(sys.modules)); "
         "print(rc, heavy)"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
-    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    assert done.stdout.strip() == "4 []", done.stdout + done.stderr
