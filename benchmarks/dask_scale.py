@@ -1,13 +1,13 @@
 """Dask scale-out of mutual scoring: the real pair/row task graph on 1 vs 2 single-threaded workers.
 
 Usage (from the repository root):
-    .venv/bin/python benchmarks/dask_scale.py [--n 24 --length 576 --channels 768 --block-images B]
+    .venv/bin/python benchmarks/dask_scale.py [--n 24 --length 576 --channels 768 --task-images B]
                                               [--layers 2] [--r 1 3] [--workers 1 2] [--json out.json]
 
 Writes a synthetic token store with `musc_tasks.store` (float16, as extraction writes it),
 creates one pool store per run, and times `score_pools_with_dask` on a fresh LocalCluster of
 each size (cluster start and worker imports are not timed). The default shapes and the
-pipeline's own block size (6 images: 10 pair tasks) make every pair task several GEMMs of
+pipeline's own task block size (`auto_task_images`: 6 images: 10 pair tasks) make every pair task several GEMMs of
 (6*576, 768) x (768, 6*576) rows, so the graph is compute-bound and should scale with cores.
 Prints the speed-up over one worker and checks that every run gave the same patch scores.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from musc_tasks.config import MsmParams
-from musc_tasks.scoring import dask_client, open_pool, plan_pool, score_pools_with_dask, task_block_size
+from musc_tasks.scoring import auto_task_images, dask_client, open_pool, plan_pool, score_pools_with_dask
 from musc_tasks.store import (
     TokenLayout,
     open_pool_store,
@@ -41,7 +41,7 @@ def write_synthetic_tokens(
     grid: tuple[int, int],
     channels: int,
     layers: tuple[int, ...],
-    block_images: int,
+    shard_images: int,
     embed_dim: int = 32,
     seed: int = 0,
 ) -> dict[str, int]:
@@ -50,15 +50,15 @@ def write_synthetic_tokens(
     Raw tokens share a common part (as images of one product do), so LNAMD output is not
     near-orthogonal noise. Memory stays at one block whatever ``n_images`` is.
     """
-    layout = TokenLayout(layers=layers, grid=grid, channels=channels, embed_dim=embed_dim, block_images=block_images)
+    layout = TokenLayout(layers=layers, grid=grid, channels=channels, embed_dim=embed_dim, shard_images=shard_images)
     length = grid[0] * grid[1]
-    n_blocks = -(-n_images // block_images)
-    group = prepare_token_store(store_path, layout, n_blocks * block_images)
+    n_blocks = -(-n_images // shard_images)
+    group = prepare_token_store(store_path, layout, n_blocks * shard_images)
     rng = np.random.default_rng(seed)
     common = [rng.standard_normal((1, length, channels), dtype=np.float32) for _ in layers]
     for block in range(n_blocks):
-        count = min(block_images, n_images - block * block_images)
-        ids = [f"img{block * block_images + i:06d}" for i in range(count)]
+        count = min(shard_images, n_images - block * shard_images)
+        ids = [f"img{block * shard_images + i:06d}" for i in range(count)]
         layer_tokens = [
             shared + 0.5 * rng.standard_normal((count, length, channels), dtype=np.float32) for shared in common
         ]
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=576, help="patches per image, a square")
     parser.add_argument("--channels", type=int, default=768)
     parser.add_argument(
-        "--block-images", type=int, default=None, help="images per task block; default as the pipeline picks"
+        "--task-images", type=int, default=None, help="images per task block; default as the pipeline picks"
     )
     parser.add_argument("--layers", type=int, default=2, help="feature layers in the store")
     parser.add_argument("--r", nargs="+", type=int, default=[1, 3], help="LNAMD aggregation degrees")
@@ -100,7 +100,7 @@ def main() -> None:
     if side * side != args.length:
         raise SystemExit(f"--length must be a square, got {args.length}")
     grid = (side, side)
-    args.block_images = args.block_images or task_block_size(args.length, args.n)
+    args.task_images = args.task_images or auto_task_images(args.length, args.n)
     layers = tuple(range(args.layers))
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -108,17 +108,17 @@ def main() -> None:
         token_path = Path(tmp) / "tokens.zarr"
         started = time.perf_counter()
         rows = write_synthetic_tokens(
-            token_path, args.n, grid=grid, channels=args.channels, layers=layers, block_images=args.block_images
+            token_path, args.n, grid=grid, channels=args.channels, layers=layers, shard_images=args.task_images
         )
         write_seconds = time.perf_counter() - started
         ids = tuple(sorted(rows))
-        n_blocks = -(-args.n // args.block_images)
+        n_blocks = -(-args.n // args.task_images)
         n_pairs = n_blocks * (n_blocks + 1) // 2
         flops = 0
         for a in range(n_blocks):
             for b in range(a, n_blocks):
-                rows_a = min(args.block_images, args.n - a * args.block_images)
-                rows_b = min(args.block_images, args.n - b * args.block_images)
+                rows_a = min(args.task_images, args.n - a * args.task_images)
+                rows_b = min(args.task_images, args.n - b * args.task_images)
                 flops += 2 * rows_a * rows_b * args.length**2 * args.channels
         flops *= len(args.r) * len(layers)
 
@@ -133,7 +133,7 @@ def main() -> None:
                 n_layers=len(layers),
                 msm=MsmParams(r_list=tuple(args.r), interval=0.3, precision="float32"),
                 backbone_key="synthetic",
-                block_images=args.block_images,
+                task_images=args.task_images,
                 device="cpu",
             )
             open_pool(job)
@@ -159,7 +159,7 @@ def main() -> None:
 
     base = runs[0]["seconds"]
     print(
-        f"pool N={args.n}, L={args.length}, C={args.channels}, block {args.block_images} images, "
+        f"pool N={args.n}, L={args.length}, C={args.channels}, task blocks of {args.task_images} images, "
         f"{len(layers)} layers x r {tuple(args.r)}: {n_pairs} pair tasks + {n_blocks} row tasks, "
         f"{flops / 1e9:.0f} GFLOP; token store written in {write_seconds:.1f} s; load average before {load_before}"
     )

@@ -1,6 +1,6 @@
-"""MSM: our blocked GEMM formulation vs per-image torch.cdist (the reference approach).
+"""MSM: our tiled GEMM formulation vs per-image torch.cdist (the reference approach).
 
-Usage: .venv/bin/python benchmarks/msm.py [--n 32] [--length 1369] [--channels 1024] [--block B]
+Usage: .venv/bin/python benchmarks/msm.py [--n 32] [--length 1369] [--channels 1024] [--tile T]
 Prints both times, the ratio, the max abs difference, and achieved GFLOP/s vs a plain GEMM.
 """
 
@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from musc_tasks.core import auto_block_size, mutual_scores, neighbour_count
+from musc_tasks.core import auto_tile_images, mutual_scores, neighbour_count
 
 
 def msm_by_cdist(tokens: torch.Tensor, interval: float = 0.3) -> torch.Tensor:
@@ -45,26 +45,26 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--length", type=int, default=1369)
     parser.add_argument("--channels", type=int, default=1024)
-    parser.add_argument("--block", type=int, default=None)
+    parser.add_argument("--tile", type=int, default=None, help="images per GEMM tile")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokens = torch.nn.functional.normalize(torch.randn(args.n, args.length, args.channels), dim=-1)
-    block = args.block or auto_block_size(args.length)
+    tile = args.tile or auto_tile_images(args.length)
 
     peak = gemm_rate(channels=args.channels)
-    ours, ours_seconds = timed(mutual_scores, tokens, block=block)
+    ours, ours_seconds = timed(mutual_scores, tokens, tile=tile)
     reference, reference_seconds = timed(msm_by_cdist, tokens)
-    n_blocks = -(-args.n // block)
+    n_tiles = -(-args.n // tile)
     executed = 0
-    for a in range(n_blocks):
-        for b in range(a, n_blocks):
-            rows_a = min(block, args.n - a * block)
-            rows_b = min(block, args.n - b * block)
+    for a in range(n_tiles):
+        for b in range(a, n_tiles):
+            rows_a = min(tile, args.n - a * tile)
+            rows_b = min(tile, args.n - b * tile)
             executed += 2 * rows_a * rows_b * args.length**2 * args.channels
     ours_rate = executed / ours_seconds / 1e9
-    print(f"N={args.n} L={args.length} C={args.channels} block={block} threads={torch.get_num_threads()}")
+    print(f"N={args.n} L={args.length} C={args.channels} tile={tile} threads={torch.get_num_threads()}")
     print(f"plain GEMM            {peak:8.1f} GFLOP/s")
-    print(f"ours (blocked GEMM)   {ours_seconds:8.2f} s   {ours_rate:8.1f} GFLOP/s   {ours_rate / peak:6.1%} of GEMM")
+    print(f"ours (tiled GEMM)     {ours_seconds:8.2f} s   {ours_rate:8.1f} GFLOP/s   {ours_rate / peak:6.1%} of GEMM")
     print(f"reference (cdist)     {reference_seconds:8.2f} s")
     print(f"speed-up              {reference_seconds / ours_seconds:8.2f} x")
     print(f"max |difference|      {(ours - reference).abs().max().item():.2e}")

@@ -31,7 +31,7 @@ from msm import gemm_rate, msm_by_cdist  # benchmarks/msm.py, beside this script
 
 from musc_tasks.backbone import load_backbone
 from musc_tasks.config import BackboneSpec
-from musc_tasks.core import aggregate_tokens, auto_block_size, mutual_scores, pool_patch_scores, rescore_images
+from musc_tasks.core import aggregate_tokens, auto_tile_images, mutual_scores, pool_patch_scores, rescore_images
 
 PAPER_MS_PER_IMAGE = 998.8  # MuSc paper, ViT-L-14-336 at 518 px, per image of a 200-image pool
 R_LIST = (1, 3, 5)
@@ -183,9 +183,9 @@ def bench_msm(
     low_peak: float | None,
 ) -> dict:
     tokens = unit_tokens(n, shape.length, shape.channels, device, seed=n)
-    step = block or auto_block_size(shape.length)
-    mutual_scores(tokens[:2], block=step)  # warm-up
-    ours, seconds = timed(device, mutual_scores, tokens, block=step)
+    step = block or auto_tile_images(shape.length)
+    mutual_scores(tokens[:2], tile=step)  # warm-up
+    ours, seconds = timed(device, mutual_scores, tokens, tile=step)
     rate = msm_flops(n, shape.length, shape.channels, step) / seconds
     row = {
         "shape": shape.key,
@@ -206,8 +206,8 @@ def bench_msm(
             name = "bf16" if dtype is torch.bfloat16 else "fp16"
             best = None
             for low_block in low_blocks:
-                mutual_scores(tokens[:2], block=low_block, compute_dtype=dtype)
-                low, low_seconds = timed(device, mutual_scores, tokens, block=low_block, compute_dtype=dtype)
+                mutual_scores(tokens[:2], tile=low_block, compute_dtype=dtype)
+                low, low_seconds = timed(device, mutual_scores, tokens, tile=low_block, compute_dtype=dtype)
                 row[f"{name}_seconds_block{low_block}"] = low_seconds
                 if best is None or low_seconds < best[1]:
                     best = (low_block, low_seconds, (low - ours).abs().max().item())
@@ -243,7 +243,7 @@ def bench_pool(
     out = {"pool_n": n, "pool_block": block, "pool_dtype": str(dtype).removeprefix("torch.")}
 
     def score(layer_tokens):
-        return pool_patch_scores(layer_tokens, (side, side), R_LIST, block=block, compute_dtype=dtype)
+        return pool_patch_scores(layer_tokens, (side, side), R_LIST, tile=block, compute_dtype=dtype)
 
     # 1. through Backbone.extract: device -> host -> device
     synchronize(device)
@@ -381,7 +381,7 @@ def main() -> None:
         "--n", nargs="+", type=int, default=None, help="pool sizes; default 32 64 (CPU), 32 64 200 (CUDA)"
     )
     parser.add_argument(
-        "--block", type=int, default=None, help="images per GEMM block (fp32 MSM); default auto_block_size"
+        "--block", type=int, default=None, help="images per GEMM tile (fp32 MSM); default auto_tile_images"
     )
     parser.add_argument(
         "--low-blocks", nargs="+", type=int, default=[2, 4, 8, 16], help="CUDA: blocks tried for bf16/fp16"

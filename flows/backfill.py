@@ -67,8 +67,9 @@ def _already_scored(out_dir: Path, day: str, backbone: BackboneSpec, scoring: Sc
     if runs.empty:
         return False
     runs = runs[(runs["date"] == day) & (runs["backbone_key"] == backbone.key) & (runs["status"] == "completed")]
-    wanted = scoring.model_dump(mode="json")
+    # Compared as parameters, not as JSON: a row written before a field was renamed still matches.
     return any(
-        json.loads(row.parameters)["scoring"] == wanted and Path(row.input_dir) == Path(input_dir)
+        ScoringParams.model_validate(json.loads(row.parameters)["scoring"]) == scoring
+        and Path(row.input_dir) == Path(input_dir)
         for row in runs.itertuples()
     )

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from .identity import file_digest
 
@@ -144,8 +144,9 @@ class ScoringParams(BaseModel):
     # "auto" or a fixed value on the RsCIN image score / the pixel map score.
     threshold: Literal["auto"] | float = "auto"
     pixel_threshold: Literal["auto"] | float = "auto"
-    # Images per mutual-scoring block (one Dask task per block pair); None picks by size.
-    block_images: int | None = Field(None, ge=1)
+    # Images per task block of mutual scoring (one Dask task per pair of blocks); None picks by size.
+    # Read under its old name too, so saved deployments and configs keep working.
+    task_images: int | None = Field(None, ge=1, validation_alias=AliasChoices("task_images", "block_images"))
     # dtype of the MSM GEMM inputs: float32 reproduces the reference; bfloat16 or float16 run
     # the GEMMs on a GPU's tensor cores with float32 accumulation (errors: docs/performance.md).
     msm_precision: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -53,7 +53,7 @@ def extract_catalog(
     client: Client,
     *,
     device: str = "auto",
-    block_images: int = 8,
+    shard_images: int = 8,
     progress: ProductProgress = _no_progress,
     log: logging.Logger = logger,
 ) -> tuple[TokensRef, ...]:
@@ -71,7 +71,7 @@ def extract_catalog(
             waiting = f"another run is writing tokens to {stores[name]}; waiting for it"
             held.enter_context(exclusive_lock(stores[name].with_suffix(".lock"), waiting_message=waiting))
         callbacks = {p.name: held.enter_context(progress(p.name)) for p in products}
-        plans = {p.name: plan_extraction(stores[p.name], p.images, block_images) for p in products}
+        plans = {p.name: plan_extraction(stores[p.name], p.images, shard_images) for p in products}
         done = run_extraction_tasks(client, plans, backbone, geometry, device, callbacks)
     refs = []
     for product in products:
@@ -102,12 +102,12 @@ class ExtractionPlan:
     store_path: Path
     blocks: tuple[tuple[int, tuple[tuple[str, str], ...]], ...]
     rows: int
-    block_images: int
+    shard_images: int
     reused: int
     writer: str  # this run's token in the store's writer file (see `extract_block_task`)
 
 
-def plan_extraction(store_path: Path, images: Sequence[tuple[str, str]], block_images: int) -> ExtractionPlan:
+def plan_extraction(store_path: Path, images: Sequence[tuple[str, str]], shard_images: int) -> ExtractionPlan:
     """Check the store, then number the blocks of the missing images from its first free block.
 
     The caller holds the store's lock until every planned block is written.
@@ -118,13 +118,13 @@ def plan_extraction(store_path: Path, images: Sequence[tuple[str, str]], block_i
     missing = [(image_id, path) for image_id, path in wanted.items() if image_id not in have]
     first = next_free_block(store_path)
     blocks = tuple(
-        (first + n, tuple(missing[start : start + block_images]))
-        for n, start in enumerate(range(0, len(missing), block_images))
+        (first + n, tuple(missing[start : start + shard_images]))
+        for n, start in enumerate(range(0, len(missing), shard_images))
     )
-    rows = (first + len(blocks)) * block_images
+    rows = (first + len(blocks)) * shard_images
     writer = uuid.uuid4().hex
     write_atomic(writer_file(store_path), writer)
-    return ExtractionPlan(store_path, blocks, rows, block_images, reused=len(wanted) - len(missing), writer=writer)
+    return ExtractionPlan(store_path, blocks, rows, shard_images, reused=len(wanted) - len(missing), writer=writer)
 
 
 def writer_file(store_path: Path) -> Path:
@@ -161,7 +161,7 @@ def run_extraction_tasks(
             backbone,
             geometry.grid,
             device,
-            plan.block_images,
+            plan.shard_images,
             plan.rows if grow else 0,
             plan.writer,
             pure=False,
@@ -221,7 +221,7 @@ def extract_block_task(
     spec: BackboneSpec,
     grid: tuple[int, int],
     device: str,
-    block_images: int,
+    shard_images: int,
     grow_to: int,
     writer: str,
 ) -> tuple[int, dict[str, str]]:
@@ -242,7 +242,7 @@ def extract_block_task(
     if backbone.grid != tuple(grid):
         raise ValueError(f"{spec.name} cuts a {backbone.grid} grid, the run resolved {tuple(grid)}")
     with torch.inference_mode():
-        return extract_block(Path(store_path), block, batch, backbone, block_images, grow_to, may_write=still_ours)
+        return extract_block(Path(store_path), block, batch, backbone, shard_images, grow_to, may_write=still_ours)
 
 
 def extract_block(
@@ -250,7 +250,7 @@ def extract_block(
     block: int,
     batch: Sequence[tuple[str, str]],
     backbone: Backbone,
-    block_images: int,
+    shard_images: int,
     rows: int,
     *,
     may_write: Callable[[], bool] = lambda: True,
@@ -281,7 +281,7 @@ def extract_block(
         grid=backbone.grid,
         channels=layer_tokens[0].shape[-1],
         embed_dim=embeddings.shape[-1],
-        block_images=block_images,
+        shard_images=shard_images,
     )
     if rows:
         group = prepare_token_store(store_path, layout, rows)
@@ -304,7 +304,7 @@ def extract_tokens_to_store(
     images: Sequence[tuple[str, str]],
     load_backbone: Callable[[], Backbone],
     *,
-    block_images: int = 8,
+    shard_images: int = 8,
     on_progress: Progress | None = None,
 ) -> ExtractResult:
     """Make sure the store holds tokens for every (image id, path); extract only the missing.
@@ -327,11 +327,11 @@ def extract_tokens_to_store(
         backbone = load_backbone()
         failed: dict[str, str] = {}
         first = next_free_block(store_path)
-        rows = (first + -(-len(missing) // block_images)) * block_images
-        for n, start in enumerate(range(0, len(missing), block_images)):
-            batch = missing[start : start + block_images]
+        rows = (first + -(-len(missing) // shard_images)) * shard_images
+        for n, start in enumerate(range(0, len(missing), shard_images)):
+            batch = missing[start : start + shard_images]
             # the first written block sizes the store; later ones write into it
-            written, broken = extract_block(store_path, first + n, batch, backbone, block_images, rows)
+            written, broken = extract_block(store_path, first + n, batch, backbone, shard_images, rows)
             failed.update(broken)
             if written:
                 failpoint("extract-block")

@@ -83,7 +83,7 @@ def publish_day(
 ) -> tuple[RunSummary, list[dict]]:
     """Publish every product's rows, masks, heatmaps and maps, then the run's row and the report.
 
-    Images are published in blocks of ``PUBLISH_BLOCK_IMAGES`` as Dask tasks on the cluster
+    Images are published in blocks of ``PUBLISH_TASK_IMAGES`` as Dask tasks on the cluster
     at ``dask_address`` (None: a local one; False: in this process, one block after the
     other). Every block writes the same bytes wherever it runs, and the tables are assembled
     here in record order, so the results do not depend on the cluster.
@@ -119,7 +119,7 @@ def publish_day(
     all_scores, published = [], []
     with contextlib.ExitStack() as stack:
         client = None
-        if dask_address is not False and sum(len(p.records) for p in plans) > PUBLISH_BLOCK_IMAGES:
+        if dask_address is not False and sum(len(p.records) for p in plans) > PUBLISH_TASK_IMAGES:
             client = stack.enter_context(dask_client(dask_address or None))
         for done, (plan, rows) in enumerate(_product_results(plans, client), start=1):
             partition = {"date": catalog.run_date, "product": plan.product}
@@ -248,7 +248,7 @@ def output_relpath(
     return str(PurePosixPath(kind, run_date, product, backbone_key, *source.parent.parts, name))
 
 
-PUBLISH_BLOCK_IMAGES = 8  # images per publish task: a few seconds of work at 5 MP
+PUBLISH_TASK_IMAGES = 8  # images per publish task: a few seconds of work at 5 MP
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,7 @@ class ProductPlan:
     def blocks(self) -> list[tuple[int, int]]:
         """Record index ranges ``[start, stop)`` of the product's publish tasks."""
         n = len(self.records)
-        return [(start, min(n, start + PUBLISH_BLOCK_IMAGES)) for start in range(0, n, PUBLISH_BLOCK_IMAGES)]
+        return [(start, min(n, start + PUBLISH_TASK_IMAGES)) for start in range(0, n, PUBLISH_TASK_IMAGES)]
 
 
 @dataclass(frozen=True)

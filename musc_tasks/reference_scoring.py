@@ -114,7 +114,7 @@ def score_with_references(
                 n_layers=night.n_maps // len(scoring.msm.r_list),
                 msm=scoring.msm,
                 backbone_key=backbone_key,
-                block_images=scoring.block_images,
+                task_images=scoring.task_images,
                 device=device,
             )
             key = params_key(
@@ -236,5 +236,4 @@ def _mark_rows(path: Path, layout: PoolLayout) -> None:
     """The row checksums `pool_store_intact` verifies, as the pool's row tasks write them."""
     scores = open_pool_store(path)["patch_scores"]
     for block in range(layout.n_blocks):
-        rows = slice(block * layout.block_images, (block + 1) * layout.block_images)
-        mark_done(path, f"row-{block}", array_digest(scores[rows]))
+        mark_done(path, f"row-{block}", array_digest(scores[layout.block_rows(block)]))

@@ -20,7 +20,7 @@ from distributed import Client, LocalCluster, as_completed
 
 from .backbone import resolve_device
 from .config import CODE_VERSION, MsmParams, ScoringParams
-from .core import auto_block_size, block_pair_similarities, block_patch_scores, neighbour_count, split_pool
+from .core import auto_tile_images, block_pair_similarities, block_patch_scores, neighbour_count, split_pool
 from .faults import failpoint
 from .identity import array_digest, params_key
 from .layout import pool_stores_dir
@@ -50,7 +50,7 @@ __all__ = [
     "score_block_pair",
     "score_pools_with_dask",
     "score_products",
-    "task_block_size",
+    "auto_task_images",
 ]
 
 Progress = Callable[[int, int], None]
@@ -75,7 +75,7 @@ class PoolJob:
             "backbone": self.backbone_key,
             "r_list": list(self.msm.r_list),
             "interval": self.msm.interval,
-            "block": self.layout.block_images,
+            "block": self.layout.task_images,  # the key's name from before the sizes were named apart
             "msm_precision": self.msm.precision,
         }
 
@@ -90,18 +90,18 @@ def plan_pool(
     n_layers: int,
     msm: MsmParams,
     backbone_key: str,
-    block_images: int | None = None,
+    task_images: int | None = None,
     device: str = "auto",
 ) -> PoolJob:
     """The job of one pool: its content-addressed store path, its layout and its parameters.
 
     The store's name is a key of the pool's images, the backbone, the MSM parameters and the
     task block size, so runs of other days over the same images find and share it.
-    ``block_images`` (images per Dask task block) defaults to `task_block_size`.
+    ``task_images`` (images per Dask task block) defaults to `auto_task_images`.
     """
     ids = tuple(image_ids)
-    block = block_images or task_block_size(grid[0] * grid[1], len(ids))
-    layout = PoolLayout(image_ids=ids, grid=grid, n_maps=len(msm.r_list) * n_layers, block_images=block)
+    task_images = task_images or auto_task_images(grid[0] * grid[1], len(ids))
+    layout = PoolLayout(image_ids=ids, grid=grid, n_maps=len(msm.r_list) * n_layers, task_images=task_images)
     unnamed = PoolJob("", str(token_path), tuple(token_rows), layout, msm, backbone_key, device)
     key = params_key({"ids": sorted(ids), "settings": unnamed.settings, "code": CODE_VERSION}, length=20)
     return replace(unnamed, pool_path=str(Path(pools_dir) / f"{key}.zarr"))
@@ -158,7 +158,7 @@ def score_products(
                 n_layers=ref.geometry.n_layers,
                 msm=scoring.msm,
                 backbone_key=backbone_key,
-                block_images=scoring.block_images,
+                task_images=scoring.task_images,
                 device=device,
             )
             for ids in product_pools(ref, scoring)
@@ -243,22 +243,16 @@ def local_worker_count() -> int:
     return max(1, min(os.cpu_count() or 1, 8, memory // LOCAL_WORKER_MEMORY))
 
 
-def task_block_size(n_patches: int, n_images: int) -> int:
-    """Images per block of a pool's Dask tasks (one task per pair of blocks).
+def auto_task_images(n_patches: int, n_images: int) -> int:
+    """Images per task block of a pool (one Dask task per pair of task blocks).
 
     A pair task aggregates (LNAMD) the tokens of both its blocks, so each block is aggregated
     once per task it takes part in, n_blocks + 1 times in all: blocks of about 16384 patches
     keep that small next to the GEMMs, which `nearest_similarities` tiles at its own smaller
-    size so memory stays bounded. At least 4 blocks per pool leave the workers something to
-    share.
+    size (`auto_tile_images`) so memory stays bounded. At least 4 blocks per pool leave the
+    workers something to share.
     """
-    return max(1, min(auto_block_size(n_patches, target_rows=16384), -(-n_images // 4)))
-
-
-def _block_rows(job: PoolJob, block: int) -> slice:
-    """The pool rows of image block ``block`` of the job's Dask tasks."""
-    size, n = job.layout.block_images, len(job.layout.image_ids)
-    return slice(block * size, min((block + 1) * size, n))
+    return max(1, min(auto_tile_images(n_patches, target_rows=16384), -(-n_images // 4)))
 
 
 def score_block_pair(job: PoolJob, a: int, b: int) -> str:
@@ -267,7 +261,7 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
-    rows_a, rows_b = _block_rows(job, a), _block_rows(job, b)
+    rows_a, rows_b = job.layout.block_rows(a), job.layout.block_rows(b)
     device = resolve_device(job.device)
 
     def tokens(rows: slice) -> list[torch.Tensor]:
@@ -298,7 +292,7 @@ def assemble_row_block(job: PoolJob, a: int, *_after: str) -> str:
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
-    rows = _block_rows(job, a)
+    rows = job.layout.block_rows(a)
     group = open_pool_store(pool_path, "r+")
     similarity = torch.from_numpy(group["similarity"][:, rows])  # (R*Y, Ba, L, N)
     if torch.isnan(similarity).any():

@@ -2,13 +2,13 @@
 
 Token store, one per (backbone, product), shared by every day:
     OUT/cache/tokens/<backbone_key>/<product>.zarr
-      layer_NN   (rows, L, C) float16, one chunk per image, one shard per block of images
+      layer_NN   (rows, L, C) float16, one chunk per image, one shard per `shard_images` images
       embeddings (rows, D) float32
-      blocks/NNNNNN.json   written after a block's data: which image ids its rows hold
+      blocks/NNNNNN.json   written after a shard's data: which image ids its rows hold
 Pool store, one per (backbone, scoring parameters, set of images in a pool):
     OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr
-      similarity   (R*Y, N, L, N) float32 scratch, one chunk per ordered block pair
-      patch_scores (N, L) float32, one chunk per block
+      similarity   (R*Y, N, L, N) float32 scratch, one chunk per ordered pair of task blocks
+      patch_scores (N, L) float32, one chunk per task block (`task_images` images)
       done/pair-A-B, done/row-A   markers written after the data they vouch for
       attrs["complete"] set last; the scratch similarity table is deleted after it.
 Maps store, one per (date, product, backbone), written whole by the publish stage:
@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,7 @@ class TokenLayout:
     grid: tuple[int, int]
     channels: int
     embed_dim: int
-    block_images: int
+    shard_images: int  # images per Zarr shard of every array; one extraction task writes one shard
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,35 @@ class PoolLayout:
     image_ids: tuple[str, ...]
     grid: tuple[int, int]
     n_maps: int  # R * Y score maps, one per (aggregation degree, layer)
-    block_images: int
+    task_images: int  # images per task block: one Dask task per pair of blocks, one per block row
 
     @property
     def n_blocks(self) -> int:
-        return -(-len(self.image_ids) // self.block_images)
+        """Task blocks of the pool."""
+        return -(-len(self.image_ids) // self.task_images)
+
+    def block_rows(self, block: int) -> slice:
+        """The pool rows of task block ``block``."""
+        return slice(block * self.task_images, min((block + 1) * self.task_images, len(self.image_ids)))
+
+
+# Layout attributes that older versions stored under another name ("block" named all three sizes).
+_OLD_ATTRIBUTE_NAMES = {"shard_images": "block_images", "task_images": "block_images"}
+
+
+def _layout_attributes(layout: TokenLayout | PoolLayout) -> dict:
+    """A layout as the store's JSON attributes."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(layout).items()}
+
+
+def _read_layout(path: Path, layout_type: type[TokenLayout] | type[PoolLayout]):
+    """The layout a store was created with, whichever version of the attribute names wrote it."""
+    attrs = zarr.open_group(path, mode="r").attrs
+    values = {}
+    for field in fields(layout_type):
+        name = field.name if field.name in attrs else _OLD_ATTRIBUTE_NAMES.get(field.name, field.name)
+        values[field.name] = tuple(attrs[name]) if isinstance(attrs[name], list) else attrs[name]
+    return layout_type(**values)
 
 
 def _layer_name(layer: int) -> str:
@@ -93,14 +117,7 @@ def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Grou
         group = zarr.open_group(
             path,
             mode="w-",
-            attributes={
-                "layers": list(layout.layers),
-                "grid": list(layout.grid),
-                "channels": layout.channels,
-                "embed_dim": layout.embed_dim,
-                "block_images": layout.block_images,
-                "code_version": CODE_VERSION,
-            },
+            attributes={**_layout_attributes(layout), "code_version": CODE_VERSION},
         )
         length = layout.grid[0] * layout.grid[1]
         for layer in layout.layers:
@@ -109,7 +126,7 @@ def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Grou
                 shape=(0, length, layout.channels),
                 dtype="float16",
                 chunks=(1, length, layout.channels),
-                shards=(layout.block_images, length, layout.channels),
+                shards=(layout.shard_images, length, layout.channels),
                 dimension_names=("image", "patch", "channel"),
                 fill_value=0,
             )
@@ -117,7 +134,7 @@ def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Grou
             "embeddings",
             shape=(0, layout.embed_dim),
             dtype="float32",
-            chunks=(layout.block_images, layout.embed_dim),
+            chunks=(layout.shard_images, layout.embed_dim),
             dimension_names=("image", "feature"),
             fill_value=0,
         )
@@ -139,14 +156,7 @@ def open_token_store(path: Path, layout: TokenLayout) -> zarr.Group:
 
 def token_store_layout(path: Path) -> TokenLayout:
     """The layout a token store was created with."""
-    attrs = zarr.open_group(path, mode="r").attrs
-    return TokenLayout(
-        layers=tuple(attrs["layers"]),
-        grid=tuple(attrs["grid"]),
-        channels=int(attrs["channels"]),
-        embed_dim=int(attrs["embed_dim"]),
-        block_images=int(attrs["block_images"]),
-    )
+    return _read_layout(path, TokenLayout)
 
 
 def token_index(path: Path) -> dict[str, int]:
@@ -175,11 +185,11 @@ def write_token_block(
     layer_tokens: Sequence[np.ndarray],
     embeddings: np.ndarray,
 ) -> None:
-    """Write one block of images (one shard per array), then its record."""
+    """Write shard ``block`` of the store (one shard per array), then its record."""
     layout = token_store_layout(path)
-    if len(image_ids) > layout.block_images:
-        raise ValueError(f"a block holds at most {layout.block_images} images, got {len(image_ids)}")
-    start = block * layout.block_images
+    if len(image_ids) > layout.shard_images:
+        raise ValueError(f"a shard holds at most {layout.shard_images} images, got {len(image_ids)}")
+    start = block * layout.shard_images
     arrays = {_layer_name(layer): tokens.astype(np.float16) for layer, tokens in zip(layout.layers, layer_tokens)}
     arrays["embeddings"] = embeddings.astype(np.float32)
     for name, values in arrays.items():
@@ -249,24 +259,15 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
     """Create the pool store, or open it if a previous run created it with the same layout."""
     n = len(layout.image_ids)
     length = layout.grid[0] * layout.grid[1]
-    block = layout.block_images
+    block = layout.task_images
     if path.exists():
-        group = zarr.open_group(path, mode="r+")
-        if tuple(group.attrs["image_ids"]) != layout.image_ids or group.attrs["block_images"] != block:
-            raise ValueError(f"pool store {path} holds another pool or block size")
-        return group
+        if pool_layout(path) != layout:
+            raise ValueError(f"pool store {path} holds another pool or task block size")
+        return zarr.open_group(path, mode="r+")
     group = zarr.open_group(
         path,
         mode="w-",
-        attributes={
-            **attributes,
-            "image_ids": list(layout.image_ids),
-            "grid": list(layout.grid),
-            "n_maps": layout.n_maps,
-            "block_images": block,
-            "code_version": CODE_VERSION,
-            "complete": False,
-        },
+        attributes={**attributes, **_layout_attributes(layout), "code_version": CODE_VERSION, "complete": False},
     )
     group.create_array(
         "similarity",
@@ -303,13 +304,8 @@ def open_pool_store(path: Path, mode: str = "r") -> zarr.Group:
 
 
 def pool_layout(path: Path) -> PoolLayout:
-    attrs = zarr.open_group(path, mode="r").attrs
-    return PoolLayout(
-        image_ids=tuple(attrs["image_ids"]),
-        grid=tuple(attrs["grid"]),
-        n_maps=int(attrs["n_maps"]),
-        block_images=int(attrs["block_images"]),
-    )
+    """The layout a pool store (or a pool-like reference store) was created with."""
+    return _read_layout(path, PoolLayout)
 
 
 def mark_done(path: Path, name: str, content: str = "") -> None:
@@ -325,8 +321,7 @@ def pool_store_intact(path: Path) -> bool:
     try:
         scores = zarr.open_group(path, mode="r")["patch_scores"]
         for block in range(layout.n_blocks):
-            rows = slice(block * layout.block_images, (block + 1) * layout.block_images)
-            if (path / "done" / f"row-{block}").read_text() != array_digest(scores[rows]):
+            if (path / "done" / f"row-{block}").read_text() != array_digest(scores[layout.block_rows(block)]):
                 return False
     except Exception as error:  # a chunk that no longer decodes is damage too
         logger.warning("%s: unreadable (%s)", path, error)

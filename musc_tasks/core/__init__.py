@@ -9,7 +9,7 @@ from ._lnamd import aggregate_tokens
 from ._maps import average_scores, image_scores, upsample_maps
 from ._metrics import aupro, image_metrics, pixel_metrics, pro_musc
 from ._msm import (
-    auto_block_size,
+    auto_tile_images,
     mutual_scores,
     nearest_similarities,
     neighbour_count,
@@ -41,7 +41,7 @@ __all__ = [
     "reference_scale",
     "aggregate_tokens",
     "aupro",
-    "auto_block_size",
+    "auto_tile_images",
     "average_scores",
     "block_pair_similarities",
     "block_patch_scores",

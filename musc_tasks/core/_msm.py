@@ -26,7 +26,7 @@ __all__ = [
     "nearest_similarities",
     "scores_from_similarities",
     "mutual_scores",
-    "auto_block_size",
+    "auto_tile_images",
 ]
 
 
@@ -56,8 +56,8 @@ def neighbour_count(n_images: int, interval: float = 0.3) -> int:
     return max(1, int(interval * (n_images - 1)))
 
 
-def auto_block_size(n_patches: int, *, target_rows: int = 4096) -> int:
-    """Images per block so that a block holds about ``target_rows`` patches.
+def auto_tile_images(n_patches: int, *, target_rows: int = 4096) -> int:
+    """Images per GEMM tile so that a tile holds about ``target_rows`` patches.
 
     About 4096 rows keeps each GEMM large enough to run near the machine's peak while the
     (B*L, B*L) float32 product stays at tens of megabytes.
@@ -110,7 +110,7 @@ def nearest_similarities(
         each similarity then moves by at most ``2u + u^2 + u (1 - s)`` plus the float32
         accumulation error (u = 2^-8 bf16, 2^-11 fp16). Meant for CUDA.
     tile : int, optional
-        Images per GEMM tile; default `auto_block_size`. Bounds the product held in memory
+        Images per GEMM tile; default `auto_tile_images`. Bounds the product held in memory
         at (tile * L)^2 values, so blocks can be as large as the caller likes. Any value
         gives the same result.
 
@@ -129,7 +129,7 @@ def nearest_similarities(
     _check_compute_dtype(compute_dtype)
     n_a, length, _ = block_a.shape
     n_b = block_b.shape[0]
-    step = auto_block_size(length) if tile is None else tile
+    step = auto_tile_images(length) if tile is None else tile
     if step < 1:
         raise ValueError(f"tile must be >= 1, got {tile}")
     if n_a <= step and n_b <= step:
@@ -200,7 +200,7 @@ def mutual_scores(
     tokens: Tensor,
     *,
     interval: float = 0.3,
-    block: int | None = None,
+    tile: int | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Score each patch by its distance to the other images of its pool.
@@ -212,8 +212,8 @@ def mutual_scores(
     interval : float
         Fraction of the other images whose distances are averaged:
         K = max(1, int(interval * (N - 1))).
-    block : int, optional
-        Images per GEMM block; default `auto_block_size`. Any value gives the same scores.
+    tile : int, optional
+        Images per GEMM tile; default `auto_tile_images`. Any value gives the same scores.
     compute_dtype : torch.dtype, optional
         GEMM input dtype, as in `nearest_similarities`. None keeps the tokens' dtype.
         torch.bfloat16 / torch.float16 on CUDA run the GEMMs on the tensor cores with float32
@@ -234,9 +234,9 @@ def mutual_scores(
         raise ValueError(f"tokens must be (N, L, C), got shape {tuple(tokens.shape)}")
     n_images, length, _ = tokens.shape
     k = neighbour_count(n_images, interval)
-    step = block or auto_block_size(length)
+    step = tile or auto_tile_images(length)
     if step < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
+        raise ValueError(f"tile must be >= 1, got {tile}")
     _check_compute_dtype(compute_dtype)
     if compute_dtype is not None:
         tokens = tokens.to(compute_dtype)  # round once, not once per block pair

@@ -23,7 +23,7 @@ def pool_patch_scores(
     r_list: Sequence[int] = (1, 3, 5),
     *,
     interval: float = 0.3,
-    block: int | None = None,
+    tile: int | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Patch scores of one pool, averaged over feature layers and aggregation degrees.
@@ -36,7 +36,7 @@ def pool_patch_scores(
         Patch grid, H * W = L.
     r_list : sequence of int
         LNAMD aggregation degrees.
-    interval, block, compute_dtype
+    interval, tile, compute_dtype
         As in `mutual_scores`; LNAMD always runs in the tokens' dtype.
 
     Returns
@@ -50,9 +50,7 @@ def pool_patch_scores(
     per_degree = []
     for r in r_list:
         per_layer = [
-            mutual_scores(
-                aggregate_tokens(tokens, grid, r), interval=interval, block=block, compute_dtype=compute_dtype
-            )
+            mutual_scores(aggregate_tokens(tokens, grid, r), interval=interval, tile=tile, compute_dtype=compute_dtype)
             for tokens in layer_tokens
         ]
         per_degree.append(torch.stack(per_layer))

@@ -88,7 +88,7 @@ def test_each_bad_file_gets_a_status_and_the_run_goes_on(prefect_api, dask_addre
         out_dir=str(out),
         run_date=date(2026, 11, 22),
         backbone=tiny_backbone,
-        scoring=ScoringParams(block_images=4),
+        scoring=ScoringParams(task_images=4),
         device="cpu",
         dask_address=dask_address,
     )

@@ -35,7 +35,7 @@ def start(day, demo_day, out, backbone, dask_address, api):
         str(out),
         day,
         backbone.model_dump_json(),
-        ScoringParams(block_images=4).model_dump_json(),
+        ScoringParams(task_images=4).model_dump_json(),
         dask_address,
     ]
     return subprocess.Popen(

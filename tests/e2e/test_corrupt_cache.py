@@ -32,7 +32,7 @@ def test_damaged_tokens_and_maps_are_recomputed(prefect_api, dask_address, demo_
             out_dir=str(out),
             run_date=date(2026, 11, 22),
             backbone=tiny_backbone,
-            scoring=ScoringParams(block_images=3),
+            scoring=ScoringParams(task_images=3),
             device="cpu",
             dask_address=dask_address,
         )

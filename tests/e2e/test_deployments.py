@@ -169,7 +169,7 @@ def test_nightly_run_scores_yesterday(site):
             "layers": [1, 3],
             "model_config_path": str(TINY_CONFIG),
         },
-        "scoring": {"block_images": 3},
+        "scoring": {"task_images": 3},
     }
     output = cli(
         [str(PREFECT), "deployment", "run", "score-captures/nightly-score", "--params", json.dumps(overrides)],

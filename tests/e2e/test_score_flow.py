@@ -33,7 +33,7 @@ from .conftest import subprocess_env
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
 
 RUN_DATE = date(2026, 11, 22)
-SCORING = ScoringParams(block_images=3)
+SCORING = ScoringParams(task_images=3)
 
 
 def run_flow(input_dir, out_dir, backbone, dask_address, **kwargs):
@@ -125,7 +125,7 @@ def test_scores_equal_the_core_engine_in_memory(first_run, demo_day, tiny_backbo
         pixels = torch.stack([squash_normalise(read_rgb(Path(p))[0], size) for p in group["path"]])
         layer_tokens, embeddings = backbone.extract(pixels)
         layer_tokens = [t.half().float() for t in layer_tokens]  # the store keeps float16 tokens
-        patch = pool_patch_scores(layer_tokens, backbone.grid, SCORING.r_list, block=SCORING.block_images)
+        patch = pool_patch_scores(layer_tokens, backbone.grid, SCORING.r_list, tile=SCORING.task_images)
         raw = image_scores(upsample_maps(patch, backbone.grid, (size, size))).double().numpy()
         final = rescore_images(raw, embeddings.numpy(), SCORING.rscin_k)
         np.testing.assert_allclose(group["raw_score"], raw, atol=1e-6, rtol=0)

@@ -39,7 +39,7 @@ def test_matches_cdist_reference(n):
 @pytest.mark.parametrize("block", [1, 2, 3, 5, 100])
 def test_block_size_does_not_change_scores(block):
     tokens = unit_tokens(7, 6, 8, seed=1)
-    torch.testing.assert_close(mutual_scores(tokens, block=block), msm_by_cdist(tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mutual_scores(tokens, tile=block), msm_by_cdist(tokens), atol=1e-5, rtol=0)
 
 
 def test_both_directions_come_from_one_product():

@@ -58,7 +58,7 @@ def test_similarities_move_by_at_most_the_rounding_bound(dtype):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_low_precision_scores_are_within_the_documented_tolerance(dtype, seed):
     tokens = pool_like_tokens(8, 16, 64, seed=seed)
-    scores = mutual_scores(tokens, compute_dtype=dtype, block=3)
+    scores = mutual_scores(tokens, compute_dtype=dtype, tile=3)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, mutual_scores(tokens), atol=SCORE_ATOL[dtype], rtol=0)
 

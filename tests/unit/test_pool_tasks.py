@@ -5,18 +5,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from pydantic import ValidationError
 
 from musc_tasks.cli import build_parser, scoring_from_args
 from musc_tasks.config import MsmParams, ScoringParams
 from musc_tasks.core import pool_patch_scores
-from musc_tasks.scoring import assemble_row_block, open_pool, plan_pool, score_block_pair, task_block_size
+from musc_tasks.scoring import assemble_row_block, auto_task_images, open_pool, plan_pool, score_block_pair
 from musc_tasks.store import (
     TokenLayout,
+    finish_pool_store,
     open_pool_store,
+    pool_layout,
+    pool_store_intact,
     prepare_token_store,
     read_token_rows,
     token_index,
+    token_store_layout,
     write_token_block,
 )
 
@@ -45,7 +50,7 @@ def test_unknown_precision_is_refused():
 @pytest.fixture
 def token_store(tmp_path):
     path = tmp_path / "tokens.zarr"
-    layout = TokenLayout(layers=LAYERS, grid=GRID, channels=CHANNELS, embed_dim=4, block_images=N)
+    layout = TokenLayout(layers=LAYERS, grid=GRID, channels=CHANNELS, embed_dim=4, shard_images=N)
     group = prepare_token_store(path, layout, N)
     rng = np.random.default_rng(0)
     common = rng.standard_normal((1, GRID[0] * GRID[1], CHANNELS), dtype=np.float32)
@@ -68,7 +73,7 @@ def worker_scores(tmp_path, token_path, precision):
         n_layers=len(LAYERS),
         msm=msm,
         backbone_key="test",
-        block_images=BLOCK,
+        task_images=BLOCK,
         device="cpu",
     )
     open_pool(job)
@@ -85,7 +90,7 @@ def worker_scores(tmp_path, token_path, precision):
 def test_workers_score_like_the_core_engine_at_each_precision(tmp_path, token_store, precision, atol):
     tokens = [torch.from_numpy(t) for t in read_token_rows(token_store, range(N))]
     dtype = None if precision == "float32" else getattr(torch, precision)
-    expected = pool_patch_scores(tokens, GRID, R_LIST, block=BLOCK, compute_dtype=dtype).numpy()
+    expected = pool_patch_scores(tokens, GRID, R_LIST, tile=BLOCK, compute_dtype=dtype).numpy()
     got = worker_scores(tmp_path, token_store, precision)
     np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)  # same arithmetic as the engine
     exact = pool_patch_scores([t.double() for t in tokens], GRID, R_LIST).numpy()
@@ -96,9 +101,37 @@ def test_workers_score_like_the_core_engine_at_each_precision(tmp_path, token_st
     "n_patches, n_images", [(1369, 200), (1024, 200), (64, 200), (256, 10), (1369, 2), (20000, 50)]
 )
 def test_task_blocks_are_large_but_leave_work_to_share(n_patches, n_images):
-    block = task_block_size(n_patches, n_images)
+    block = auto_task_images(n_patches, n_images)
     assert block >= 1
     assert block == 1 or block * n_patches <= 16384  # two aggregated blocks stay ~100 MB at C = 1024
     assert block <= -(-n_images // 4)  # at least 4 blocks: 10 pair tasks for the workers
     if n_patches == 1369 and n_images == 200:
         assert block == 11  # LNAMD redone 20 times per image rather than 101 with GEMM-sized blocks
+
+
+def _rename_attribute(path: Path, new: str, old: str) -> None:
+    """Make a store look as an older version wrote it: ``new`` stored as ``old``."""
+    group = zarr.open_group(path, mode="r+")
+    attrs = dict(group.attrs)
+    attrs[old] = attrs.pop(new)
+    group.attrs.clear()
+    group.attrs.update(attrs)
+
+
+def test_stores_written_with_the_old_block_images_attribute_still_open(tmp_path, token_store):
+    """Token and pool stores name their sizes shard_images and task_images; older ones said block_images."""
+    layout = token_store_layout(token_store)
+    _rename_attribute(token_store, "shard_images", "block_images")
+    assert "shard_images" not in zarr.open_group(token_store, mode="r").attrs
+    assert token_store_layout(token_store) == layout
+    before = worker_scores(tmp_path / "new", token_store, "float32")  # reads and extends the old store
+
+    job_path = next((tmp_path / "new" / "float32").glob("*.zarr"))
+    pool = pool_layout(job_path)
+    _rename_attribute(job_path, "task_images", "block_images")
+    assert pool_layout(job_path) == pool and pool.task_images == BLOCK
+    finish_pool_store(job_path)
+    assert pool_store_intact(job_path)  # row checksums found through the old name
+    again = worker_scores(tmp_path / "new", token_store, "float32")  # same key: the old pool store is reused
+    np.testing.assert_array_equal(again, before)
+    assert ScoringParams(block_images=3).task_images == 3  # saved deployments and configs keep their meaning
