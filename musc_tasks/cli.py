@@ -15,6 +15,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 
 from . import preflight
+from .atomic import DiskFull, disk_full_message, is_disk_full
 from .config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
 from .layout import day_input
 from .preflight import UsageError
@@ -705,9 +706,18 @@ def quiet_console(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if not verbose:
+        handler.addFilter(_not_disk_full)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         # The local cluster's HTTP server moves to a free port when 8787 is taken: not news.
         warnings.filterwarnings("ignore", message="Port .* is already in use")
+
+
+def _not_disk_full(record: logging.LogRecord) -> bool:
+    """Drop Prefect's records of a run that failed on a full disk: `main` says it in one line."""
+    if not record.name.startswith("prefect"):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not (is_disk_full(error) or f"exception {DiskFull.__name__}:" in record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -733,6 +743,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"musc: error: {_first_line(error)} (run with -v for the traceback)", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if args.verbose or not is_disk_full(error):
+            raise
+        print(f"musc: error: {disk_full_message(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         from .scoring import SchedulerUnreachable  # imports Dask: only when something failed

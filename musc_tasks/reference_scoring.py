@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import disk_space_for
 from .config import CODE_VERSION, ScoringParams
 from .core import (
     check_references,
@@ -213,7 +214,8 @@ def write_reference_store(job: ReferenceJob) -> str:
         },
     )
     group = open_pool_store(path, "r+")
-    group["patch_scores"][:] = chosen.numpy()
+    with disk_space_for(path / "patch_scores", chosen.numel() * chosen.element_size()):
+        group["patch_scores"][:] = chosen.numpy()
     scales = {
         "zero_shot_scale": zero_shot_scale,
         "plus_scale": plus_scale,

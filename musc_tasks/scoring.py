@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from distributed import Client, LocalCluster, as_completed
 
+from .atomic import disk_space_for
 from .backbone import resolve_device
 from .config import CODE_VERSION, MsmParams, ScoringParams
 from .core import auto_tile_images, block_pair_similarities, block_patch_scores, neighbour_count, split_pool
@@ -228,8 +229,11 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None) ->
         yield address
         return
     workers = n_workers or local_worker_count()
+    # A task's error reaches the client, which reports it: the workers' own "Compute Failed"
+    # records would print it again, so a quiet console (Dask's loggers above INFO) drops them.
+    silence = logging.ERROR if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.CRITICAL
     with LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=silence
     ) as cluster:
         yield cluster.scheduler_address
 
@@ -278,10 +282,11 @@ def score_block_pair(job: PoolJob, a: int, b: int) -> str:
         )
     # stored with the (r, layer) maps on one axis, r major: (R*Y, N, L, N)
     similarity = open_pool_store(pool_path, "r+")["similarity"]
-    similarity[:, rows_a, :, rows_b] = a_to_b.flatten(0, 1).cpu().numpy()
-    failpoint("worker-pair")  # crash tests: a worker dies between its two writes
-    if a != b:
-        similarity[:, rows_b, :, rows_a] = b_to_a.flatten(0, 1).cpu().numpy()
+    with disk_space_for(pool_path / "similarity", 2 * a_to_b.numel() * a_to_b.element_size()):
+        similarity[:, rows_a, :, rows_b] = a_to_b.flatten(0, 1).cpu().numpy()
+        failpoint("worker-pair")  # crash tests: a worker dies between its two writes
+        if a != b:
+            similarity[:, rows_b, :, rows_a] = b_to_a.flatten(0, 1).cpu().numpy()
     mark_done(pool_path, name)
     return name
 
@@ -301,7 +306,8 @@ def assemble_row_block(job: PoolJob, a: int, *_after: str) -> str:
     per_map = similarity.unflatten(0, (len(job.msm.r_list), n_layers))  # (R, Y, Ba, L, N)
     k = neighbour_count(len(job.layout.image_ids), job.msm.interval)
     patch_scores = block_patch_scores(per_map, torch.arange(rows.start, rows.stop), k).numpy()
-    group["patch_scores"][rows] = patch_scores
+    with disk_space_for(pool_path / "patch_scores", patch_scores.nbytes):
+        group["patch_scores"][rows] = patch_scores
     mark_done(pool_path, name, array_digest(patch_scores))
     return name
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .atomic import write_atomic
+from .atomic import disk_space_for, write_atomic
 from .config import CODE_VERSION
 from .identity import array_digest
 
@@ -196,7 +196,8 @@ def write_token_block(
         # A block index is reused after a crash or damage: remove what is there first, or
         # zarr would merge into (and first decode) a half-written or damaged shard.
         shutil.rmtree(path / name / "c" / str(block), ignore_errors=True)
-        group[name][start : start + len(values)] = values
+        with disk_space_for(path / name, values.nbytes):
+            group[name][start : start + len(values)] = values
     record = {"start": start, "image_ids": list(image_ids), "sha256": {k: array_digest(v) for k, v in arrays.items()}}
     write_atomic(path / "blocks" / f"{block:06d}.json", json.dumps(record))
 
@@ -293,7 +294,8 @@ def write_pool_array(path: Path, name: str, values: np.ndarray, attributes: dict
     group = zarr.open_group(path, mode="r+")
     if name in group:
         del group[name]
-    group.create_array(name, data=np.ascontiguousarray(values), dimension_names=("image", "patch"))
+    with disk_space_for(path / name, values.nbytes):
+        group.create_array(name, data=np.ascontiguousarray(values), dimension_names=("image", "patch"))
     if attributes:
         group.attrs.update(attributes)
 
@@ -363,17 +365,22 @@ def write_maps_store(path: Path, maps: np.ndarray, attributes: dict) -> Path:
         raise ValueError(f"maps must be (N, h, w) float16, got shape {maps.shape} dtype {maps.dtype}")
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    group = zarr.open_group(staging, mode="w-", attributes={**attributes, "code_version": CODE_VERSION})
-    array = group.create_array(
-        "maps",
-        shape=maps.shape,
-        dtype="float16",
-        chunks=(1, *maps.shape[1:]),
-        dimension_names=("image", "row", "column"),
-        fill_value=np.nan,
-    )
-    if maps.shape[0]:
-        array[:] = maps
+    try:
+        with disk_space_for(path, maps.nbytes):
+            group = zarr.open_group(staging, mode="w-", attributes={**attributes, "code_version": CODE_VERSION})
+            array = group.create_array(
+                "maps",
+                shape=maps.shape,
+                dtype="float16",
+                chunks=(1, *maps.shape[1:]),
+                dimension_names=("image", "row", "column"),
+                fill_value=np.nan,
+            )
+            if maps.shape[0]:
+                array[:] = maps
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a half-written store must not linger beside the old one
+        raise
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
     if path.exists():
         path.rename(old)

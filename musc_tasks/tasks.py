@@ -27,6 +27,7 @@ from . import reference_scoring as reference_scoring_stage
 from . import references as references_stage
 from . import rscin as rscin_stage
 from . import scoring as scoring_stage
+from .atomic import is_disk_full
 from .config import CODE_VERSION, BackboneSpec, OutputPolicy, RscinParams, ScoringParams
 from .faults import failpoint
 from .identity import tree_fingerprint
@@ -56,10 +57,12 @@ class StoresUnchanged(CachePolicy):
 
 
 def _transient_io_error(task, task_run, state) -> bool:
-    """Retry a stage only for I/O hiccups (a busy network share), never for bad input."""
+    """Retry a stage only for I/O hiccups (a busy network share), never for bad input or a full disk."""
     try:
         state.result()
     except OSError as error:
+        if is_disk_full(error):  # minutes later the disk is as full, and the user waited for nothing
+            return False
         return not isinstance(error, (FileNotFoundError, NotADirectoryError, PermissionError))
     except Exception:  # bad input (ImageReadError is a ValueError) or a bug: retrying cannot help
         return False

@@ -1,10 +1,15 @@
 """One Prefect test server and one 2-worker Dask LocalCluster for the whole session."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from ..conftest import TINY_CONFIG
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +51,39 @@ def subprocess_env(api_url: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PREFECT_API_URL=api_url, HF_HUB_OFFLINE="1", DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     return env
+
+
+def score(demo_day, out_dir, prefect_api, dask_address=None):
+    command = [
+        str(BIN / "musc"),
+        "score",
+        str(demo_day.input_dir),
+        "--out",
+        str(out_dir),
+        "--date",
+        "2026-11-20",
+        "--backbone",
+        "musc-tiny-vit",
+        "--model-config",
+        str(TINY_CONFIG),
+        "--pretrained",
+        "none",
+        "--image-size",
+        "112",
+        "--layers",
+        "1,3",
+        "--device",
+        "cpu",
+    ]
+    if dask_address:
+        command += ["--dask-address", dask_address]
+    return subprocess.run(command, env=subprocess_env(prefect_api), capture_output=True, text=True, timeout=400)
+
+
+@pytest.fixture(scope="session")
+def local_cli_run(demo_day, prefect_api, tmp_path_factory):
+    """OUT of an undisturbed `musc score` of the demo day on the default LocalCluster: the reference."""
+    out_dir = tmp_path_factory.mktemp("local-cli") / "out"
+    done = score(demo_day, out_dir, prefect_api)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out_dir

@@ -1,17 +1,23 @@
-"""Cluster faults on real processes: an unreachable scheduler, workers SIGKILLed mid-stage.
+"""Cluster faults on real processes: an unreachable scheduler, a full results disk.
 
 The cluster is a `dask scheduler` and a `dask worker --nworkers 2` started from the shell,
 as a site runs them (see tests/e2e/test_dask_external.py for the undisturbed run).
 """
 
+import re
+import shutil
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from musc_tasks import tables
+
+from .conftest import score
 from .processes import free_port
-from .test_dask_external import score
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -27,3 +33,69 @@ def test_an_unreachable_scheduler_stops_the_run_within_seconds(demo_day, prefect
     assert f"Dask scheduler at {address} did not answer" in done.stderr, done.stderr[-3000:]
     assert not list((tmp_path / "out").rglob("*.zarr")), "no work may start without the cluster"
     assert took < 120, f"took {took:.0f} s"  # 10 s connect timeout plus the CLI's start-up on a loaded machine
+
+
+@contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A tmpfs of ``size`` mounted on ``folder`` (root and CAP_SYS_ADMIN), unmounted at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_full_results_disk_fails_in_one_line_and_a_rerun_completes_identically(
+    demo_day, prefect_api, local_cli_run, tmp_path
+):
+    out = tmp_path / "out"
+    # Extraction and scoring were done on a roomy disk (copied from the reference run, to keep
+    # the test cheap); the heatmaps folder is a 64 KiB file system, far less than the night's
+    # heatmaps need, so publish hits ENOSPC in a Dask worker.
+    for store in ("tokens", "pools"):
+        shutil.copytree(local_cli_run / "cache" / store, out / "cache" / store)
+    columns = ["path", "raw_score", "score", "rank", "mask_path", "heatmap_path"]
+    with small_tmpfs(out / "heatmaps", "64k"):
+        full = score(demo_day, out, prefect_api)
+        assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1, full.stderr[-5000:]
+        assert re.fullmatch(
+            rf"musc: error: disk full: writing {re.escape(str(out / 'heatmaps'))}/\S+ needs about [\d.]+ \S+,"
+            r" [\d.]+ \S+ free there; free space and run again \(finished work is kept\)",
+            errors[0],
+        ), errors[0]
+        assert "Traceback" not in full.stderr, full.stderr[-5000:]
+        # nothing half-written: no temp file left, every visible file is the finished one
+        left = [p for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith((".partial", ".old"))]
+        assert not left, left
+        heatmaps = files_under(out / "heatmaps")
+        assert heatmaps, "some heatmaps fit before the disk was full"
+    reference = files_under(local_cli_run / "heatmaps")
+    assert all(reference[name] == data for name, data in heatmaps.items())
+    reference_masks = files_under(local_cli_run / "masks")
+    assert all(reference_masks[name] == data for name, data in files_under(out / "masks").items())
+    if (out / "tables" / "scores").exists():  # products published before the disk filled are complete
+        partial = tables.read_table(out / "tables" / "scores")[columns].sort_values("path")
+        expected = tables.read_table(local_cli_run / "tables" / "scores")[columns]
+        assert partial.reset_index(drop=True).equals(
+            expected[expected["path"].isin(partial["path"])].sort_values("path").reset_index(drop=True)
+        )
+    assert not (out / "tables" / "runs").exists(), "the run is not recorded as finished"
+
+    # space freed (the tmpfs is gone): the same command completes, from the stores, identically
+    again = score(demo_day, out, prefect_api)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "tokens extracted 0 (cached 30); block pairs computed 0" in again.stdout, again.stdout
+    rerun = tables.read_table(out / "tables" / "scores")[columns].sort_values("path").reset_index(drop=True)
+    expected = tables.read_table(local_cli_run / "tables" / "scores")[columns].sort_values("path")
+    assert rerun.equals(expected.reset_index(drop=True))
+    assert files_under(out / "heatmaps") == reference
+    assert files_under(out / "masks") == reference_masks

@@ -8,7 +8,6 @@ them; the scheduler reruns their tasks on the workers left).
 """
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ from distributed import Client
 
 from musc_tasks import tables
 
-from ..conftest import TINY_CONFIG
-from .conftest import subprocess_env
+from .conftest import score
 from .processes import background, free_port, tail, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -50,35 +48,8 @@ def external_cluster(tmp_path):
             yield address, logs
 
 
-def score(demo_day, out_dir, prefect_api, dask_address=None):
-    command = [
-        str(BIN / "musc"),
-        "score",
-        str(demo_day.input_dir),
-        "--out",
-        str(out_dir),
-        "--date",
-        "2026-11-20",
-        "--backbone",
-        "musc-tiny-vit",
-        "--model-config",
-        str(TINY_CONFIG),
-        "--pretrained",
-        "none",
-        "--image-size",
-        "112",
-        "--layers",
-        "1,3",
-        "--device",
-        "cpu",
-    ]
-    if dask_address:
-        command += ["--dask-address", dask_address]
-    return subprocess.run(command, env=subprocess_env(prefect_api), capture_output=True, text=True, timeout=400)
-
-
 def test_external_cluster_runs_the_stages_and_survives_killed_workers(
-    external_cluster, demo_day, prefect_api, tmp_path
+    external_cluster, demo_day, prefect_api, local_cli_run, tmp_path
 ):
     address, logs = external_cluster
     started = time.monotonic()
@@ -90,10 +61,8 @@ def test_external_cluster_runs_the_stages_and_survives_killed_workers(
     assert {"extract_block_task", "score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
     assert sorted(p.name for p in (tmp_path / "kills").iterdir()) == ["worker-extract", "worker-pair"]
 
-    local = score(demo_day, tmp_path / "local", prefect_api)
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     columns = ["path", "raw_score", "score", "rank"]
     external_scores = tables.read_table(tmp_path / "external" / "tables" / "scores")[columns].sort_values("path")
-    local_scores = tables.read_table(tmp_path / "local" / "tables" / "scores")[columns].sort_values("path")
+    local_scores = tables.read_table(local_cli_run / "tables" / "scores")[columns].sort_values("path")
     assert len(external_scores) == len(demo_day.images), f"took {time.monotonic() - started:.0f} s"
     assert external_scores.reset_index(drop=True).equals(local_scores.reset_index(drop=True))
