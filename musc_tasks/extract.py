@@ -18,8 +18,8 @@ from .atomic import write_atomic
 from .backbone import Backbone, load_backbone
 from .config import BackboneSpec
 from .faults import failpoint
-from .imageio import ImageReadError, read_rgb
 from .layout import token_store_path
+from .loading import PixelBlock, load_blocks
 from .locks import exclusive_lock
 from .manifests import CatalogRef, TokenGeometry, TokensRef
 from .store import (
@@ -34,7 +34,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractResult", "extract_block_task", "extract_catalog", "extract_tokens_to_store", "worker_backbone"]
+__all__ = ["ExtractResult", "extract_blocks_task", "extract_catalog", "extract_tokens_to_store", "worker_backbone"]
 
 Progress = Callable[[int, int], None]
 # product -> a context manager yielding that product's progress callback
@@ -104,7 +104,7 @@ class ExtractionPlan:
     rows: int
     shard_images: int
     reused: int
-    writer: str  # this run's token in the store's writer file (see `extract_block_task`)
+    writer: str  # this run's token in the store's writer file (see `extract_blocks_task`)
 
 
 def plan_extraction(store_path: Path, images: Sequence[tuple[str, str]], shard_images: int) -> ExtractionPlan:
@@ -132,6 +132,11 @@ def writer_file(store_path: Path) -> Path:
     return store_path.with_suffix(".writer")
 
 
+# Blocks per Dask task at most: within a task the next block decodes while the model runs on
+# the current one (`load_blocks`); smaller tasks report progress and balance workers more often.
+MAX_RUN_BLOCKS = 8
+
+
 def run_extraction_tasks(
     client: Client,
     plans: dict[str, ExtractionPlan],
@@ -143,21 +148,20 @@ def run_extraction_tasks(
     """Submit every planned block; returns product -> (images extracted, failed id -> reason).
 
     A product's first block creates or grows its store (array metadata has one writer), so
-    its other blocks are submitted once it is done; products start side by side.
+    it is a task of its own and the product's other blocks are submitted once it is done, in
+    runs of consecutive blocks (`extraction_runs`); products start side by side.
     """
-    gpu = (
-        {"GPU": 1}
-        if any(w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
-        else None
+    resources = gpu_resources(client)
+    workers = sum(
+        1 for w in client.scheduler_info()["workers"].values() if resources is None or w.get("resources", {}).get("GPU")
     )
 
-    def submit(product: str, block: int, batch: tuple[tuple[str, str], ...], grow: bool) -> Future:
+    def submit(product: str, blocks: tuple[tuple[int, tuple[tuple[str, str], ...]], ...], grow: bool) -> Future:
         plan = plans[product]
         return client.submit(
-            extract_block_task,
+            extract_blocks_task,
             str(plan.store_path),
-            block,
-            batch,
+            blocks,
             backbone,
             geometry.grid,
             device,
@@ -165,41 +169,51 @@ def run_extraction_tasks(
             plan.rows if grow else 0,
             plan.writer,
             pure=False,
-            resources=gpu,
+            resources=resources,
         )
 
-    owner: dict[Future, tuple[str, int, bool]] = {}  # future -> (product, position in plan, sizes the store)
+    owner: dict[Future, tuple[str, slice, bool]] = {}  # future -> (product, its blocks in the plan, sizes the store)
     pending = as_completed()
     results: dict[str, tuple[int, dict[str, str]]] = {product: (0, {}) for product in plans}
     done_images = dict.fromkeys(plans, 0)
     totals = {product: sum(len(batch) for _, batch in plan.blocks) for product, plan in plans.items()}
 
-    def start(product: str, position: int, grow: bool) -> None:
-        future = submit(product, *plans[product].blocks[position], grow=grow)
-        owner[future] = (product, position, grow)
+    def start(product: str, positions: slice, grow: bool) -> None:
+        future = submit(product, plans[product].blocks[positions], grow=grow)
+        owner[future] = (product, positions, grow)
         pending.add(future)
 
     for product, plan in plans.items():
         if callbacks[product]:
             callbacks[product](0, totals[product])
         if plan.blocks:
-            start(product, 0, grow=True)
+            start(product, slice(0, 1), grow=True)
     for future in pending:
-        product, position, grew = owner.pop(future)
+        product, positions, grew = owner.pop(future)
         extracted, failed = future.result()  # a worker's error surfaces here, with its traceback
         plan = plans[product]
         results[product] = (results[product][0] + extracted, {**results[product][1], **failed})
-        done_images[product] += len(plan.blocks[position][1])
+        done_images[product] += sum(len(batch) for _, batch in plan.blocks[positions])
         failpoint("extract-block")
-        if grew and position + 1 < len(plan.blocks):
+        after = positions.stop
+        if grew and after < len(plan.blocks):
             if extracted:  # the store is sized: the other blocks write side by side
-                for later in range(position + 1, len(plan.blocks)):
-                    start(product, later, grow=False)
+                for run in extraction_runs(after, len(plan.blocks), workers):
+                    start(product, run, grow=False)
             else:  # nothing readable in that block, so nothing was written: the next one sizes the store
-                start(product, position + 1, grow=True)
+                start(product, slice(after, after + 1), grow=True)
         if callbacks[product]:
             callbacks[product](done_images[product], totals[product])
     return results
+
+
+def extraction_runs(first: int, stop: int, workers: int) -> list[slice]:
+    """Blocks first..stop-1 in runs of consecutive blocks, one Dask task each.
+
+    Runs are as long as sharing the blocks among the workers allows, at most `MAX_RUN_BLOCKS`.
+    """
+    size = max(1, min(MAX_RUN_BLOCKS, -(-(stop - first) // max(1, workers))))
+    return [slice(start, min(start + size, stop)) for start in range(first, stop, size)]
 
 
 def gpu_resources(client: Client) -> dict[str, int] | None:
@@ -214,10 +228,9 @@ def worker_backbone(spec: BackboneSpec, device: str) -> Backbone:
     return load_backbone(spec, device=device)
 
 
-def extract_block_task(
+def extract_blocks_task(
     store_path: str,
-    block: int,
-    batch: Sequence[tuple[str, str]],
+    blocks: Sequence[tuple[int, Sequence[tuple[str, str]]]],
     spec: BackboneSpec,
     grid: tuple[int, int],
     device: str,
@@ -225,12 +238,13 @@ def extract_block_task(
     grow_to: int,
     writer: str,
 ) -> tuple[int, dict[str, str]]:
-    """Dask task: tokens of one block of images into its own shard and record.
+    """Dask task: tokens of a run of (block index, images), each block into its own shard and record.
 
-    ``grow_to`` > 0 (a product's first block) creates or grows the store to that many rows.
-    A task of a run that died (its client gone, the task already running) finds another
-    run's token in the writer file and writes nothing: that run may have planned the same
-    block index for other images. Returns (images extracted, failed id -> reason).
+    The next block decodes in threads while the model runs on the current one. ``grow_to`` > 0
+    (a product's first block) creates or grows the store to that many rows at the first block
+    written. A task of a run that died (its client gone, the task already running) finds
+    another run's token in the writer file and writes nothing more: that run may have planned
+    the same block index for other images. Returns (images extracted, failed id -> reason).
     """
 
     def still_ours() -> bool:
@@ -241,41 +255,39 @@ def extract_block_task(
     backbone = worker_backbone(spec, device)
     if backbone.grid != tuple(grid):
         raise ValueError(f"{spec.name} cuts a {backbone.grid} grid, the run resolved {tuple(grid)}")
-    with torch.inference_mode():
-        return extract_block(Path(store_path), block, batch, backbone, shard_images, grow_to, may_write=still_ours)
+    extracted, failed, rows = 0, {}, grow_to
+    loaded = load_blocks([batch for _, batch in blocks], backbone.preprocess, pin_memory=backbone.device.type == "cuda")
+    with torch.inference_mode(), contextlib.closing(loaded):
+        for (block, _), pixels in zip(blocks, loaded):
+            if not extract_block(Path(store_path), block, pixels, backbone, shard_images, rows, may_write=still_ours):
+                return 0, {}
+            extracted += len(pixels.image_ids)
+            failed.update(pixels.failed)
+            rows = rows if not pixels.image_ids else 0  # sized once something is written
+    return extracted, failed
 
 
 def extract_block(
     store_path: Path,
     block: int,
-    batch: Sequence[tuple[str, str]],
+    pixels: PixelBlock,
     backbone: Backbone,
     shard_images: int,
     rows: int,
     *,
     may_write: Callable[[], bool] = lambda: True,
-) -> tuple[int, dict[str, str]]:
-    """Read, preprocess and extract one block of images, then write its shard and record.
+) -> bool:
+    """Extract one decoded block of images, then write its shard and record.
 
     ``rows`` > 0 creates or grows the store to that many rows first (one writer at a time);
-    ``may_write`` is asked once more just before writing. Returns (images extracted, failed
-    id -> reason).
+    ``may_write`` is asked once more just before writing. Returns False when it said no and
+    nothing was written.
     """
-    pixels, ids, failed = [], [], {}
-    for image_id, path in batch:
-        try:
-            image, _ = read_rgb(Path(path))
-        except ImageReadError as error:
-            failed[image_id] = error.reason
-            logger.warning("%s", error)
-            continue
-        pixels.append(backbone.preprocess(image))
-        ids.append(image_id)
-    if not ids:
-        return 0, failed
-    layer_tokens, embeddings = backbone.extract(torch.stack(pixels))
+    if pixels.pixels is None:
+        return True
+    layer_tokens, embeddings = backbone.extract(pixels.pixels)
     if not may_write():
-        return 0, {}
+        return False
     layout = TokenLayout(
         layers=backbone.spec.layers,
         grid=backbone.grid,
@@ -288,8 +300,9 @@ def extract_block(
     else:
         group = open_token_store(store_path, layout)
     failpoint("worker-extract")
-    write_token_block(group, store_path, block, ids, [t.cpu().numpy() for t in layer_tokens], embeddings.cpu().numpy())
-    return len(ids), failed
+    tokens = [t.cpu().numpy() for t in layer_tokens]
+    write_token_block(group, store_path, block, list(pixels.image_ids), tokens, embeddings.cpu().numpy())
+    return True
 
 
 @dataclass(frozen=True)
@@ -306,13 +319,16 @@ def extract_tokens_to_store(
     *,
     shard_images: int = 8,
     on_progress: Progress | None = None,
+    decode_threads: int | None = None,
 ) -> ExtractResult:
     """Make sure the store holds tokens for every (image id, path); extract only the missing.
 
     The backbone is loaded only when something is missing. Each block of images is one
     shard per array and gets its record only after its data, so a crash loses at most the
     block in flight. One writer at a time per store (a lock file), so runs for other days
-    that share the store wait instead of interleaving.
+    that share the store wait instead of interleaving. The next block decodes in
+    ``decode_threads`` threads (default: `loading.decode_threads`; 0: one image after the other, in
+    this thread) while the model runs on the current one; the tokens are the same either way.
     """
     wanted = dict(images)  # duplicates of one content share one row
     waiting = f"another run is writing tokens to {store_path}; waiting for it"
@@ -327,14 +343,18 @@ def extract_tokens_to_store(
         backbone = load_backbone()
         failed: dict[str, str] = {}
         first = next_free_block(store_path)
-        rows = (first + -(-len(missing) // shard_images)) * shard_images
-        for n, start in enumerate(range(0, len(missing), shard_images)):
-            batch = missing[start : start + shard_images]
-            # the first written block sizes the store; later ones write into it
-            written, broken = extract_block(store_path, first + n, batch, backbone, shard_images, rows)
-            failed.update(broken)
-            if written:
-                failpoint("extract-block")
-            if on_progress:
-                on_progress(start + len(batch), len(missing))
+        batches = [missing[start : start + shard_images] for start in range(0, len(missing), shard_images)]
+        rows = (first + len(batches)) * shard_images
+        loaded = load_blocks(
+            batches, backbone.preprocess, threads=decode_threads, pin_memory=backbone.device.type == "cuda"
+        )
+        with contextlib.closing(loaded):
+            for n, pixels in enumerate(loaded):
+                # the first written block sizes the store; later ones write into it
+                extract_block(store_path, first + n, pixels, backbone, shard_images, rows)
+                failed.update(pixels.failed)
+                if pixels.image_ids:
+                    failpoint("extract-block")
+                if on_progress:
+                    on_progress(min((n + 1) * shard_images, len(missing)), len(missing))
     return ExtractResult(extracted=len(missing) - len(failed), reused=len(wanted) - len(missing), failed=failed)

@@ -65,7 +65,7 @@ class TokenLayout:
     grid: tuple[int, int]
     channels: int
     embed_dim: int
-    shard_images: int  # images per Zarr shard of every array; one extraction task writes one shard
+    shard_images: int  # images per Zarr shard of every array; one extraction block writes one shard
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def test_external_cluster_runs_the_stages_and_survives_killed_workers(
 
     with Client(address, timeout=60) as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-    assert {"extract_block_task", "score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
+    assert {"extract_blocks_task", "score_block_pair", "assemble_row_block"} <= set(prefixes), prefixes
     assert sorted(p.name for p in (tmp_path / "kills").iterdir()) == ["worker-extract", "worker-pair"]
 
     columns = ["path", "raw_score", "score", "rank"]
