@@ -72,3 +72,8 @@ def test_factory_night_5mp_captures_end_to_end(tmp_path):
         "factory_night.py", "--images", "4", "--resolution", "2448x2048", "--check", "--json", str(tmp_path / "f.json")
     )
     assert "| all outputs |" in out, out
+
+
+def test_extraction_benchmark(tmp_path):
+    out = run("extraction.py", "--images", "4", "--resolution", "320x240", "--image-size", "112", "--repeats", "1")
+    assert "overlapped_over_forward" in out, out
