@@ -77,3 +77,8 @@ def test_factory_night_5mp_captures_end_to_end(tmp_path):
 def test_extraction_benchmark(tmp_path):
     out = run("extraction.py", "--images", "4", "--resolution", "320x240", "--image-size", "112", "--repeats", "1")
     assert "overlapped_over_forward" in out, out
+
+
+def test_publish_regions_benchmark():
+    out = run("publish_regions.py", "--images", "2", "--resolution", "1200x500", "--repeats", "1")
+    assert "publish cells / whole mask:" in out, out
