@@ -79,7 +79,7 @@ def main() -> None:
             def run() -> None:
                 store = root / f"tokens-{time.monotonic_ns()}.zarr"
                 done = extract_tokens_to_store(
-                    store, images, lambda: backbone, block_images=BLOCK_IMAGES, decode_threads=threads
+                    store, images, lambda: backbone, shard_images=BLOCK_IMAGES, decode_threads=threads
                 )
                 assert done.extracted == len(images), done
 
