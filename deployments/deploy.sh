@@ -21,6 +21,8 @@ export MUSC_DASK_ADDRESS="${MUSC_DASK_ADDRESS-}"
 export MUSC_DEVICE="${MUSC_DEVICE:-auto}"
 export MUSC_TIMEZONE="${MUSC_TIMEZONE:-UTC}"
 export MUSC_NIGHTLY_CRON="${MUSC_NIGHTLY_CRON:-0 2 * * *}"
+export MUSC_REFERENCES="${MUSC_REFERENCES-}"
+export MUSC_REFERENCE_MODE="${MUSC_REFERENCE_MODE:-combined}"
 : "${MUSC_INPUT_PATTERN:?set MUSC_INPUT_PATTERN, e.g. /data/captures/{date} (see deployments/site.env.example)}"
 : "${MUSC_RESULTS_DIR:?set MUSC_RESULTS_DIR, e.g. /data/musc-results (see deployments/site.env.example)}"
 export MUSC_INPUT_PATTERN MUSC_RESULTS_DIR
@@ -29,6 +31,8 @@ export MUSC_EVAL_DIR="${MUSC_EVAL_DIR:-${MUSC_RESULTS_DIR%/}-evaluation}"
 export PREFECT_API_URL
 
 [[ "$MUSC_INPUT_PATTERN" == *"{date}"* ]] || { echo "MUSC_INPUT_PATTERN must contain {date}" >&2; exit 2; }
+[[ "$MUSC_REFERENCE_MODE" =~ ^(few-shot|plus|combined)$ ]] || {
+    echo "MUSC_REFERENCE_MODE must be few-shot, plus or combined, got '$MUSC_REFERENCE_MODE'" >&2; exit 2; }
 [[ -d "$MUSC_PROJECT_DIR/flows" ]] || { echo "MUSC_PROJECT_DIR=$MUSC_PROJECT_DIR has no flows/" >&2; exit 2; }
 
 cd "$project_dir"

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import Stages
 from musc_tasks.backbone import patch_size
-from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
+from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
@@ -40,7 +40,7 @@ def score_captures(
     refresh: bool = False,
     outputs: OutputPolicy = OutputPolicy(),
     references: str | None = None,
-    reference_mode: str = "combined",
+    reference_mode: ReferenceMode = "combined",
 ) -> RunSummary:
     """Score one day's captures: every image gets a score, a rank, a mask and a heatmap.
 
@@ -49,8 +49,10 @@ def score_captures(
     ``refresh`` ignores cached task results (the on-disk stores still resume); ``outputs`` sizes
     and encodes the heatmaps.
     ``references`` (a stored set's name or a folder ``DIR/<product>/**``) scores the night
-    against known-good images too, in ``reference_mode`` (few-shot, plus or combined; README).
+    against known-good images too, in ``reference_mode`` (few-shot, plus or combined; README);
+    an empty string, as a deployment templates an unset ``MUSC_REFERENCES``, is none.
     """
+    references = references or None
     day = ((run_date or date.today()) + timedelta(days=day_offset)).isoformat()
     # Dask workers have their own working folders: every path that reaches them is absolute
     input_dir, out_dir = str(Path(day_input(input_dir, day)).resolve()), str(Path(out_dir).resolve())

@@ -38,6 +38,9 @@ AUTHORS_TIMM_MODELS: dict[str, tuple[str, str, str]] = {
     "dino_vitbase8": ("dino", "vit_base_patch8_224", "dino"),
 }
 
+# How known-good references score a night (README: Known-good references; core.REFERENCE_MODES).
+ReferenceMode = Literal["few-shot", "plus", "combined"]
+
 
 class BackboneSpec(BaseModel):
     """Which ViT, which weights, which size, which layers."""

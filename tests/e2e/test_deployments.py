@@ -136,6 +136,12 @@ def test_nightly_deployment_settings(site):
     params = deployment["parameters"]
     assert params["input_dir"] == site["input_pattern"] and params["out_dir"] == str(site["results"])
     assert params["day_offset"] == -1 and params["dask_address"] == "" and params["device"] == "auto"
+    # references: unset at the site, so zero-shot ("" is none); the mode a choice in the UI's form
+    assert params["references"] == "" and params["reference_mode"] == "combined"
+    schema = deployment["parameter_openapi_schema"]["properties"]
+    assert schema["references"]["default"] is None
+    assert schema["reference_mode"]["default"] == "combined"
+    assert schema["reference_mode"]["enum"] == ["few-shot", "plus", "combined"]
     assert deployment["work_pool_name"] == POOL
     [schedule] = [s["schedule"] for s in deployment["schedules"]]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == TIMEZONE
