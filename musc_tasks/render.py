@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from pathlib import Path
@@ -87,7 +88,10 @@ def _region_props_by_cells(mask: np.ndarray, score_map: np.ndarray, cell: int) -
     rows, cols = -(-height // cell), -(-width // cell)
     padded = np.zeros((rows * cell, cols * cell), bool)
     padded[:height, :width] = mask
-    cell_labels = label(padded.reshape(rows, cell, cols, cell).any(axis=(1, 3)), connectivity=2)
+    # OR of strided views: numpy's any() over the short axes of a (rows, c, cols, c) view is ~20x slower
+    column_cells = functools.reduce(np.logical_or, (padded[:, k::cell] for k in range(cell)))
+    cells = functools.reduce(np.logical_or, (column_cells[k::cell] for k in range(cell)))
+    cell_labels = label(cells, connectivity=2)
     found: dict[str, list] = {key: [] for key in _CELL_PROPS}
     for number, box in enumerate(find_objects(cell_labels), start=1):
         y0, x0 = box[0].start * cell, box[1].start * cell
