@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--layers", default="1,3")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (outputs return to the CPU: timed whole)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
     width, height = (int(v) for v in args.resolution.lower().split("x"))
@@ -60,7 +61,7 @@ def main() -> None:
         layers=tuple(int(v) for v in args.layers.split(",")),
         model_config_path=config,
     )
-    backbone = load_backbone(spec, device="cpu")
+    backbone = load_backbone(spec, device=args.device)
     with tempfile.TemporaryDirectory(prefix="musc-extraction-") as tmp:
         root = Path(tmp)
         input_dir, input_bytes = make_night(root, args.images, width, height, seed=0)
@@ -100,6 +101,7 @@ def main() -> None:
         "images": args.images,
         "resolution": args.resolution,
         "input_mib": round(input_bytes / 2**20, 1),
+        "device": str(backbone.device),
         "torch_threads": torch.get_num_threads(),
         "decode_threads": decode_threads(),
         "decode_s_per_image": round(decode_seconds / args.images, 4),
