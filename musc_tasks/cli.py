@@ -215,6 +215,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+SUMMARY_TOP = 5  # parts the console summary lists; the report and tables have them all
+
+
 def print_summary(summary) -> None:
     """A run's counts, timings, most anomalous images and output folders, for a person."""
     print()
@@ -227,9 +230,16 @@ def print_summary(summary) -> None:
     tokens = f"tokens extracted {summary.images_extracted} (cached {summary.images_token_cached})"
     print(f"  {tokens}; block pairs computed {summary.pairs_computed} (cached {summary.pairs_cached})")
     if summary.top:
-        print("  most anomalous:")
-        for product, path, score in summary.top[:5]:
-            print(f"    {score:.4f}  {product}  {path}")
+        shown = summary.top[:SUMMARY_TOP]
+        print("  most anomalous (* flagged; margin in robust sd above the image threshold):")
+        for part in shown:
+            margin = "" if part.margin is None else f"  margin {part.margin:+.1f}"
+            print(f"  {'*' if part.flagged else ' '} {part.score:.4f}  {part.product}  {part.path}{margin}")
+            if part.flagged:
+                print(f"      heatmap {part.heatmap_path}")
+        unlisted = summary.n_flagged - sum(part.flagged for part in shown)
+        if unlisted > 0:
+            print(f"    {unlisted} more flagged: see the report or tables/scores (flagged = true)")
     out = Path(summary.out_dir)
     print(f"  tables:   {out / 'tables'}  (scores/, regions/, runs/)")
     print(f"  masks:    {out / 'masks' / summary.run_date}")

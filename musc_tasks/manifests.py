@@ -88,6 +88,17 @@ class ProductScoresRef(_Manifest):
     pools: PoolsRef
 
 
+class TopPart(_Manifest):
+    """One of a run's most anomalous parts, as the summary lists it."""
+
+    product: str
+    path: str
+    score: float
+    flagged: bool
+    margin: float | None  # robust standard deviations above the image threshold (< 0: below)
+    heatmap_path: str  # absolute: a path a person can open
+
+
 class RunSummary(_Manifest):
     run_id: str
     run_date: str
@@ -102,7 +113,7 @@ class RunSummary(_Manifest):
     images_token_cached: int
     pairs_computed: int
     pairs_cached: int
-    top: tuple[tuple[str, str, float], ...]  # (product, path, score), most anomalous first
+    top: tuple[TopPart, ...]  # most anomalous first
     report_path: str | None = None  # OUT/reports/<date>/index.html; None if it could not be built
     alerts: tuple[str, ...] = ()  # one line each, e.g. a suspected systematic defect (tables/days)
 

@@ -69,7 +69,7 @@ def read_map(
         The backbone key or a unique part of it; needed only when the day has several.
     upsample : bool
         True: the map at the capture's size, exactly the pixel scores its mask and regions were
-        made from (``score > pixel_threshold``); False: the stored (h, w) patch-grid map.
+        made from (``score > mask_level`` of its scores row); False: the stored (h, w) patch-grid map.
 
     Returns
     -------

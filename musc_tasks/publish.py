@@ -23,11 +23,20 @@ from .config import BackboneSpec, OutputPolicy, ScoringParams
 from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
 from .layout import maps_store_path
-from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, TokensRef
+from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, TokensRef, TopPart
 from .maps import upsample_map
-from .render import HEATMAP_FORMATS, encode_image, heatmap_legend, heatmap_overlay, mask_pixels, region_rows, write_png
+from .render import (
+    HEATMAP_FORMATS,
+    encode_image,
+    heatmap_legend,
+    heatmap_overlay,
+    mask_level,
+    mask_pixels,
+    region_rows,
+    write_png,
+)
 from .report import build_day_report
-from .rscin import ProductScores, pool_reference, read_product_scores
+from .rscin import ProductScores, pool_reference, read_product_scores, threshold_margins
 from .scoring import dask_client
 from .store import open_pool_store, pool_layout, write_maps_store
 
@@ -150,7 +159,17 @@ def publish_day(
         n_flagged=sum(1 for r in ranked if r["flagged"]),
         n_failed=sum(1 for r in all_scores if r["status"] == "failed"),
         seconds={k: round(v, 3) for k, v in seconds.items()},
-        top=tuple((r["product"], r["path"], r["score"]) for r in ranked[:10]),
+        top=tuple(
+            TopPart(
+                product=r["product"],
+                path=r["path"],
+                score=r["score"],
+                flagged=r["flagged"],
+                margin=r["margin"],
+                heatmap_path=str((out / r["heatmap_path"]).absolute()),
+            )
+            for r in ranked[:10]
+        ),
         **run.cache_counts,
     )
     parameters = {"backbone": backbone.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
@@ -267,6 +286,7 @@ class ProductPlan:
     failed_at_extraction: Mapping[str, str]
     outputs: OutputPolicy
     ranks: Mapping[str, int]
+    margins: Mapping[str, float | None]  # image id -> margin (None: the product's scores have no spread)
     clashing: frozenset[str]
     small_note: str | None
 
@@ -306,6 +326,7 @@ class ProductPlan:
             failed_at_extraction=dict(failed_at_extraction or {}),
             outputs=outputs,
             ranks=_ranks(scores),
+            margins=_margins(scores),
             clashing=frozenset(s for s in stems if stems.count(s) > 1),
             small_note=small,
         )
@@ -366,7 +387,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
     at cataloguing (the record's), at extraction (``failed_at_extraction``, image id ->
     reason) or here. Each capture is decoded once. Masks and regions come from the float16
     patch-grid map that the maps store keeps, upsampled to the capture's size, so a stored
-    map reproduces them exactly.
+    map reproduces them exactly: only a flagged image has a mask, cut by ``render.mask_level``.
     """
     out_dir, run_date, product, backbone_key, run_id = (
         plan.out_dir,
@@ -418,12 +439,15 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
             continue
         patch_map = patch_maps[record.image_id]
         pixel_scores = upsample_map(patch_map, (image.height, image.width))
-        mask = mask_pixels(pixel_scores, scores.pixel_threshold)
+        flagged = scored.score > scores.image_threshold
+        rule, level = mask_level(pixel_scores, scores.pixel_threshold, flagged=flagged)
+        mask = mask_pixels(pixel_scores, level)
         write_png(_inside(out_dir, mask_rel), mask)
         regions = region_rows(mask > 0, pixel_scores)
-        flagged = scored.score > scores.image_threshold
         full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
-        overlay = _overlay(image, patch_map, pixel_scores, mask > 0, regions, scores, outputs, full_size=full_size)
+        overlay = _overlay(
+            image, patch_map, pixel_scores, level, regions, scores, outputs, mask=mask > 0, full_size=full_size
+        )
         write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
         sizes.append((index, image.height, image.width))
         for index in range(len(regions["region"])):
@@ -432,6 +456,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
                     "image_id": record.image_id,
                     "path": printable(record.path),
                     **{name: values[index].item() for name, values in regions.items()},
+                    "region_rule": rule,
                     "backbone_key": backbone_key,
                     "run_id": run_id,
                 }
@@ -443,11 +468,13 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
                 "raw_score": scored.raw_score,
                 "rank": ranks[record.image_id],
                 "flagged": flagged,
+                "margin": plan.margins[record.image_id],
                 "image_threshold": scores.image_threshold,
                 "pixel_threshold": scores.pixel_threshold,
                 "pool_index": scored.pool_index,
                 "pool_images": scored.pool_images,
                 "anomalous_fraction": float((mask > 0).mean()),
+                "mask_level": level,
                 "mask_path": mask_rel,
                 "heatmap_path": heat_rel,
                 "heatmap_min": scores.pixel_threshold,
@@ -474,14 +501,19 @@ def _overlay(
     image: Image.Image,
     patch_map: np.ndarray,
     pixel_scores: np.ndarray,
-    mask: np.ndarray,
+    level: float | None,
     regions: Mapping[str, np.ndarray],
     scores: ProductScores,
     outputs: OutputPolicy,
     *,
+    mask: np.ndarray,
     full_size: bool,
 ) -> np.ndarray:
-    """The heatmap of one image: at its size, or with its long side bounded by the policy."""
+    """The heatmap of one image: at its size, or with its long side bounded by the policy.
+
+    ``mask`` is ``pixel_scores > level`` (``level`` from ``mask_level``; None: no mask); a
+    reduced heatmap cuts its own map at the same level.
+    """
     boxes = np.stack([regions[k] for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")], axis=-1)
     floor, vmax = scores.pixel_threshold, scores.map_max
     scale = outputs.long_side / max(image.width, image.height)
@@ -491,8 +523,9 @@ def _overlay(
     small = np.asarray(image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
     small_scores = upsample_map(patch_map, (size[1], size[0]))
     small_boxes = np.concatenate([np.floor(boxes[:, :2] * scale), np.ceil(boxes[:, 2:] * scale)], axis=1)
+    small_mask = mask_pixels(small_scores, level) > 0
     return heatmap_overlay(
-        small, small_scores, floor=floor, vmax=vmax, mask=small_scores > floor, boxes=small_boxes.astype(np.int64)
+        small, small_scores, floor=floor, vmax=vmax, mask=small_mask, boxes=small_boxes.astype(np.int64)
     )
 
 
@@ -543,6 +576,13 @@ def _notes(record: ImageRecord) -> list[str]:
     if record.duplicate_of:
         notes.append(f"same content as {printable(record.duplicate_of)}: scored once")
     return notes
+
+
+def _margins(scores: ProductScores | None) -> dict[str, float | None]:
+    if scores is None or not scores.images:
+        return {}
+    margins = threshold_margins(np.array([s.score for s in scores.images]), scores.image_threshold)
+    return {s.image_id: None if np.isnan(m) else float(m) for s, m in zip(scores.images, margins)}
 
 
 def _ranks(scores: ProductScores | None) -> dict[str, int]:

@@ -20,6 +20,7 @@ __all__ = [
     "heatmap_legend",
     "heatmap_overlay",
     "line_width",
+    "mask_level",
     "mask_pixels",
     "region_rows",
     "write_png",
@@ -188,14 +189,70 @@ def region_rows(mask: np.ndarray, score_map: np.ndarray, *, working_side: int | 
     return {name: columns[name].astype(dtype) for name, dtype in _REGION_DTYPES.items()}
 
 
-def mask_pixels(score_map: np.ndarray, threshold: float) -> np.ndarray:
-    """A binary mask image of the pixels scoring above a threshold.
+# The rule that ties masks to flags (README "Flags, masks and regions"): an image has a mask
+# only when it is flagged; its mask is the pixels above the product's pixel threshold or, when
+# none are, its own peak: the pixels above half-way from the map's median (the part's normal
+# level) to its maximum, as a peak's width is read at half its height above the background.
+MASK_RULES = ("pixel_threshold", "peak")
+PEAK_FRACTION = 0.5
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 at or below ``value``: ``x > it`` equals ``x > value`` for every float32 x."""
+    rounded = np.float32(value)
+    if float(rounded) > value:
+        rounded = np.nextafter(rounded, np.float32(-np.inf))
+    return float(rounded)
+
+
+def mask_level(score_map: np.ndarray, pixel_threshold: float, *, flagged: bool) -> tuple[str | None, float | None]:
+    """Which rule cuts an image's mask, and the level its pixels must score above.
+
+    Parameters
+    ----------
+    score_map : (H, W) float32 array
+        The image's pixel scores (the stored map upsampled to the capture's size).
+    pixel_threshold : float
+        The product's pixel threshold of the day.
+    flagged : bool
+        Whether the image's score is above the product's image threshold.
+
+    Returns
+    -------
+    rule : {"pixel_threshold", "peak"} or None
+        None for an image that is not flagged (it has no mask and no region);
+        ``"pixel_threshold"`` when some pixel scores above the product's pixel threshold;
+        ``"peak"`` otherwise.
+    level : float or None
+        A float32 value (so ``score_map > level`` gives the same pixels in float32 and
+        float64) with ``score_map > level`` the mask: the pixel threshold rounded down to
+        float32 for ``"pixel_threshold"`` (the same pixels as ``score_map > pixel_threshold``);
+        for ``"peak"``, ``median + PEAK_FRACTION * (max - median)`` of ``score_map`` rounded down,
+        and at most the float32 just below the maximum, so the mask always holds the maximum.
+    """
+    score_map = _check_map(score_map, "score_map").astype(np.float32, copy=False)
+    if not np.isfinite(pixel_threshold):
+        raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
+    if not flagged:
+        return None, None
+    level = _float32_below(pixel_threshold)
+    peak = np.float32(score_map.max())
+    if peak > level:
+        return "pixel_threshold", level
+    median = float(np.median(score_map))
+    halfway = _float32_below(median + PEAK_FRACTION * (float(peak) - median))
+    return "peak", min(halfway, float(np.nextafter(peak, np.float32(-np.inf))))
+
+
+def mask_pixels(score_map: np.ndarray, level: float | None) -> np.ndarray:
+    """A binary mask image of the pixels scoring above a level.
 
     Parameters
     ----------
     score_map : (H, W) float array
-    threshold : float
-        Pixels with ``score > threshold`` are anomalous.
+    level : float or None
+        Pixels with ``score > level`` are anomalous, compared exactly (the map in float32, as
+        the pixel maps are made); None gives an empty mask (an image that is not flagged).
 
     Returns
     -------
@@ -203,9 +260,12 @@ def mask_pixels(score_map: np.ndarray, threshold: float) -> np.ndarray:
         255 where anomalous, 0 elsewhere (so the PNG is viewable as is).
     """
     score_map = _check_map(score_map, "score_map")
-    if not np.isfinite(threshold):
-        raise ValueError(f"threshold must be finite, got {threshold}")
-    return np.where(score_map > threshold, np.uint8(255), np.uint8(0))
+    if level is None:
+        return np.zeros(score_map.shape, np.uint8)
+    if not np.isfinite(level):
+        raise ValueError(f"level must be finite, got {level}")
+    above = score_map.astype(np.float32, copy=False) > np.float32(_float32_below(level))
+    return np.where(above, np.uint8(255), np.uint8(0))
 
 
 def ramp_colours(fraction: np.ndarray) -> np.ndarray:

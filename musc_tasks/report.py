@@ -278,6 +278,11 @@ def _text(value) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
+def _number(value) -> float | None:
+    """A nullable float column's value (None for null or NaN: nights published before it existed)."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
 def _slug(name: str) -> str:
     """A file-name and anchor-safe key for a product, unique through its hash suffix."""
     cleaned = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower()).strip("-")
@@ -487,6 +492,8 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
         "rank": int(row.rank),
         "score": float(row.score),
         "flagged": bool(row.flagged),
+        "margin": _number(getattr(row, "margin", None)),
+        "peak_rule": bool((boxes["region_rule"] == "peak").any()) if "region_rule" in boxes else False,
         "path": row.path,
         "note": _text(row.note),
         "capture": capture_file.relative_to(day_dir).as_posix() if capture_file.exists() else None,

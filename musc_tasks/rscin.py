@@ -27,12 +27,17 @@ __all__ = [
     "robust_threshold",
     "rscin_products",
     "score_map",
+    "threshold_margins",
 ]
 
 # A normal day's score spread, measured robustly: the median absolute deviation scaled to
 # a standard deviation (1.4826 for Gaussian data) is not moved by the few defects of a day.
 MAD_TO_SIGMA = 1.4826
 AUTO_SIGMAS = 3.0
+# When more than half of a day's scores are equal the MAD is 0; the mean absolute deviation
+# from the median, scaled by sqrt(pi / 2) (also a standard deviation for Gaussian data), still
+# measures the spread of the rest (the usual fallback of the modified z-score).
+MEAN_AD_TO_SIGMA = 1.2533
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,39 @@ def robust_threshold(values: np.ndarray, *, sigmas: float = AUTO_SIGMAS) -> floa
     median = float(np.median(values))
     mad = float(np.median(np.abs(values - median)))
     return median + sigmas * MAD_TO_SIGMA * mad
+
+
+def threshold_margins(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """How far each score lies above the threshold, in robust standard deviations of the scores.
+
+    Parameters
+    ----------
+    scores : (N,) float array
+        One product's final scores of one day (each distinct image once).
+    threshold : float
+        The image threshold the flags were cut at (``auto`` or a fixed number).
+
+    Returns
+    -------
+    margins : (N,) float64 array
+        ``(score - threshold) / sigma`` with ``sigma = 1.4826 * MAD`` of ``scores``; when the
+        MAD is 0, ``sigma = 1.2533 * mean(|score - median|)``; NaN for every image when that is
+        0 too (all scores equal: no spread to measure against). Positive exactly where
+        ``score > threshold`` (a flag), so the sign is the verdict and the size how sure it is;
+        with the ``auto`` threshold a margin of 0 is 3 robust standard deviations above the median.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or scores.size == 0:
+        raise ValueError(f"scores must be a non-empty 1-D array, got shape {scores.shape}")
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    deviations = np.abs(scores - np.median(scores))
+    sigma = MAD_TO_SIGMA * float(np.median(deviations))
+    if sigma == 0.0:
+        sigma = MEAN_AD_TO_SIGMA * float(np.mean(deviations))
+    if sigma == 0.0:
+        return np.full(scores.shape, np.nan)
+    return (scores - threshold) / sigma
 
 
 def rscin_products(pools: Sequence[PoolsRef], rscin: RscinParams) -> tuple[ProductScoresRef, ...]:

@@ -85,11 +85,13 @@ SCORES_SCHEMA = pa.schema(
         _optional("raw_score", pa.float64()),
         _optional("rank", pa.int32()),  # 1 = most anomalous within product and date
         _optional("flagged", pa.bool_()),
+        _optional("margin", pa.float64()),  # (score - image_threshold) / robust sd of the scores; > 0 iff flagged
         _optional("image_threshold", pa.float64()),
         _optional("pixel_threshold", pa.float64()),
         _optional("pool_index", pa.int32()),
         _optional("pool_images", pa.int32()),
-        _optional("anomalous_fraction", pa.float64()),  # of the image's pixels above pixel_threshold
+        _optional("anomalous_fraction", pa.float64()),  # of the image's pixels in its mask
+        _optional("mask_level", pa.float64()),  # mask = map > mask_level; null: not flagged, empty mask
         _optional("mask_path", pa.string()),  # relative to OUT
         _optional("heatmap_path", pa.string()),  # relative to OUT
         _optional("heatmap_min", pa.float64()),  # score at the colour ramp's start (uncoloured at or below)
@@ -120,6 +122,7 @@ REGIONS_SCHEMA = pa.schema(
         _required("mean_score", pa.float64()),
         _required("centroid_x", pa.float64()),
         _required("centroid_y", pa.float64()),
+        _optional("region_rule", pa.string()),  # pixel_threshold | peak (render.MASK_RULES)
         _required("backbone_key", pa.string()),
         _required("run_id", pa.string()),
     ]

@@ -87,3 +87,31 @@ def local_cli_run(demo_day, prefect_api, tmp_path_factory):
     done = score(demo_day, out_dir, prefect_api)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out_dir
+
+
+def assert_flags_masks_and_margins_agree(out_dir) -> int:
+    """The README's rule on a published OUT: a flagged image has a non-empty mask PNG and a region,
+    an image that is not flagged has neither, and the margin is positive exactly on flagged images.
+
+    Returns the number of flagged images checked.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from musc_tasks import tables
+
+    scores = tables.read_table(out_dir / "tables" / "scores")
+    scores = scores[scores["status"] == "scored"]
+    regions = tables.read_table(out_dir / "tables" / "regions")
+    assert len(scores) and scores["margin"].notna().all()
+    assert ((scores["margin"] > 0) == scores["flagged"]).all(), "margin > 0 must be the flag"
+    assert set(regions["region_rule"]) <= {"pixel_threshold", "peak"}
+    for row in scores.itertuples():
+        mask = np.asarray(Image.open(out_dir / row.mask_path)) > 0
+        mine = regions[(regions["path"] == row.path) & (regions["date"] == row.date)]
+        if row.flagged:
+            assert mask.any() and len(mine) >= 1, f"flagged {row.path}: empty mask or no region"
+            assert row.anomalous_fraction == mask.mean() and not np.isnan(row.mask_level)
+        else:
+            assert not mask.any() and mine.empty, f"{row.path} is not flagged but has a mask or a region"
+    return int(scores["flagged"].sum())

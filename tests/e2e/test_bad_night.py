@@ -22,6 +22,7 @@ from musc_tasks.demo import make_bad_night
 from musc_tasks.store import open_pool_store, pool_layout
 
 from ..conftest import TINY_CONFIG
+from .conftest import assert_flags_masks_and_margins_agree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
 SIZE = 112
@@ -88,6 +89,8 @@ def test_references_catch_a_repeated_defect(prefect_api, tmp_path, seed):
     # seed 1, not on seed 0), the ordinary night none: the fraction is the signal that holds.
     assert len(days) == 1 and days["reference_only_fraction"].iloc[0] > 0
     assert_report_shows(out, days)
+    flagged = assert_flags_masks_and_margins_agree(out)
+    print(f"bad night seed {seed}: {flagged} flagged")
 
 
 @pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("MUSC_BAD_NIGHT_SEEDS", "0").split(",")])
@@ -101,6 +104,8 @@ def test_ordinary_night_combined_stays_close_to_zero_shot(prefect_api, tmp_path,
     print(days.to_string())
     assert len(days) == 1 and not days["systematic_defect_suspected"].any()
     assert_report_shows(out, days)
+    flagged = assert_flags_masks_and_margins_agree(out)
+    print(f"ordinary night seed {seed}: {flagged} flagged")
 
 
 def assert_report_shows(out: Path, days) -> None:

@@ -6,6 +6,7 @@ Dask cluster and a broken file in the input), which also shows what its console 
 
 import filecmp
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,18 @@ def test_cli_run_prints_a_short_console_and_the_report_path(nights, prefect_api)
     assert not chatter, "\n".join(console)
     report = out_dir / "reports" / NIGHTS[2] / "index.html"
     assert f"  report:   {report}" in done.stdout.splitlines()
+    # The listed parts: flagged ones marked "*" and followed by a heatmap path that opens.
+    night = duckdb.sql(
+        f"select path, score, flagged from read_parquet('{out_dir}/tables/scores/date={NIGHTS[2]}/**/*.parquet') "
+        "where status = 'scored' order by score desc, path limit 5"
+    ).df()
+    lines = done.stdout.splitlines()
+    listed = [line for line in lines if re.match(r"  [* ] \d\.\d{4}  ", line)]
+    assert [line[4:].split("  ")[2] for line in listed] == list(night["path"])
+    assert [line.startswith("  * ") for line in listed] == list(night["flagged"])
+    heatmaps = [line.split("heatmap ", 1)[1] for line in lines if line.startswith("      heatmap ")]
+    assert len(heatmaps) == night["flagged"].sum()
+    assert all(os.path.isabs(path) and Image.open(path).size for path in heatmaps)
     assert report.is_file()
     filter_ = {"artifacts": {"key": {"any_": ["score-summary"]}}}
     artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json=filter_).raise_for_status().json()

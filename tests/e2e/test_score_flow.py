@@ -28,7 +28,7 @@ from musc_tasks.preprocess import read_mask, squash_normalise
 from musc_tasks.publish import ProductPlan, finish_product, publish_block
 from musc_tasks.rscin import patch_score_rows, read_product_scores, score_map
 
-from .conftest import subprocess_env
+from .conftest import assert_flags_masks_and_margins_agree, subprocess_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
 
@@ -87,6 +87,7 @@ def test_tables_masks_and_heatmaps(first_run, demo_day):
                 assert written.size == size
     regions = tables.read_table(out_dir / "tables" / "regions")
     assert set(regions["image_id"]) <= set(rows["image_id"])
+    assert assert_flags_masks_and_margins_agree(out_dir) == summary.n_flagged
     runs = tables.read_table(out_dir / "tables" / "runs")
     assert len(runs) == 1 and runs["images_extracted"].iloc[0] == n_files
 
@@ -146,10 +147,16 @@ def test_maps_store_reproduces_masks_and_regions(first_run, tiny_backbone):
         assert patch_map.shape == (side, side)
         assert pixel_scores.shape == (row.height, row.width) and info["image_id"] == row.image_id
         mask = np.asarray(Image.open(out_dir / row.mask_path)) > 0
-        np.testing.assert_array_equal(mask, pixel_scores > row.pixel_threshold)
         mine = regions[regions["path"] == row.path].sort_values("region")
-        if len(mine):
-            assert mine["max_score"].iloc[0] == pytest.approx(float(pixel_scores[mask].max()), abs=1e-7)
+        if not row.flagged:
+            assert not mask.any() and np.isnan(row.mask_level) and mine.empty
+            continue
+        np.testing.assert_array_equal(mask, pixel_scores > row.mask_level)
+        rule = "pixel_threshold" if (pixel_scores.astype(np.float64) > row.pixel_threshold).any() else "peak"
+        assert list(mine["region_rule"].unique()) == [rule]
+        if rule == "pixel_threshold":
+            np.testing.assert_array_equal(mask, pixel_scores.astype(np.float64) > row.pixel_threshold)
+        assert mine["max_score"].iloc[0] == pytest.approx(float(pixel_scores[mask].max()), abs=1e-7)
     legend = out_dir / "heatmaps" / "2026-11-22" / rows["product"].iloc[0] / tiny_backbone.key / "_legend.png"
     assert legend.is_file()
 

@@ -66,7 +66,7 @@ def test_mask_pixels():
     score_map = np.array([[0.1, 0.5], [0.50001, 2.0]])
     assert_array_equal(mask_pixels(score_map, 0.5), [[0, 0], [255, 255]])
     assert mask_pixels(score_map, 0.5).dtype == np.uint8
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(ValueError, match="level"):
         mask_pixels(score_map, float("nan"))
 
 
@@ -161,3 +161,58 @@ def test_heatmap_overlay_rejects_shape_mismatch():
         heatmap_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 5)), floor=0.0, vmax=1.0)
     with pytest.raises(ValueError, match="image_rgb"):
         heatmap_overlay(np.zeros((4, 4), np.uint8), np.zeros((4, 4)), floor=0.0, vmax=1.0)
+
+
+def exactly_above(score_map, level):
+    """Pixel by pixel, in exact arithmetic (float32 and float64 values compared as reals)."""
+    return np.array([[float(x) > float(level) for x in row] for row in score_map])
+
+
+def test_mask_pixels_compares_exactly_whatever_the_levels_precision():
+    x = np.float32(0.3)
+    just_above = np.nextafter(x, np.float32(1))
+    score_map = np.array([[x, just_above], [np.float32(0.1), np.float32(0.9)]], np.float32)
+    for level in (float(x) - 1e-12, float(x) + 1e-12, float(x), 0.5):  # 0.3 +- 1e-12 round to x in float32
+        assert_array_equal(mask_pixels(score_map, level) > 0, exactly_above(score_map, level))
+    assert_array_equal(mask_pixels(score_map, None), np.zeros((2, 2), np.uint8))
+
+
+def random_map(seed, shape=(9, 13)):
+    return np.random.default_rng(seed).gamma(2.0, 0.1, size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mask_level_by_hand(seed):
+    from musc_tasks.render import mask_level
+
+    score_map = random_map(seed)
+    peak, values = float(score_map.max()), sorted(float(v) for v in score_map.ravel())
+    median = values[len(values) // 2]  # 117 pixels: the middle one
+    # Not flagged: no mask, whatever the pixels score.
+    assert mask_level(score_map, 0.0, flagged=False) == (None, None)
+    # Some pixel above the product's threshold: the mask is exactly those pixels.
+    threshold = peak - 1e-9
+    rule, level = mask_level(score_map, threshold, flagged=True)
+    assert rule == "pixel_threshold"
+    assert_array_equal(mask_pixels(score_map, level) > 0, exactly_above(score_map, threshold))
+    assert_array_equal(score_map > level, exactly_above(score_map, threshold))
+    # None above it: the image's own peak, the pixels above half-way from its median to its maximum.
+    rule, level = mask_level(score_map, peak + 0.01, flagged=True)
+    assert rule == "peak"
+    assert_array_equal(mask_pixels(score_map, level) > 0, exactly_above(score_map, median + 0.5 * (peak - median)))
+    assert (mask_pixels(score_map, level) > 0).any()
+    for stored in (level, np.float64(level)):  # a float32 value: the same pixels in either precision
+        assert np.float32(stored) == stored
+        assert_array_equal(score_map > stored, score_map.astype(np.float64) > stored)
+
+
+def test_a_flat_flagged_map_keeps_its_peak():
+    from musc_tasks.render import mask_level
+
+    score_map = np.full((4, 5), 0.25, np.float32)
+    score_map[0, 0] = 0.2
+    rule, level = mask_level(score_map, 0.9, flagged=True)
+    assert rule == "peak" and level < 0.25
+    assert (mask_pixels(score_map, level) > 0).sum() == 19
+    with pytest.raises(ValueError, match="pixel_threshold"):
+        mask_level(score_map, float("inf"), flagged=True)
