@@ -30,8 +30,7 @@ from .render import (
     encode_image,
     heatmap_legend,
     heatmap_overlay,
-    mask_level,
-    mask_pixels,
+    image_mask,
     region_rows,
     write_png,
 )
@@ -387,7 +386,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
     at cataloguing (the record's), at extraction (``failed_at_extraction``, image id ->
     reason) or here. Each capture is decoded once. Masks and regions come from the float16
     patch-grid map that the maps store keeps, upsampled to the capture's size, so a stored
-    map reproduces them exactly: only a flagged image has a mask, cut by ``render.mask_level``.
+    map reproduces them exactly: only a flagged image has a mask, cut by ``render.image_mask``.
     """
     out_dir, run_date, product, backbone_key, run_id = (
         plan.out_dir,
@@ -440,14 +439,11 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
         patch_map = patch_maps[record.image_id]
         pixel_scores = upsample_map(patch_map, (image.height, image.width))
         flagged = scored.score > scores.image_threshold
-        rule, level = mask_level(pixel_scores, scores.pixel_threshold, flagged=flagged)
-        mask = mask_pixels(pixel_scores, level)
-        write_png(_inside(out_dir, mask_rel), mask)
-        regions = region_rows(mask > 0, pixel_scores)
+        mask, rule, level = image_mask(pixel_scores, scores.pixel_threshold, flagged=flagged)
+        write_png(_inside(out_dir, mask_rel), np.where(mask, np.uint8(255), np.uint8(0)))
+        regions = region_rows(mask, pixel_scores)
         full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
-        overlay = _overlay(
-            image, patch_map, pixel_scores, level, regions, scores, outputs, mask=mask > 0, full_size=full_size
-        )
+        overlay = _overlay(image, patch_map, pixel_scores, mask, regions, scores, outputs, full_size=full_size)
         write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
         sizes.append((index, image.height, image.width))
         for index in range(len(regions["region"])):
@@ -473,7 +469,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
                 "pixel_threshold": scores.pixel_threshold,
                 "pool_index": scored.pool_index,
                 "pool_images": scored.pool_images,
-                "anomalous_fraction": float((mask > 0).mean()),
+                "anomalous_fraction": float(mask.mean()),
                 "mask_level": level,
                 "mask_path": mask_rel,
                 "heatmap_path": heat_rel,
@@ -501,18 +497,17 @@ def _overlay(
     image: Image.Image,
     patch_map: np.ndarray,
     pixel_scores: np.ndarray,
-    level: float | None,
+    mask: np.ndarray,
     regions: Mapping[str, np.ndarray],
     scores: ProductScores,
     outputs: OutputPolicy,
     *,
-    mask: np.ndarray,
     full_size: bool,
 ) -> np.ndarray:
     """The heatmap of one image: at its size, or with its long side bounded by the policy.
 
-    ``mask`` is ``pixel_scores > level`` (``level`` from ``mask_level``; None: no mask); a
-    reduced heatmap cuts its own map at the same level.
+    A reduced heatmap draws the contour of the image's mask reduced (nearest pixel), so it
+    outlines the same pixels as the mask PNG.
     """
     boxes = np.stack([regions[k] for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")], axis=-1)
     floor, vmax = scores.pixel_threshold, scores.map_max
@@ -523,7 +518,7 @@ def _overlay(
     small = np.asarray(image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
     small_scores = upsample_map(patch_map, (size[1], size[0]))
     small_boxes = np.concatenate([np.floor(boxes[:, :2] * scale), np.ceil(boxes[:, 2:] * scale)], axis=1)
-    small_mask = mask_pixels(small_scores, level) > 0
+    small_mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     return heatmap_overlay(
         small, small_scores, floor=floor, vmax=vmax, mask=small_mask, boxes=small_boxes.astype(np.int64)
     )

@@ -20,8 +20,7 @@ __all__ = [
     "heatmap_legend",
     "heatmap_overlay",
     "line_width",
-    "mask_level",
-    "mask_pixels",
+    "image_mask",
     "region_rows",
     "write_png",
 ]
@@ -205,8 +204,10 @@ def _float32_below(value: float) -> float:
     return float(rounded)
 
 
-def mask_level(score_map: np.ndarray, pixel_threshold: float, *, flagged: bool) -> tuple[str | None, float | None]:
-    """Which rule cuts an image's mask, and the level its pixels must score above.
+def image_mask(
+    score_map: np.ndarray, pixel_threshold: float, *, flagged: bool
+) -> tuple[np.ndarray, str | None, float | None]:
+    """An image's mask under the one rule that ties masks and regions to the image's flag.
 
     Parameters
     ----------
@@ -219,53 +220,31 @@ def mask_level(score_map: np.ndarray, pixel_threshold: float, *, flagged: bool) 
 
     Returns
     -------
+    mask : (H, W) bool array
+        ``score_map > level``: empty when not flagged, otherwise never empty.
     rule : {"pixel_threshold", "peak"} or None
-        None for an image that is not flagged (it has no mask and no region);
-        ``"pixel_threshold"`` when some pixel scores above the product's pixel threshold;
+        None when not flagged; ``"pixel_threshold"`` when some pixel scores above the
+        product's pixel threshold (the mask is then exactly ``score_map > pixel_threshold``);
         ``"peak"`` otherwise.
     level : float or None
-        A float32 value (so ``score_map > level`` gives the same pixels in float32 and
-        float64) with ``score_map > level`` the mask: the pixel threshold rounded down to
-        float32 for ``"pixel_threshold"`` (the same pixels as ``score_map > pixel_threshold``);
-        for ``"peak"``, ``median + PEAK_FRACTION * (max - median)`` of ``score_map`` rounded down,
-        and at most the float32 just below the maximum, so the mask always holds the maximum.
+        A float32 value (so comparisons in float32 and float64 give the same pixels): the
+        pixel threshold rounded down to float32, or for ``"peak"``
+        ``median + PEAK_FRACTION * (max - median)`` of ``score_map`` rounded down and at most
+        the float32 just below the maximum, so the maximum is always in the mask.
     """
     score_map = _check_map(score_map, "score_map").astype(np.float32, copy=False)
     if not np.isfinite(pixel_threshold):
         raise ValueError(f"pixel_threshold must be finite, got {pixel_threshold}")
     if not flagged:
-        return None, None
+        return np.zeros(score_map.shape, bool), None, None
     level = _float32_below(pixel_threshold)
-    peak = np.float32(score_map.max())
+    peak = score_map.max()
     if peak > level:
-        return "pixel_threshold", level
+        return score_map > np.float32(level), "pixel_threshold", level
     median = float(np.median(score_map))
     halfway = _float32_below(median + PEAK_FRACTION * (float(peak) - median))
-    return "peak", min(halfway, float(np.nextafter(peak, np.float32(-np.inf))))
-
-
-def mask_pixels(score_map: np.ndarray, level: float | None) -> np.ndarray:
-    """A binary mask image of the pixels scoring above a level.
-
-    Parameters
-    ----------
-    score_map : (H, W) float array
-    level : float or None
-        Pixels with ``score > level`` are anomalous, compared exactly (the map in float32, as
-        the pixel maps are made); None gives an empty mask (an image that is not flagged).
-
-    Returns
-    -------
-    mask : (H, W) uint8 array
-        255 where anomalous, 0 elsewhere (so the PNG is viewable as is).
-    """
-    score_map = _check_map(score_map, "score_map")
-    if level is None:
-        return np.zeros(score_map.shape, np.uint8)
-    if not np.isfinite(level):
-        raise ValueError(f"level must be finite, got {level}")
-    above = score_map.astype(np.float32, copy=False) > np.float32(_float32_below(level))
-    return np.where(above, np.uint8(255), np.uint8(0))
+    level = min(halfway, float(np.nextafter(peak, np.float32(-np.inf))))
+    return score_map > np.float32(level), "peak", level
 
 
 def ramp_colours(fraction: np.ndarray) -> np.ndarray:
@@ -432,7 +411,7 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
     path : Path
         Parent directories are created; readers see the old file or the new one.
     pixels : (H, W) or (H, W, 3) uint8 array
-        A mask (0/255, from ``mask_pixels``) or an RGB image.
+        A mask (0 and 255) or an RGB image.
 
     Returns
     -------

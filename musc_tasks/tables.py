@@ -91,7 +91,7 @@ SCORES_SCHEMA = pa.schema(
         _optional("pool_index", pa.int32()),
         _optional("pool_images", pa.int32()),
         _optional("anomalous_fraction", pa.float64()),  # of the image's pixels in its mask
-        _optional("mask_level", pa.float64()),  # mask = map > mask_level; null: not flagged, empty mask
+        _optional("mask_level", pa.float64()),  # mask = map > mask_level (render.image_mask); null: not flagged
         _optional("mask_path", pa.string()),  # relative to OUT
         _optional("heatmap_path", pa.string()),  # relative to OUT
         _optional("heatmap_min", pa.float64()),  # score at the colour ramp's start (uncoloured at or below)

@@ -26,6 +26,7 @@ from musc_tasks.manifests import ImageRecord
 from musc_tasks.maps import read_map
 from musc_tasks.preprocess import read_mask, squash_normalise
 from musc_tasks.publish import ProductPlan, finish_product, publish_block
+from musc_tasks.render import image_mask
 from musc_tasks.rscin import patch_score_rows, read_product_scores, score_map
 
 from .conftest import assert_flags_masks_and_margins_agree, subprocess_env
@@ -148,12 +149,13 @@ def test_maps_store_reproduces_masks_and_regions(first_run, tiny_backbone):
         assert pixel_scores.shape == (row.height, row.width) and info["image_id"] == row.image_id
         mask = np.asarray(Image.open(out_dir / row.mask_path)) > 0
         mine = regions[regions["path"] == row.path].sort_values("region")
+        expected, rule, level = image_mask(pixel_scores, row.pixel_threshold, flagged=row.flagged)
+        np.testing.assert_array_equal(mask, expected)
         if not row.flagged:
             assert not mask.any() and np.isnan(row.mask_level) and mine.empty
             continue
+        assert row.mask_level == level and list(mine["region_rule"].unique()) == [rule]
         np.testing.assert_array_equal(mask, pixel_scores > row.mask_level)
-        rule = "pixel_threshold" if (pixel_scores.astype(np.float64) > row.pixel_threshold).any() else "peak"
-        assert list(mine["region_rule"].unique()) == [rule]
         if rule == "pixel_threshold":
             np.testing.assert_array_equal(mask, pixel_scores.astype(np.float64) > row.pixel_threshold)
         assert mine["max_score"].iloc[0] == pytest.approx(float(pixel_scores[mask].max()), abs=1e-7)

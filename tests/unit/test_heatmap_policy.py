@@ -6,7 +6,7 @@ from PIL import Image
 from musc_tasks.config import OutputPolicy
 from musc_tasks.maps import upsample_map
 from musc_tasks.publish import _overlay
-from musc_tasks.render import BOX_RGB, mask_pixels, region_rows
+from musc_tasks.render import BOX_RGB, region_rows
 from musc_tasks.rscin import ProductScores
 
 
@@ -15,7 +15,7 @@ def _case(width=600, height=400):
     patch_map = np.zeros((8, 8), np.float16)
     patch_map[2:4, 5:7] = 1.0
     pixel_scores = upsample_map(patch_map, (height, width))
-    mask = mask_pixels(pixel_scores, 0.5) > 0
+    mask = pixel_scores > 0.5
     scores = ProductScores("p", 0.5, 0.5, 0.0, 1.0, ())
     return image, patch_map, pixel_scores, mask, region_rows(mask, pixel_scores), scores
 
@@ -23,14 +23,14 @@ def _case(width=600, height=400):
 def test_flagged_and_top_ranks_keep_full_resolution():
     image, patch_map, pixel_scores, mask, regions, scores = _case()
     policy = OutputPolicy(long_side=150)
-    overlay = _overlay(image, patch_map, pixel_scores, 0.5, regions, scores, policy, mask=mask, full_size=True)
+    overlay = _overlay(image, patch_map, pixel_scores, mask, regions, scores, policy, full_size=True)
     assert overlay.shape == (400, 600, 3)
 
 
 def test_other_heatmaps_are_bounded_and_keep_their_regions():
     image, patch_map, pixel_scores, mask, regions, scores = _case()
     overlay = _overlay(
-        image, patch_map, pixel_scores, 0.5, regions, scores, OutputPolicy(long_side=150), mask=mask, full_size=False
+        image, patch_map, pixel_scores, mask, regions, scores, OutputPolicy(long_side=150), full_size=False
     )
     assert overlay.shape == (100, 150, 3)
     coloured = np.argwhere((overlay == BOX_RGB).all(-1))
@@ -45,6 +45,6 @@ def test_other_heatmaps_are_bounded_and_keep_their_regions():
 def test_small_images_are_never_enlarged():
     image, patch_map, pixel_scores, mask, regions, scores = _case(100, 80)
     overlay = _overlay(
-        image, patch_map, pixel_scores, 0.5, regions, scores, OutputPolicy(long_side=1024), mask=mask, full_size=False
+        image, patch_map, pixel_scores, mask, regions, scores, OutputPolicy(long_side=1024), full_size=False
     )
     assert overlay.shape == (80, 100, 3)

@@ -5,7 +5,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 
-from musc_tasks.render import heatmap_overlay, mask_pixels, region_rows, write_png
+from musc_tasks.render import heatmap_overlay, image_mask, region_rows, write_png
 
 
 def _two_regions():
@@ -60,14 +60,6 @@ def test_region_rows_rejects_bad_input():
         region_rows(np.zeros((4, 4), np.uint8), np.zeros((4, 4)))
     with pytest.raises(ValueError, match="score_map"):
         region_rows(np.zeros((4, 4), bool), np.zeros((4, 5)))
-
-
-def test_mask_pixels():
-    score_map = np.array([[0.1, 0.5], [0.50001, 2.0]])
-    assert_array_equal(mask_pixels(score_map, 0.5), [[0, 0], [255, 255]])
-    assert mask_pixels(score_map, 0.5).dtype == np.uint8
-    with pytest.raises(ValueError, match="level"):
-        mask_pixels(score_map, float("nan"))
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3)])
@@ -168,51 +160,48 @@ def exactly_above(score_map, level):
     return np.array([[float(x) > float(level) for x in row] for row in score_map])
 
 
-def test_mask_pixels_compares_exactly_whatever_the_levels_precision():
-    x = np.float32(0.3)
-    just_above = np.nextafter(x, np.float32(1))
-    score_map = np.array([[x, just_above], [np.float32(0.1), np.float32(0.9)]], np.float32)
-    for level in (float(x) - 1e-12, float(x) + 1e-12, float(x), 0.5):  # 0.3 +- 1e-12 round to x in float32
-        assert_array_equal(mask_pixels(score_map, level) > 0, exactly_above(score_map, level))
-    assert_array_equal(mask_pixels(score_map, None), np.zeros((2, 2), np.uint8))
-
-
 def random_map(seed, shape=(9, 13)):
     return np.random.default_rng(seed).gamma(2.0, 0.1, size=shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_mask_level_by_hand(seed):
-    from musc_tasks.render import mask_level
+def test_an_image_that_is_not_flagged_has_no_mask():
+    mask, rule, level = image_mask(random_map(0), 0.0, flagged=False)
+    assert mask.shape == (9, 13) and mask.dtype == bool and not mask.any()
+    assert rule is None and level is None
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pixels_above_the_pixel_threshold_exactly(seed):
     score_map = random_map(seed)
-    peak, values = float(score_map.max()), sorted(float(v) for v in score_map.ravel())
-    median = values[len(values) // 2]  # 117 pixels: the middle one
-    # Not flagged: no mask, whatever the pixels score.
-    assert mask_level(score_map, 0.0, flagged=False) == (None, None)
-    # Some pixel above the product's threshold: the mask is exactly those pixels.
-    threshold = peak - 1e-9
-    rule, level = mask_level(score_map, threshold, flagged=True)
-    assert rule == "pixel_threshold"
-    assert_array_equal(mask_pixels(score_map, level) > 0, exactly_above(score_map, threshold))
-    assert_array_equal(score_map > level, exactly_above(score_map, threshold))
-    # None above it: the image's own peak, the pixels above half-way from its median to its maximum.
-    rule, level = mask_level(score_map, peak + 0.01, flagged=True)
+    x = np.float32(np.sort(score_map.ravel())[-4])
+    # just below a pixel's value, at it and just above (all round to it in float32)
+    for threshold in (float(x) - 1e-12, float(x), float(x) + 1e-12):
+        mask, rule, level = image_mask(score_map, threshold, flagged=True)
+        assert rule == "pixel_threshold"
+        assert_array_equal(mask, exactly_above(score_map, threshold))
+        assert np.float32(level) == level  # a float32 value: the same pixels in either precision
+        assert_array_equal(score_map > level, mask)
+        assert_array_equal(score_map.astype(np.float64) > np.float64(level), mask)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_flagged_image_below_the_pixel_threshold_keeps_its_peak(seed):
+    score_map = random_map(seed)
+    values = sorted(float(v) for v in score_map.ravel())
+    peak, median = values[-1], values[len(values) // 2]  # 117 pixels: the middle one
+    mask, rule, level = image_mask(score_map, peak + 0.01, flagged=True)
     assert rule == "peak"
-    assert_array_equal(mask_pixels(score_map, level) > 0, exactly_above(score_map, median + 0.5 * (peak - median)))
-    assert (mask_pixels(score_map, level) > 0).any()
-    for stored in (level, np.float64(level)):  # a float32 value: the same pixels in either precision
-        assert np.float32(stored) == stored
-        assert_array_equal(score_map > stored, score_map.astype(np.float64) > stored)
+    assert_array_equal(mask, exactly_above(score_map, median + 0.5 * (peak - median)))
+    assert mask[np.unravel_index(np.argmax(score_map), score_map.shape)]
+    assert np.float32(level) == level
+    assert_array_equal(score_map > level, mask)
 
 
 def test_a_flat_flagged_map_keeps_its_peak():
-    from musc_tasks.render import mask_level
-
     score_map = np.full((4, 5), 0.25, np.float32)
     score_map[0, 0] = 0.2
-    rule, level = mask_level(score_map, 0.9, flagged=True)
+    mask, rule, level = image_mask(score_map, 0.9, flagged=True)
     assert rule == "peak" and level < 0.25
-    assert (mask_pixels(score_map, level) > 0).sum() == 19
+    assert mask.sum() == 19
     with pytest.raises(ValueError, match="pixel_threshold"):
-        mask_level(score_map, float("inf"), flagged=True)
+        image_mask(score_map, float("inf"), flagged=True)
