@@ -30,7 +30,7 @@ from factory_night import make_night  # noqa: E402
 
 from musc_tasks.imageio import read_rgb  # noqa: E402
 from musc_tasks.maps import upsample_map  # noqa: E402
-from musc_tasks.render import encode_image, heatmap_overlay, mask_pixels, region_rows, write_png  # noqa: E402
+from musc_tasks.render import encode_image, heatmap_overlay, image_mask, region_rows, write_png  # noqa: E402
 
 THRESHOLD = 1.5
 
@@ -39,14 +39,14 @@ def publish_one(path: Path, patch_map: np.ndarray, out: Path, working_side: int 
     """Publish's steps for one flagged capture; returns (seconds in region_rows, the rows)."""
     image, _ = read_rgb(path)
     pixel_scores = upsample_map(patch_map, (image.height, image.width))
-    mask = mask_pixels(pixel_scores, THRESHOLD)
-    write_png(out / "mask.png", mask)
+    mask, _, _ = image_mask(pixel_scores, THRESHOLD, flagged=True)
+    write_png(out / "mask.png", np.where(mask, np.uint8(255), np.uint8(0)))
     started = time.perf_counter()
-    regions = region_rows(mask > 0, pixel_scores, working_side=working_side)
+    regions = region_rows(mask, pixel_scores, working_side=working_side)
     region_seconds = time.perf_counter() - started
     boxes = np.stack([regions[k] for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")], axis=-1)
     overlay = heatmap_overlay(
-        np.asarray(image), pixel_scores, floor=THRESHOLD, vmax=float(patch_map.max()), mask=mask > 0, boxes=boxes
+        np.asarray(image), pixel_scores, floor=THRESHOLD, vmax=float(patch_map.max()), mask=mask, boxes=boxes
     )
     (out / "heatmap.jpg").write_bytes(encode_image(overlay, "jpeg", 85))
     return region_seconds, regions
