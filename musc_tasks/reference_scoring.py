@@ -14,7 +14,6 @@ dropped once the reference store is complete.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 from collections.abc import Sequence
@@ -36,10 +35,9 @@ from .core import (
     scores_from_similarities,
 )
 from .identity import array_digest, params_key
-from .locks import exclusive_lock
 from .manifests import PoolsRef
 from .references import ReferenceSet
-from .scoring import PoolJob, dask_client, open_pool, plan_pool, score_pools_with_dask
+from .scoring import PoolJob, dask_client, locked_pools, open_pool, plan_pool, score_pools_with_dask
 from .store import (
     PoolLayout,
     create_pool_store,
@@ -111,8 +109,8 @@ def score_with_references(
                 (*night.image_ids, *reference_ids),
                 ref.tokens.store_path,
                 [rows[i] for i in night.image_ids] + reference_rows,
-                grid=night.grid,
-                n_layers=night.n_maps // len(scoring.msm.r_list),
+                grid=ref.tokens.geometry.grid,
+                n_layers=ref.tokens.geometry.n_layers,
                 msm=scoring.msm,
                 backbone_key=backbone_key,
                 task_images=scoring.task_images,
@@ -136,9 +134,7 @@ def _run(jobs: list[ReferenceJob], dask_address: str | None, on_progress, log: l
     ]
     if not todo:
         return
-    with contextlib.ExitStack() as held:
-        for path in sorted({job.union.pool_path for job in todo}):
-            held.enter_context(exclusive_lock(Path(path).with_suffix(".lock"), waiting_message=f"{path} is busy"))
+    with locked_pools([job.union for job in todo]):
         for job in todo:
             if pool_is_complete(Path(job.union.pool_path)):  # its scratch table is gone: compute it again
                 shutil.rmtree(job.union.pool_path)

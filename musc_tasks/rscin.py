@@ -15,7 +15,7 @@ from .config import CODE_VERSION, RscinParams
 from .core import image_scores, rescore_images, upsample_maps
 from .faults import failpoint
 from .identity import params_key
-from .manifests import PoolsRef, ProductScoresRef
+from .manifests import PoolsRef, ProductScoresRef, TokenGeometry
 from .store import open_pool_store, pool_layout, read_embeddings
 
 __all__ = [
@@ -124,7 +124,7 @@ def rscin_products(pools: Sequence[PoolsRef], rscin: RscinParams) -> tuple[Produ
             [Path(p) for p in ref.pool_paths],
             Path(tokens.store_path),
             dict(zip(tokens.image_ids, tokens.token_rows)),
-            image_size=tokens.geometry.image_size,
+            geometry=tokens.geometry,
             rscin=rscin,
         )
         settings = {"rscin_k": list(rscin.k_list), "t": str(rscin.threshold), "p": str(rscin.pixel_threshold)}
@@ -142,7 +142,7 @@ def product_scores(
     token_path: Path,
     token_rows: dict[str, int],
     *,
-    image_size: int,
+    geometry: TokenGeometry,
     rscin: RscinParams,
 ) -> ProductScores:
     """Raw scores (max of each S x S map), RsCIN across all pools of the product, thresholds.
@@ -151,13 +151,14 @@ def product_scores(
     anomalous when it scores above what the peak of a typical good image reaches.
     """
     ids, pools, sizes, raw, map_min, map_max = [], [], [], [], np.inf, -np.inf
+    side = geometry.image_size
     for index, path in enumerate(pool_paths):
         layout = pool_layout(path)
         patch_scores = torch.from_numpy(open_pool_store(path)["patch_scores"][:])
         map_min = min(map_min, float(patch_scores.min()))
         map_max = max(map_max, float(patch_scores.max()))
         for start in range(0, len(layout.image_ids), 16):  # bounded memory: 16 maps at a time
-            maps = upsample_maps(patch_scores[start : start + 16], layout.grid, (image_size, image_size))
+            maps = upsample_maps(patch_scores[start : start + 16], geometry.grid, (side, side))
             raw.extend(image_scores(maps).tolist())
         ids.extend(layout.image_ids)
         pools.extend([index] * len(layout.image_ids))
@@ -207,7 +208,7 @@ def pool_reference(pool_paths: Sequence[Path]) -> dict[str, str]:
 
 
 def score_map(pool_path: Path, row: int, height: int, width: int) -> np.ndarray:
-    """One image's anomaly map at (height, width) pixels: (height, width) float32 array."""
+    """One image's anomaly map at (height, width) pixels: (height, width) float32 array (the pool store alone)."""
     layout = pool_layout(pool_path)
     patch = torch.from_numpy(open_pool_store(pool_path)["patch_scores"][row : row + 1])
     return upsample_maps(patch, layout.grid, (height, width))[0].numpy()

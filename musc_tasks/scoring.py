@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +49,7 @@ __all__ = [
     "assemble_row_block",
     "dask_client",
     "dask_cluster",
+    "locked_pools",
     "open_pool",
     "plan_pool",
     "score_block_pair",
@@ -120,6 +121,19 @@ def open_pool(job: PoolJob, log: logging.Logger = logger) -> None:
     create_pool_store(path, job.layout, job.settings)
 
 
+@contextlib.contextmanager
+def locked_pools(jobs: Iterable[PoolJob]) -> Iterator[None]:
+    """Hold the lock of every job's pool store while this run creates, checks or fills them.
+
+    Taken in one global order, so two runs sharing pools cannot deadlock.
+    """
+    with contextlib.ExitStack() as held:
+        for path in sorted({job.pool_path for job in jobs}):
+            waiting = f"{path} is being computed by another run; waiting for it"
+            held.enter_context(exclusive_lock(Path(path).with_suffix(".lock"), waiting_message=waiting))
+        yield
+
+
 def product_pools(tokens: TokensRef, scoring: ScoringParams) -> list[tuple[str, ...]]:
     """A product's pools of image ids: the catalog's fixed pools, or a seeded split by pool size."""
     if tokens.pools is not None:
@@ -169,11 +183,7 @@ def score_products(
         ]
         planned.update((job.pool_path, job) for job in jobs)
         products.append((ref, tuple(job.pool_path for job in jobs)))
-    with contextlib.ExitStack() as held:
-        # One global order of acquisition, so two runs sharing pools cannot deadlock.
-        for path in sorted(planned):
-            waiting = f"{path} is being computed by another run; waiting for it"
-            held.enter_context(exclusive_lock(Path(path).with_suffix(".lock"), waiting_message=waiting))
+    with locked_pools(planned.values()):
         for job in planned.values():
             open_pool(job, log)
         with dask_client(dask_address) as client:
