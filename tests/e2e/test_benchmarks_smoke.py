@@ -51,6 +51,11 @@ def test_dask_scale_benchmark(tmp_path):
     assert "| workers (1 thread each) |" in out, out
 
 
+def test_msm_stage_benchmark():
+    out = run("msm_stage.py", "--n", "6", "--length", "16", "--channels", "8", "--repeats", "1", "--workers", "1")
+    assert "| stage on Dask |" in out, out
+
+
 def test_day_scale_benchmark(tmp_path):
     out = run("day_scale.py", "--smoke", "--json", str(tmp_path / "day.json"))
     assert "time per image" in out, out
