@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 
 from prefect import flow
 
@@ -10,6 +11,7 @@ from flows.score import score_catalog, token_geometry
 from flows.stages import Stages
 from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
 from musc_tasks.datasets import DEFAULT_RSCIN_K
+from musc_tasks.layout import evaluation_dir
 from musc_tasks.locks import run_lock
 from musc_tasks.tasks import catalog_dataset, evaluate_metrics
 
@@ -35,9 +37,11 @@ def evaluate_dataset(
     AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO/PRO per category.
 
     ``scoring`` defaults to the paper's setting for the layout (RsCIN k 1,8,9 on VisA) with
-    the whole category in one pool.
+    the whole category in one pool. Everything goes to ``OUT/evaluation/`` (``layout.evaluation_dir``):
+    the metrics to ``tables/metrics/``, the per-image scores, masks and caches beside them.
     """
     scoring = scoring or ScoringParams(rscin_k=DEFAULT_RSCIN_K[layout], pool_size=100_000)
+    out_dir = str(evaluation_dir(Path(out_dir).resolve()))  # never in the production nights' tables
     day = (run_date or date.today()).isoformat()
     stages = Stages(refresh, out_dir=out_dir)
     with run_lock(out_dir, day, backbone.key):

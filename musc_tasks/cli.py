@@ -387,9 +387,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_backbones, resolve_backbone_key
 
     scores = tables.read_table(Path(args.out) / "tables" / "scores")
-    day = scores[scores["date"].astype(str) == args.date] if not scores.empty else scores
+    day = scores[scores["date"] == args.date]
     if day.empty:
-        dates = sorted(scores["date"].astype(str).unique()) if not scores.empty else []
+        dates = sorted(scores["date"].dt.strftime("%Y-%m-%d").unique())
         raise UsageError(f"--date {args.date}: no results for that day in {args.out}; days with results: {dates}")
     available = sorted(day["backbone_key"].unique())
     key_a, key_b = (resolve_backbone_key(name, available) for name in names)
@@ -440,35 +440,51 @@ def cmd_report(args: argparse.Namespace) -> int:
         dates = tables.read_table(out / "tables" / "scores")["date"]
         if dates.empty:
             raise ValueError(f"no results in {out / 'tables' / 'scores'}")
-        day = dates.max()
+        day = dates.max().date().isoformat()
     report = build_day_report(out, day, args.backbone)
     print(report.path)
     print(f"  all nights: {report.path.parent.parent / 'index.html'}")
     return 0
 
 
-QUERY_TABLES = ("scores", "regions", "runs", "metrics", "days")
+QUERY_TABLES = ("scores", "regions", "runs", "days")
+
+
+def query_views(out: Path) -> dict[str, Path]:
+    """View name -> table folder: the nights' tables, ``eval_*`` and ``metrics`` of OUT/evaluation.
+
+    ``metrics`` falls back to ``OUT/tables/metrics``, where evaluations went before they had a tree.
+    """
+    from .layout import evaluation_dir
+
+    evaluation = evaluation_dir(out) / "tables"
+    folders = {name: out / "tables" / name for name in QUERY_TABLES}
+    folders |= {f"eval_{name}": evaluation / name for name in QUERY_TABLES}
+    folders["metrics"] = evaluation / "metrics" if (evaluation / "metrics").is_dir() else out / "tables" / "metrics"
+    return {name: folder for name, folder in folders.items() if any(folder.rglob("*.parquet"))}
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     """``musc query SQL``: DuckDB over OUT's tables, each a view named after it."""
-    tables_dir = Path(args.out) / "tables"
-    present = [name for name in QUERY_TABLES if any((tables_dir / name).rglob("*.parquet"))]
-    if not present:
+    views = query_views(Path(args.out).resolve())
+    if not views:
         raise UsageError(f"--out {args.out} holds no table (tables/{{scores,regions,runs}}): score a day into it first")
     import duckdb
 
+    from . import tables
+
     connection = duckdb.connect()
-    for name in present:
-        pattern = str(tables_dir.resolve() / name / "**" / "*.parquet").replace("'", "''")
+    for name, folder in views.items():
+        pattern = str(folder / "**" / "*.parquet").replace("'", "''")
+        hive_types = tables.duckdb_hive_types(tables.partition_keys(folder))
         connection.execute(
             f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{pattern}', hive_partitioning = true, "
-            "union_by_name = true)"
+            f"hive_types = {hive_types}, union_by_name = true)"
         )
     try:
         result = connection.sql(args.sql)
     except duckdb.Error as error:
-        raise UsageError(f"SQL: {str(error).splitlines()[0]} (views: {', '.join(present)})") from None
+        raise UsageError(f"SQL: {str(error).splitlines()[0]} (views: {', '.join(views)})") from None
     if result is None:
         return 0
     frame = result.df()
@@ -615,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--layout", required=True, choices=["mvtec", "visa", "btad"], help="the dataset's folder layout"
     )
-    evaluate.add_argument("--out", required=True, help="results folder (tables/metrics, masks, cache)")
+    evaluate.add_argument(
+        "--out", required=True, help="results folder; evaluations write OUT/evaluation/ (tables/metrics, masks, cache)"
+    )
     evaluate.add_argument("--categories", help="comma-separated subset (default: all)")
     pools = evaluate.add_mutually_exclusive_group()
     pools.add_argument("--pool-size", type=int, help="split each category into seeded pools of at most N")
@@ -690,7 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--backbone", help="backbone key to show (default: the night's latest run)")
     report.set_defaults(func=cmd_report)
     query = commands.add_parser(
-        "query", help="SQL (DuckDB) over the results: views scores, regions, runs (and metrics) of OUT/tables"
+        "query",
+        help="SQL (DuckDB) over the results: views scores, regions, runs, days of OUT/tables; "
+        "eval_scores, ..., metrics of OUT/evaluation/tables",
     )
     query.add_argument("sql", help='e.g. "SELECT product, path, score FROM scores WHERE rank <= 5"')
     query.add_argument("--out", required=True, help="results folder holding tables/")

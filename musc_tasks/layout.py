@@ -7,6 +7,7 @@ OUT/cache/references/<backbone_key>/<product>/<name>.json  known-good reference 
 OUT/maps/<date>/<product>/<backbone_key>.zarr   raw patch-grid anomaly maps of a day
 OUT/tables/, OUT/masks/, OUT/heatmaps/          the published results
 OUT/reports/index.html, OUT/reports/<date>/     the morning reports
+OUT/evaluation/                                 `musc evaluate`'s own tree, laid out like OUT
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .identity import path_segment
 __all__ = [
     "catalog_path",
     "day_input",
+    "evaluation_dir",
     "maps_store_path",
     "pool_stores_dir",
     "reference_set_path",
@@ -76,3 +78,12 @@ def maps_store_path(out_dir: str | Path, run_date: str, product: str, backbone_k
 def reports_dir(out_dir: str | Path) -> Path:
     """The morning reports: the index of nights and one folder per night."""
     return Path(out_dir) / "reports"
+
+
+def evaluation_dir(out_dir: str | Path) -> Path:
+    """Where evaluations write everything (tables, masks, caches), apart from the production nights.
+
+    Laid out like OUT itself, so the nights' tables, reports and day signals never see a
+    benchmark's images, and ``--out OUT/evaluation`` works with every command that reads OUT.
+    """
+    return Path(out_dir) / "evaluation"

@@ -471,8 +471,9 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
                 "pool_images": scored.pool_images,
                 "anomalous_fraction": float(mask.mean()),
                 "mask_level": level,
-                "mask_path": mask_rel,
-                "heatmap_path": heat_rel,
+                # Absolute, like the capture's path: a query's result opens as it is (README: Paths in the tables).
+                "mask_path": printable(str(Path(out_dir).absolute() / mask_rel)),
+                "heatmap_path": printable(str(Path(out_dir).absolute() / heat_rel)),
                 "heatmap_min": scores.pixel_threshold,
                 "heatmap_max": max(scores.map_max, scores.pixel_threshold),
                 "status": "scored",

@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 import jinja2
@@ -51,6 +51,7 @@ __all__ = [
     "gallery_rows",
     "histogram_svg",
     "nightly_trend",
+    "out_relative",
     "thumbnail",
     "trend_svg",
 ]
@@ -117,6 +118,7 @@ def nightly_trend(scores: pd.DataFrame, run_date: str, nights: int = TREND_NIGHT
         }
     ).reset_index()
     trend["flag_rate"] = trend["flagged"] / trend["images"]
+    trend["date"] = pd.to_datetime(trend["date"]).dt.strftime("%Y-%m-%d")  # the tables' dates, as labels
     return trend.tail(nights).reset_index(drop=True)[["date", "images", "flagged", "flag_rate", "median_score"]]
 
 
@@ -287,6 +289,25 @@ def _slug(name: str) -> str:
     """A file-name and anchor-safe key for a product, unique through its hash suffix."""
     cleaned = "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower()).strip("-")
     return f"{cleaned[:40] or 'product'}-{params_key(name, length=8)}"
+
+
+def out_relative(stored: str, out_dir: Path, kind: str, run_date: str) -> str:
+    """A ``mask_path`` or ``heatmap_path`` of the tables as a path inside OUT.
+
+    The tables hold absolute paths; an OUT copied or moved elsewhere still finds its own
+    files from the layout's ``<kind>/<date>/`` folder on, and tables written before paths
+    were absolute hold the relative path already.
+    """
+    path = PurePosixPath(stored)
+    if not path.is_absolute():
+        return stored
+    if path.is_relative_to(out_dir.resolve().as_posix()):
+        return path.relative_to(out_dir.resolve().as_posix()).as_posix()
+    parts = path.parts
+    for index in range(len(parts) - 1):
+        if parts[index : index + 2] == (kind, run_date):
+            return PurePosixPath(*parts[index:]).as_posix()
+    raise ValueError(f"{stored} is not a {kind} file of {run_date} under an OUT")
 
 
 def _href(relpath: str) -> str:
@@ -465,7 +486,9 @@ def _product_view(
 def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.DataFrame) -> dict:
     # Named by what they show, so a rebuild reuses them: the capture by its content hash, the
     # overlay by the run that wrote its heatmap (a re-run or another backbone gets a new one).
-    overlay_key = params_key([row.run_id, row.heatmap_path], length=20)
+    heatmap_rel = out_relative(row.heatmap_path, out_dir, "heatmaps", day_dir.name)
+    mask_rel = out_relative(row.mask_path, out_dir, "masks", day_dir.name)
+    overlay_key = params_key([row.run_id, heatmap_rel], length=20)
     capture_file = assets / f"{row.image_id[:20]}-capture.jpg"
     overlay_file = assets / f"{overlay_key}-overlay.jpg"
     if not capture_file.exists():
@@ -476,7 +499,7 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
             logger.warning("report: no thumbnail of %s (%s)", row.path, getattr(error, "reason", error))
     if not overlay_file.exists():
         try:
-            with Image.open(out_dir / row.heatmap_path) as heatmap:
+            with Image.open(out_dir / heatmap_rel) as heatmap:
                 small = thumbnail(heatmap.convert("RGB"))
                 full_width = heatmap.width
         except OSError as error:
@@ -498,8 +521,8 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
         "note": _text(row.note),
         "capture": capture_file.relative_to(day_dir).as_posix() if capture_file.exists() else None,
         "overlay": overlay_file.relative_to(day_dir).as_posix() if overlay_file.exists() else None,
-        "heatmap_href": up + _href(row.heatmap_path),
-        "mask_href": up + _href(row.mask_path),
+        "heatmap_href": up + _href(heatmap_rel),
+        "mask_href": up + _href(mask_rel),
         "capture_href": up + _href(capture.resolve().relative_to(out_dir.resolve()).as_posix()) if inside else None,
         "width": int(row.width),
         "height": int(row.height),

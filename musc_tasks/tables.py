@@ -18,6 +18,15 @@ Partition values (and stems) are percent-encoded: every byte of the UTF-8 encodi
 ``"screw bolt"`` and ``product=cap%232`` as ``"cap#2"``. It escapes a superset of what Spark
 escapes when it writes, which is harmless because decoding is the same.
 
+Every path in the tables is absolute (``path``, ``mask_path``, ``heatmap_path``,
+``input_dir``): what a query returns opens as it is, on any machine that mounts OUT and the
+input at the same paths.
+
+Partition columns have one type in every reader: ``date`` is a date (Arrow ``date32``,
+DuckDB ``DATE``, pandas ``datetime64``), every other key a string. Left to infer, pandas reads
+``date=2026-11-22`` as an unordered categorical (no date ranges) and DuckDB would turn a
+product named ``2024`` into a number; ``partitioning`` and ``duckdb_hive_types`` say it.
+
 Writers put the file aside as ``.<stem>.parquet.<pid>-<random>.tmp`` (pyarrow and Spark skip
 names starting with ``"."``; DuckDB's ``*.parquet`` glob does match dot-files, so the ``.tmp``
 suffix is what hides it there), fsync it, ``os.replace`` it onto the final name and fsync the
@@ -31,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
@@ -49,7 +59,11 @@ __all__ = [
     "METRICS_SCHEMA",
     "TABLES",
     "SCORE_STATUSES",
+    "PARTITION_TYPES",
     "partition_path",
+    "partition_keys",
+    "partitioning",
+    "duckdb_hive_types",
     "empty_table",
     "to_table",
     "publish_partition",
@@ -92,8 +106,8 @@ SCORES_SCHEMA = pa.schema(
         _optional("pool_images", pa.int32()),
         _optional("anomalous_fraction", pa.float64()),  # of the image's pixels in its mask
         _optional("mask_level", pa.float64()),  # mask = map > mask_level (render.image_mask); null: not flagged
-        _optional("mask_path", pa.string()),  # relative to OUT
-        _optional("heatmap_path", pa.string()),  # relative to OUT
+        _optional("mask_path", pa.string()),  # absolute, like every path column
+        _optional("heatmap_path", pa.string()),  # absolute
         _optional("heatmap_min", pa.float64()),  # score at the colour ramp's start (uncoloured at or below)
         _optional("heatmap_max", pa.float64()),  # score at the colour ramp's end (the product's maximum)
         _required("backbone_key", pa.string()),
@@ -202,6 +216,9 @@ TABLES: dict[str, tuple[pa.Schema, tuple[str, ...]]] = {
     "days": (DAYS_SCHEMA, ("date", "product")),
     "metrics": (METRICS_SCHEMA, ("dataset",)),
 }
+
+# The type of a partition key other than string.
+PARTITION_TYPES: dict[str, pa.DataType] = {"date": pa.date32()}
 
 
 def _check_stem(stem: str) -> str:
@@ -440,6 +457,70 @@ def _partition_keys(path: Path, table_dir: Path) -> tuple[str, ...]:
     return tuple(part.split("=", 1)[0] for part in path.parent.relative_to(table_dir).parts)
 
 
+def partition_keys(table_dir: Path) -> tuple[str, ...]:
+    """The partition keys of a table, in path order: its files', else the known table's.
+
+    Parameters
+    ----------
+    table_dir : Path
+        The table's root, e.g. ``OUT/tables/scores``.
+
+    Returns
+    -------
+    keys : tuple of str
+        E.g. ``("date", "product")``; raises ValueError when two files disagree.
+    """
+    table_dir = Path(table_dir)
+    files = _visible_files(table_dir) if table_dir.is_dir() else []
+    if not files:
+        return TABLES.get(table_dir.name, (None, ()))[1]
+    keys = _partition_keys(files[0], table_dir)
+    for path in files[1:]:
+        if _partition_keys(path, table_dir) != keys:
+            raise ValueError(f"table_dir {table_dir}: {path} has partition keys other than {keys}")
+    return keys
+
+
+def partitioning(keys: Sequence[str]) -> ds.Partitioning:
+    """The hive partitioning of ``keys`` with their types (``date`` a date, others strings).
+
+    Parameters
+    ----------
+    keys : sequence of str
+        Partition keys in path order, e.g. ``("date", "product")`` (see ``partition_keys``).
+
+    Returns
+    -------
+    partitioning : pyarrow.dataset.Partitioning
+        For ``pyarrow.dataset.dataset`` or ``pandas.read_parquet(..., partitioning=...)``;
+        values are percent-decoded.
+    """
+    schema = pa.schema([pa.field(key, PARTITION_TYPES.get(key, pa.string())) for key in keys])
+    return ds.partitioning(schema, flavor="hive")
+
+
+def duckdb_hive_types(keys: Sequence[str]) -> str:
+    """DuckDB's ``hive_types`` argument for ``keys``: ``{'date': DATE, 'product': VARCHAR}``."""
+    types = {"date": "DATE"}
+    return "{" + ", ".join(f"'{key}': {types.get(key, 'VARCHAR')}" for key in keys) + "}"
+
+
+def _date_filters(filters):
+    """A list of (key, op, value) tuples with ISO strings for ``date`` turned into dates."""
+
+    def typed(condition):
+        key, op, value = condition
+        if key != "date":
+            return condition
+        if isinstance(value, str):
+            value = date.fromisoformat(value)
+        elif isinstance(value, (list, tuple, set)):
+            value = [date.fromisoformat(v) if isinstance(v, str) else v for v in value]
+        return (key, op, value)
+
+    return [[typed(c) for c in group] if isinstance(group, list) else typed(group) for group in filters]
+
+
 def read_table(table_dir: Path, *, filters=None) -> pd.DataFrame:
     """Read a whole table with its hive partition columns.
 
@@ -451,33 +532,30 @@ def read_table(table_dir: Path, *, filters=None) -> pd.DataFrame:
         schema comes from the files.
     filters : pyarrow expression or list of tuples, optional
         As in ``pyarrow.parquet.read_table``, e.g. ``[("product", "=", "screw bolt")]``.
-        Partition columns compare as strings.
+        ``date`` compares as a date: give a ``datetime.date`` or an ISO string.
 
     Returns
     -------
     frame : DataFrame
-        The file columns followed by the partition columns as decoded strings. Empty with
-        the same columns when nothing is published (only when the table name is known).
+        The file columns followed by the partition columns: ``date`` as ``datetime64`` (so
+        ``frame["date"] >= "2026-11-01"`` and ``.dt`` work), the others as decoded strings.
+        Empty with the same columns when nothing is published (only when the table name is known).
     """
     table_dir = Path(table_dir)
-    schema, keys = TABLES.get(table_dir.name, (None, ()))
+    schema = TABLES.get(table_dir.name, (None, ()))[0]
+    keys = partition_keys(table_dir)
     files = _visible_files(table_dir) if table_dir.is_dir() else []
-    if files:
-        keys = _partition_keys(files[0], table_dir)
-        for path in files[1:]:
-            if _partition_keys(path, table_dir) != keys:
-                raise ValueError(f"table_dir {table_dir}: {path} has partition keys other than {keys}")
-    partition_schema = pa.schema([pa.field(key, pa.string()) for key in keys])
+    hive = partitioning(keys)
     if not files:
         if schema is None:
             return pd.DataFrame()
-        return pa.unify_schemas([schema, partition_schema]).empty_table().to_pandas()
+        return pa.unify_schemas([schema, hive.schema]).empty_table().to_pandas(date_as_object=False)
     dataset = ds.dataset(
         [str(path) for path in files],
-        schema=None if schema is None else pa.unify_schemas([schema, partition_schema]),
+        schema=None if schema is None else pa.unify_schemas([schema, hive.schema]),
         format="parquet",
-        partitioning=ds.partitioning(partition_schema, flavor="hive"),
+        partitioning=hive,
         partition_base_dir=str(table_dir),
     )
-    expression = pq.filters_to_expression(filters) if isinstance(filters, list) else filters
-    return dataset.to_table(filter=expression).to_pandas()
+    expression = pq.filters_to_expression(_date_filters(filters)) if isinstance(filters, list) else filters
+    return dataset.to_table(filter=expression).to_pandas(date_as_object=False)

@@ -82,8 +82,8 @@ def test_evaluate_with_dinov2(prefect_api, dask_address, mvtec_root, meta_file, 
     argv = ["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), "--dask-address", dask_address]
     assert main([*argv, *tiny_args(meta_file)]) == 0
     assert "AUROC-cls" in capsys.readouterr().out
-    metrics = tables.read_table(out / "tables" / "metrics").set_index("category")
-    scores = tables.read_table(out / "tables" / "scores")
+    metrics = tables.read_table(out / "evaluation" / "tables" / "metrics").set_index("category")
+    scores = tables.read_table(out / "evaluation" / "tables" / "scores")
     assert sorted(metrics.index) == sorted([*scores["product"].unique(), "mean"])
     assert metrics["backbone_key"].str.startswith("musc-tiny-dinov2__ckpt-").all()
     for category, rows in scores.groupby("product"):

@@ -53,8 +53,10 @@ def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvte
     printed = capsys.readouterr().out
     assert "AUROC-cls" in printed and "mean" in printed
 
-    metrics = tables.read_table(out / "tables" / "metrics").set_index("category")
-    scores = tables.read_table(out / "tables" / "scores")
+    assert not (out / "tables").exists() and not (out / "reports").exists(), "evaluation beside the nights"
+    evaluation = out / "evaluation"
+    metrics = tables.read_table(evaluation / "tables" / "metrics").set_index("category")
+    scores = tables.read_table(evaluation / "tables" / "scores")
     categories = sorted(scores["product"].unique())
     assert list(metrics.index) == [*categories, "mean"] or sorted(metrics.index) == sorted([*categories, "mean"])
     for category in categories:
@@ -66,7 +68,7 @@ def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvte
 
         maps, masks = [], []
         pools = {}
-        for store in (out / "cache" / "pools").rglob("*.zarr"):
+        for store in (evaluation / "cache" / "pools").rglob("*.zarr"):
             group = zarr.open_group(store, mode="r")
             for row, image_id in enumerate(group.attrs["image_ids"]):
                 pools[image_id] = (group, row)
@@ -88,6 +90,13 @@ def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvte
         assert metrics.loc[category, "aupro"] == pytest.approx(expected["aupro"])
         assert metrics.loc[category, "n_images"] == len(rows)
     assert metrics.loc["mean", "image_auroc"] == pytest.approx(metrics.loc[categories, "image_auroc"].mean())
+
+    # musc query reaches the evaluation's tables by their own names; there is no night to query
+    sql = "SELECT (SELECT count(*) FROM eval_scores) n, (SELECT count(*) FROM metrics) m"
+    assert main(["query", sql, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == [str(len(scores)), str(len(metrics))]
+    assert main(["query", "SELECT * FROM scores", "--out", str(out)]) == 2
+    assert "views: eval_scores, eval_regions, eval_runs, eval_days, metrics" in capsys.readouterr().err
     assert (metrics["mask_mode"] == "paper").all()
 
 
@@ -111,10 +120,10 @@ def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root,
         )
         == 0
     )
-    stores = list((out / "cache" / "pools").rglob("*.zarr"))
+    stores = list((out / "evaluation" / "cache" / "pools").rglob("*.zarr"))
     assert len(stores) == 2
     sizes = sorted(len(zarr.open_group(s, mode="r").attrs["image_ids"]) for s in stores)
     types = sorted(p.parent.name for p in (mvtec_root / "brick" / "test").rglob("*.png"))
     assert sizes == sorted(len(subset) for subset in split_by_type(types, 2))
-    metrics = tables.read_table(out / "tables" / "metrics")
+    metrics = tables.read_table(out / "evaluation" / "tables" / "metrics")
     assert set(metrics["category"]) == {"brick", "mean"} and (metrics["pool_size"] == max(sizes)).all()

@@ -11,14 +11,21 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from datetime import date
+from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import duckdb
 import httpx
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pds
 import pytest
 from PIL import Image
 
 from flows.score import score_captures
+from musc_tasks import tables
+from musc_tasks.cli import main
 from musc_tasks.config import ScoringParams
 from musc_tasks.report import TREND_NIGHTS, build_day_report
 
@@ -192,7 +199,8 @@ def test_report_in_a_real_browser(nights, tmp_path):
                 local = out_dir / urllib.request.url2pathname(urlparse(url).path).lstrip("/")
                 assert body == local.read_bytes(), url
         heatmaps = {url for url in full_res if "/heatmaps/" in url}
-        assert {urljoin(base + "/", urllib.request.pathname2url(p)) for p in table["heatmap_path"].dropna()} >= heatmaps
+        in_out = [os.path.relpath(p, out_dir) for p in table["heatmap_path"].dropna()]
+        assert {urljoin(base + "/", urllib.request.pathname2url(p)) for p in in_out} >= heatmaps
 
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors
@@ -278,3 +286,30 @@ def test_report_rebuilds_from_out_alone_when_the_captures_are_gone(nights, tmp_p
         assert not [src for src, *_ in images if src.endswith("-capture.jpg")]
         assert sum(1 for src, *_ in images if src.endswith("-overlay.jpg")) == parts
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_analysts_queries_range_over_dates_and_give_paths_that_open(nights, capsys):
+    """README's pandas and DuckDB forms on three real nights: dates are dates, every path opens."""
+    out_dir, *_ = nights
+    hive = pds.partitioning(pa.schema([("date", pa.date32()), ("product", pa.string())]), flavor="hive")
+    scores = pd.read_parquet(out_dir / "tables" / "scores", partitioning=hive)
+    per_night = scores.groupby("date").size()
+    assert list(per_night.index) == [date.fromisoformat(night) for night in NIGHTS]
+    later = scores[scores["date"] >= date.fromisoformat(NIGHTS[1])]
+    assert len(later) == per_night.iloc[1:].sum()
+    ours = tables.read_table(out_dir / "tables" / "scores")
+    assert len(ours[ours["date"].between(NIGHTS[1], NIGHTS[2])]) == len(later)
+
+    source = f"read_parquet('{out_dir}/tables/scores/**/*.parquet', hive_partitioning = true, "
+    source += "hive_types = {'date': DATE, 'product': VARCHAR})"
+    in_range = f"SELECT count(*) FROM {source} WHERE date BETWEEN DATE '{NIGHTS[1]}' AND DATE '{NIGHTS[2]}'"
+    assert duckdb.sql(in_range).fetchall() == [(len(later),)]
+    assert main(["query", f"SELECT count(*) n FROM scores WHERE date >= '{NIGHTS[1]}'", "--out", str(out_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].strip() == str(len(later))
+
+    top = duckdb.sql(f"SELECT path, mask_path, heatmap_path FROM {source} WHERE status = 'scored' AND rank <= 5")
+    opened = [column for row in top.fetchall() for column in row]
+    assert opened and all(Path(p).is_file() for p in opened)
+    regions = tables.read_table(out_dir / "tables" / "regions")
+    runs = tables.read_table(out_dir / "tables" / "runs")
+    assert all(Path(p).is_file() for p in regions["path"]) and all(Path(p).is_dir() for p in runs["input_dir"])

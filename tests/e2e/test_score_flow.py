@@ -56,7 +56,11 @@ def query(out_dir, sql):
 
 
 def comparable(out_dir, table):
+    """The table without its run ids and with its OUT paths relative, to compare two OUTs."""
     frame = tables.read_table(Path(out_dir) / "tables" / table).drop(columns=["run_id"])
+    for column in {"mask_path", "heatmap_path"} & set(frame.columns):
+        assert frame[column].dropna().map(lambda p: Path(p).is_relative_to(out_dir)).all(), "not absolute in OUT"
+        frame[column] = frame[column].str.removeprefix(f"{out_dir}/")
     return frame.sort_values(list(frame.columns[:3])).reset_index(drop=True)
 
 
@@ -83,8 +87,9 @@ def test_tables_masks_and_heatmaps(first_run, demo_day):
     for row in rows.itertuples():
         with Image.open(row.path) as original:
             size = original.size
-        for rel in (row.mask_path, row.heatmap_path):
-            with Image.open(out_dir / rel) as written:
+        for written_path in (row.mask_path, row.heatmap_path):
+            assert Path(written_path).is_absolute() and Path(written_path).is_relative_to(out_dir)
+            with Image.open(written_path) as written:
                 assert written.size == size
     regions = tables.read_table(out_dir / "tables" / "regions")
     assert set(regions["image_id"]) <= set(rows["image_id"])
@@ -204,7 +209,10 @@ def test_serial_publish_writes_what_the_dask_tasks_wrote(first_run, tiny_backbon
         theirs = published[published["product"] == product].sort_values("path")
         ours = sorted(rows.scores, key=lambda r: r["path"])
         for column in ("path", "score", "rank", "flagged", "anomalous_fraction", "mask_path", "heatmap_path"):
-            assert list(theirs[column]) == [r[column] for r in ours], column
+            in_out = [
+                r[column].replace(str(serial_dir), str(out_dir)) if "_path" in column else r[column] for r in ours
+            ]
+            assert list(theirs[column]) == in_out, column
     written = sorted(p.relative_to(serial_dir) for p in serial_dir.rglob("*") if p.is_file())
     assert written and all((serial_dir / p).read_bytes() == (out_dir / p).read_bytes() for p in written)
 

@@ -20,3 +20,15 @@ def test_query_reads_the_tables_as_views(tmp_path, capsys):
     assert err.startswith("musc: error: SQL: ") and err.count("\n") == 1 and "views: scores" in err
     assert main(["query", "SELECT 1", "--out", str(tmp_path / "empty")]) == 2
     assert "holds no table" in capsys.readouterr().err
+
+
+def test_query_views_type_date_as_a_date(tmp_path, capsys):
+    for day in ("2026-10-31", "2026-11-01", "2026-11-22"):
+        folder = tmp_path / "tables" / "scores" / f"date={day}" / "product=2024"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"path": [f"{day}.png"], "score": [0.5]}).to_parquet(folder / "key.parquet")
+    sql = (
+        "SELECT typeof(date) t, typeof(product) p, count(*) n FROM scores WHERE date >= DATE '2026-11-01' GROUP BY ALL"
+    )
+    assert main(["query", sql, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["DATE", "VARCHAR", "2"]

@@ -6,7 +6,15 @@ import pytest
 from PIL import Image
 
 from musc_tasks.render import BOX_RGB
-from musc_tasks.report import draw_boxes, gallery_rows, histogram_svg, nightly_trend, thumbnail, trend_svg
+from musc_tasks.report import (
+    draw_boxes,
+    gallery_rows,
+    histogram_svg,
+    nightly_trend,
+    out_relative,
+    thumbnail,
+    trend_svg,
+)
 
 
 def night_rows(rng, day, n, flagged_share=0.2):
@@ -122,3 +130,13 @@ def test_charts_are_deterministic_svg_with_the_threshold():
         }
     )
     assert trend_svg(trend, "bottle") == trend_svg(trend, "bottle")
+
+
+def test_out_relative_finds_the_file_in_this_out_even_when_out_moved(tmp_path):
+    stored = f"{tmp_path}/out/heatmaps/2026-11-22/bolt/key/a b.jpg"
+    assert out_relative(stored, tmp_path / "out", "heatmaps", "2026-11-22") == "heatmaps/2026-11-22/bolt/key/a b.jpg"
+    moved = tmp_path / "copy"  # the same tables read in a copy of OUT: its own files, by the layout
+    assert out_relative(stored, moved, "heatmaps", "2026-11-22") == "heatmaps/2026-11-22/bolt/key/a b.jpg"
+    assert out_relative("masks/2026-11-22/bolt/key/a.png", moved, "masks", "2026-11-22").startswith("masks/")
+    with pytest.raises(ValueError, match="not a masks file of 2026-11-22"):
+        out_relative("/elsewhere/a.png", moved, "masks", "2026-11-22")

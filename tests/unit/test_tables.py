@@ -1,9 +1,10 @@
 """Parquet result tables: schemas, atomic hive-partition publish, readers."""
 
 import threading
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import duckdb
+import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
@@ -13,8 +14,11 @@ from musc_tasks.tables import (
     REGIONS_SCHEMA,
     RUNS_SCHEMA,
     SCORES_SCHEMA,
+    duckdb_hive_types,
     empty_table,
+    partition_keys,
     partition_path,
+    partitioning,
     publish_partition,
     read_table,
     remove_stale,
@@ -75,7 +79,7 @@ def test_round_trip_pandas_and_duckdb_with_odd_names(tmp_path):
     frame = read_table(scores_dir)
     assert list(frame.columns) == SCORES_SCHEMA.names + ["date", "product"]
     assert sorted(frame.groupby("product").size().items()) == [("cap#2", 2), ("screw bolt", 3)]
-    assert set(frame["date"]) == {DATE}
+    assert set(frame["date"]) == {pd.Timestamp(DATE)}
     assert frame.loc[frame["product"] == "screw bolt", "score"].tolist() == [0.5, 1.5, 2.5]
     assert len(read_table(scores_dir, filters=[("product", "=", "cap#2")])) == 2
 
@@ -172,7 +176,7 @@ def test_other_schemas_and_empty_reads(tmp_path):
     publish_partition(runs_dir, {"date": DATE}, "vit-a", to_table([row], RUNS_SCHEMA), RUNS_SCHEMA)
     frame = read_table(runs_dir)
     assert frame["started_at"].iloc[0] == started and frame["flow_run_id"].isna().all()
-    assert frame["date"].tolist() == [DATE]
+    assert frame["date"].tolist() == [pd.Timestamp(DATE)]
 
 
 def test_remove_stale(tmp_path):
@@ -229,3 +233,29 @@ def test_concurrent_reader_sees_complete_tables(tmp_path):
         reader.join()
     assert errors == []
     assert seen and set(seen) <= set(counts)
+
+
+def test_date_is_a_date_in_every_reader(tmp_path):
+    """Date ranges work in the package's reader, in plain pandas with the schema, and in DuckDB."""
+    scores_dir = tmp_path / "tables" / "scores"
+    for day in ("2026-10-31", "2026-11-01", "2026-11-22"):
+        table = to_table(_score_rows(2), SCORES_SCHEMA)
+        publish_partition(scores_dir, {"date": day, "product": "2024"}, "vit-a", table, SCORES_SCHEMA)
+    assert partition_keys(scores_dir) == ("date", "product")
+
+    frame = read_table(scores_dir)
+    assert str(frame["date"].dtype).startswith("datetime64") and frame["product"].unique().tolist() == ["2024"]
+    assert len(frame[frame["date"] >= "2026-11-01"]) == 4
+    assert len(frame[frame["date"].between("2026-10-01", "2026-10-31")]) == 2
+    assert len(read_table(scores_dir, filters=[("date", ">=", "2026-11-01")])) == 4
+    assert len(read_table(scores_dir, filters=[("date", "in", ["2026-10-31", date(2026, 11, 22)])])) == 4
+
+    plain = pd.read_parquet(scores_dir, partitioning=partitioning(("date", "product")))
+    assert len(plain[plain["date"] >= date(2026, 11, 1)]) == 4 and set(plain["product"]) == {"2024"}
+
+    hive_types = duckdb_hive_types(("date", "product"))
+    sql = f"read_parquet('{scores_dir}/**/*.parquet', hive_partitioning = true, hive_types = {hive_types})"
+    types = duckdb.sql(f"SELECT typeof(date), typeof(product) FROM {sql} LIMIT 1").fetchall()[0]
+    assert types == ("DATE", "VARCHAR")
+    in_range = duckdb.sql(f"SELECT count(*) FROM {sql} WHERE date BETWEEN '2026-11-01' AND '2026-11-30'").fetchall()
+    assert in_range == [(4,)]
