@@ -15,7 +15,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel
 
 from . import preflight
-from .atomic import DiskFull, disk_full_message, is_disk_full
+from .atomic import disk_full_message, is_disk_full
 from .config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
 from .layout import day_input
 from .preflight import UsageError
@@ -736,18 +736,30 @@ def quiet_console(verbose: bool) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     if not verbose:
-        handler.addFilter(_not_disk_full)
+        handler.addFilter(_not_reported_by_main)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         # The local cluster's HTTP server moves to a free port when 8787 is taken: not news.
         warnings.filterwarnings("ignore", message="Port .* is already in use")
 
 
-def _not_disk_full(record: logging.LogRecord) -> bool:
-    """Drop Prefect's records of a run that failed on a full disk: `main` says it in one line."""
+def _not_reported_by_main(record: logging.LogRecord) -> bool:
+    """Drop Prefect's records of a run that failed on a full disk or a lost server: `main` says it in one line."""
     if not record.name.startswith("prefect"):
         return True
     error = record.exc_info[1] if record.exc_info else None
-    return not (is_disk_full(error) or f"exception {DiskFull.__name__}:" in record.getMessage())
+    if is_disk_full(error) or _lost_server(error):
+        return False
+    message = record.getMessage()
+    return not any(f"{name}:" in message or f"{name}(" in message for name in ("DiskFull", "ConnectError"))
+
+
+def _lost_server(error: BaseException | None) -> bool:
+    """Whether ``error`` is the Prefect API not answering (after the client's own retries)."""
+    if error is None or "httpx" not in sys.modules:
+        return False
+    import httpx
+
+    return isinstance(error, httpx.TransportError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -785,6 +797,17 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(error, SchedulerUnreachable):
             raise
         print(f"musc: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        if args.verbose or not _lost_server(error):
+            raise
+        url = os.environ.get("PREFECT_API_URL")
+        server = f"the Prefect server at {url}" if url else "this run's temporary Prefect server"
+        print(
+            f"musc: error: lost {server} ({type(error).__name__}: {_first_line(error)});"
+            " run the same command again once it answers (finished work is kept)",
+            file=sys.stderr,
+        )
         return 2
 
 

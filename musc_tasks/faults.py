@@ -4,17 +4,25 @@ A no-op unless the variable is set. The resume tests use it to crash a real run 
 exact point of a stage instead of racing a timer. Several points: ``a:1,b:3``. With
 ``MUSC_KILL_ONCE_DIR`` set, only the first process to reach a point dies (it leaves a file
 named after the point there), so a restarted Dask worker does not die again.
+
+``MUSC_PAUSE_AT=name`` with ``MUSC_PAUSE_DIR`` pauses instead: the process writes
+``<name>.paused`` there and waits until a file ``<name>.go`` appears, so a test can do
+something (stop a server) at an exact point of a run.
 """
 
 import os
 import signal
+import time
 from collections import Counter
+from pathlib import Path
 
 _hits: Counter[str] = Counter()
 
 
 def failpoint(name: str) -> None:
-    """SIGKILL this process at the n-th hit of ``name`` when ``MUSC_KILL_AT`` lists ``name:n``."""
+    """SIGKILL this process at the n-th hit of ``name`` when ``MUSC_KILL_AT`` lists ``name:n`` (or pause there)."""
+    if os.environ.get("MUSC_PAUSE_AT") == name:
+        _pause(name, Path(os.environ["MUSC_PAUSE_DIR"]))
     target = os.environ.get("MUSC_KILL_AT")
     if not target:
         return
@@ -36,3 +44,13 @@ def _first_to_die(name: str) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def _pause(name: str, folder: Path) -> None:
+    """Announce ``<name>.paused`` and wait for ``<name>.go`` (once per process)."""
+    if _hits[f"pause:{name}"]:
+        return
+    _hits[f"pause:{name}"] += 1
+    (folder / f"{name}.paused").touch()
+    while not (folder / f"{name}.go").exists():
+        time.sleep(0.2)

@@ -54,6 +54,12 @@ def subprocess_env(api_url: str) -> dict[str, str]:
 
 
 def score(demo_day, out_dir, prefect_api, dask_address=None):
+    """`musc score` of the demo day with the tiny backbone, to completion."""
+    command = score_command(demo_day, out_dir, dask_address)
+    return subprocess.run(command, env=subprocess_env(prefect_api), capture_output=True, text=True, timeout=400)
+
+
+def score_command(demo_day, out_dir, dask_address=None) -> list[str]:
     command = [
         str(BIN / "musc"),
         "score",
@@ -77,7 +83,7 @@ def score(demo_day, out_dir, prefect_api, dask_address=None):
     ]
     if dask_address:
         command += ["--dask-address", dask_address]
-    return subprocess.run(command, env=subprocess_env(prefect_api), capture_output=True, text=True, timeout=400)
+    return command
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +92,7 @@ def local_cli_run(demo_day, prefect_api, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("local-cli") / "out"
     done = score(demo_day, out_dir, prefect_api)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (out_dir.parent / "stderr.txt").write_text(done.stderr)
     return out_dir
 
 

@@ -1,9 +1,10 @@
-"""Cluster faults on real processes: an unreachable scheduler, a full results disk.
+"""Faults on real processes: an unreachable scheduler, a full results disk, a lost Prefect server.
 
 The cluster is a `dask scheduler` and a `dask worker --nworkers 2` started from the shell,
 as a site runs them (see tests/e2e/test_dask_external.py for the undisturbed run).
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -12,12 +13,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from musc_tasks import tables
 
-from .conftest import score
-from .processes import free_port
+from .conftest import score, score_command, subprocess_env
+from .processes import background, free_port, stop_group, tail, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -107,3 +109,82 @@ def test_a_full_results_disk_fails_in_one_line_and_a_rerun_completes_identically
     assert rerun.equals(expected.reset_index(drop=True))
     assert files_under(out / "heatmaps") == reference
     assert files_under(out / "masks") == reference_masks
+
+
+def test_local_workers_exit_when_the_run_ends_without_being_killed(local_cli_run):
+    # a worker process that imported torch used to outlive the nanny's 4 s wait at teardown
+    stderr = (local_cli_run.parent / "stderr.txt").read_text()
+    assert "still alive after" not in stderr, stderr[-3000:]
+
+
+@contextmanager
+def prefect_server(home: Path, port: int, log: Path):
+    """`prefect server start` on ``port`` with its database in ``home``, until the block ends."""
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    env.pop("PREFECT_API_URL", None)
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with background(command, env, log) as process:
+
+        def healthy():
+            assert process.poll() is None, f"prefect server exited with {process.returncode}\n{tail(log)}"
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200
+
+        wait_for("the Prefect server", healthy, timeout=180, logs=[log])
+        yield process
+
+
+def test_a_prefect_server_lost_mid_run_fails_it_clearly_and_a_rerun_after_its_restart_resumes(
+    demo_day, local_cli_run, tmp_path
+):
+    home, port, log = tmp_path / "prefect-home", free_port(), tmp_path / "server.log"
+    home.mkdir()
+    api = f"http://127.0.0.1:{port}/api"
+    out = tmp_path / "out"
+    for store in ("tokens", "pools"):  # extraction and scoring done (copied, to keep the test cheap)
+        shutil.copytree(local_cli_run / "cache" / store, out / "cache" / store)
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    # Paused after publishing the first product's tables; the client retries a lost server once
+    # (the default, 5 times over about a minute, only makes the test slower)
+    paused = dict(
+        subprocess_env(api), MUSC_PAUSE_AT="publish-product", MUSC_PAUSE_DIR=str(pauses), PREFECT_CLIENT_MAX_RETRIES="1"
+    )
+    with open(tmp_path / "run.out", "w") as stdout, open(tmp_path / "run.err", "w") as stderr:
+        with prefect_server(home, port, log):
+            run = subprocess.Popen(
+                score_command(demo_day, out), env=paused, stdout=stdout, stderr=stderr, start_new_session=True
+            )
+            try:
+                wait_for("the run to pause", (pauses / "publish-product.paused").exists, 600, [tmp_path / "run.err"])
+            except BaseException:
+                stop_group(run)
+                raise
+        (pauses / "publish-product.go").touch()  # the server is gone (SIGTERM, then SIGKILL after 15 s)
+        try:
+            assert run.wait(timeout=300) == 2, tail(tmp_path / "run.err")
+        finally:
+            stop_group(run)
+    # Prefect's own notices of the lost server (its log and event senders) may come too, no traceback
+    lost = (tmp_path / "run.err").read_text()
+    errors = [line for line in lost.splitlines() if line.startswith("musc: error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"musc: error: lost the Prefect server at {api}"), lost[-3000:]
+    assert "Traceback" not in lost, lost[-5000:]
+
+    with prefect_server(home, port, log):  # restarted on the same port and database
+        again = score(demo_day, out, api)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC"}, timeout=30).json()
+    assert "tokens extracted 0 (cached 30); block pairs computed 0" in again.stdout, again.stdout
+    columns = ["path", "raw_score", "score", "rank", "mask_path", "heatmap_path"]
+    rerun = tables.read_table(out / "tables" / "scores")[columns].sort_values("path").reset_index(drop=True)
+    expected = tables.read_table(local_cli_run / "tables" / "scores")[columns].sort_values("path")
+    assert rerun.equals(expected.reset_index(drop=True))
+    assert files_under(out / "heatmaps") == files_under(local_cli_run / "heatmaps")
+    # the server never heard how the first run ended; the re-run is a new flow run that completed
+    assert [r["state_type"] for r in runs] == ["RUNNING", "COMPLETED"], [(r["name"], r["state_type"]) for r in runs]
