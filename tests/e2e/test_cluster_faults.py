@@ -182,8 +182,8 @@ def test_a_prefect_server_lost_mid_run_fails_it_clearly_and_a_rerun_after_its_re
         runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC"}, timeout=30).json()
     assert "tokens extracted 0 (cached 30); block pairs computed 0" in again.stdout, again.stdout
     columns = ["path", "raw_score", "score", "rank", "mask_path", "heatmap_path"]
-    rerun = tables.read_table(out / "tables" / "scores")[columns].sort_values("path").reset_index(drop=True)
-    expected = tables.read_table(local_cli_run / "tables" / "scores")[columns].sort_values("path")
+    rerun = scores_in(out, columns).sort_values("path").reset_index(drop=True)
+    expected = scores_in(local_cli_run, columns).sort_values("path")
     assert rerun.equals(expected.reset_index(drop=True))
     assert files_under(out / "heatmaps") == files_under(local_cli_run / "heatmaps")
     # the server never heard how the first run ended; the re-run is a new flow run that completed
