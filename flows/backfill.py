@@ -1,4 +1,4 @@
-"""Backfill: score past days (typically with another backbone); results land beside the old ones."""
+"""Backfill: score past days (with another backbone, or with references); results land beside the old ones."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import json
 from datetime import date, timedelta
 from pathlib import Path
 
+import pandas as pd
 from prefect import flow, get_run_logger
 
 from flows.score import score_captures
 from musc_tasks import tables
-from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
-from musc_tasks.layout import day_input
+from musc_tasks.config import PRESETS, BackboneSpec, ReferenceMode, ScoringParams
+from musc_tasks.layout import day_input, reference_set_path
+from musc_tasks.references import read_reference_set, reference_set_name
 
 
 @flow(name="backfill-days")
@@ -25,13 +27,19 @@ def backfill_days(
     device: str = "auto",
     dask_address: str | None = None,
     force: bool = False,
+    references: str | None = None,
+    reference_mode: ReferenceMode = "combined",
 ) -> dict[str, str]:
     """Score every day from ``date_from`` to ``date_to`` (inclusive) with ``backbone``.
 
     ``input_pattern`` holds ``{date}``. A day already completed with this backbone, these
     parameters and this input is skipped unless ``force``; tokens of other backbones stay,
-    and tokens of this backbone are reused wherever they exist.
+    and tokens of this backbone are reused wherever they exist. ``references`` and
+    ``reference_mode`` score each day against known-good images as ``musc score`` does; a day
+    counts as done only when its published rows used the same mode and the set's current
+    version (so a set that changed since re-scores the day).
     """
+    references = references or None
     if "{date}" not in input_pattern:
         raise ValueError(f"input_pattern must contain {{date}}, got {input_pattern!r}")
     if date_to < date_from:
@@ -44,8 +52,10 @@ def backfill_days(
         input_dir = day_input(input_pattern, iso)
         if not Path(input_dir).is_dir():
             outcome[iso] = f"no input folder {input_dir}"
-        elif not force and _already_scored(Path(out_dir), iso, backbone, scoring, input_dir):
-            outcome[iso] = "already scored with this backbone"
+        elif not force and _already_scored(
+            Path(out_dir), iso, backbone, scoring, input_dir, references, reference_mode
+        ):
+            outcome[iso] = "already scored with this backbone" + (" and these references" if references else "")
         else:
             summary = score_captures(
                 input_dir=input_dir,
@@ -55,6 +65,8 @@ def backfill_days(
                 scoring=scoring,
                 device=device,
                 dask_address=dask_address,
+                references=references,
+                reference_mode=reference_mode,
             )
             outcome[iso] = f"scored {summary.n_scored}, flagged {summary.n_flagged}"
         log.info("%s: %s", iso, outcome[iso])
@@ -62,14 +74,57 @@ def backfill_days(
     return outcome
 
 
-def _already_scored(out_dir: Path, day: str, backbone: BackboneSpec, scoring: ScoringParams, input_dir: str) -> bool:
+def _already_scored(
+    out_dir: Path,
+    day: str,
+    backbone: BackboneSpec,
+    scoring: ScoringParams,
+    input_dir: str,
+    references: str | None = None,
+    reference_mode: str = "combined",
+) -> bool:
+    """The day's published rows of this backbone come from a completed run with these settings.
+
+    Settings: scoring parameters, input folder, and per product the reference set version and
+    mode (none for zero-shot) that the rows record; a later run with other references replaced
+    the rows, so the day is not done for these.
+    """
     runs = tables.read_table(out_dir / "tables" / "runs")
     if runs.empty:
         return False
     runs = runs[(runs["date"] == day) & (runs["backbone_key"] == backbone.key) & (runs["status"] == "completed")]
     # Compared as parameters, not as JSON: a row written before a field was renamed still matches.
-    return any(
-        ScoringParams.model_validate(json.loads(row.parameters)["scoring"]) == scoring
-        and Path(row.input_dir) == Path(input_dir)
+    matching = {
+        row.run_id
         for row in runs.itertuples()
-    )
+        if ScoringParams.model_validate(json.loads(row.parameters)["scoring"]) == scoring
+        and Path(row.input_dir) == Path(input_dir)
+    }
+    if not matching:
+        return False
+    scores = tables.read_table(out_dir / "tables" / "scores", filters=[("date", "=", day)])
+    scores = scores[(scores["backbone_key"] == backbone.key) & (scores["status"] == "scored")]
+    if not set(scores["run_id"]) <= matching:
+        return False
+    for product, rows in scores.groupby("product"):
+        expected = _expected_references(out_dir, backbone.key, product, references, reference_mode)
+        used = {
+            tuple(None if pd.isna(v) else v for v in pair) for pair in rows[["reference_set", "reference_mode"]].values
+        }
+        if used != {expected}:
+            return False
+    return True
+
+
+def _expected_references(
+    out_dir: Path, backbone_key: str, product: str, references: str | None, mode: str
+) -> tuple[str | None, str | None]:
+    """(reference_set label, mode) a score row of ``product`` records when scored with ``references`` now."""
+    if references is None:
+        return None, None
+    name = reference_set_name(references)
+    if reference_set_path(out_dir, backbone_key, product, name).is_file():
+        return read_reference_set(out_dir, backbone_key, product, name).label, mode
+    if (Path(references) / product).is_dir():
+        return f"{name} (not stored yet)", mode  # a folder's set is stored on first use: matches no row
+    return None, None  # no set for this product: scored zero-shot

@@ -9,11 +9,11 @@ from prefect import flow
 
 from flows.score import score_catalog, token_geometry
 from flows.stages import Stages
-from musc_tasks.config import PRESETS, BackboneSpec, ScoringParams
+from musc_tasks.config import PRESETS, BackboneSpec, ReferenceMode, ScoringParams
 from musc_tasks.datasets import DEFAULT_RSCIN_K
 from musc_tasks.layout import evaluation_dir
 from musc_tasks.locks import run_lock
-from musc_tasks.tasks import catalog_dataset, evaluate_metrics
+from musc_tasks.tasks import catalog_dataset, evaluate_metrics, shot_references
 
 
 @flow(name="evaluate-dataset")
@@ -30,6 +30,9 @@ def evaluate_dataset(
     device: str = "auto",
     dask_address: str | None = None,
     refresh: bool = False,
+    shots: int | None = None,
+    seed: int = 0,
+    reference_mode: ReferenceMode = "combined",
 ) -> list[dict]:
     """The paper's metrics of every category's test set, scored through the nightly stages.
 
@@ -39,6 +42,10 @@ def evaluate_dataset(
     ``scoring`` defaults to the paper's setting for the layout (RsCIN k 1,8,9 on VisA) with
     the whole category in one pool. Everything goes to ``OUT/evaluation/`` (``layout.evaluation_dir``):
     the metrics to ``tables/metrics/``, the per-image scores, masks and caches beside them.
+
+    ``shots`` K scores each category with K of its normal train images as known-good
+    references (drawn with ``seed``; README) in ``reference_mode``; they score, they are never
+    scored, and the metric rows record K, the seed and the mode.
     """
     scoring = scoring or ScoringParams(rscin_k=DEFAULT_RSCIN_K[layout], pool_size=100_000)
     out_dir = str(evaluation_dir(Path(out_dir).resolve()))  # never in the production nights' tables
@@ -55,8 +62,29 @@ def evaluate_dataset(
             run_date=day,
             divide_num=divide_num,
         )
+        references = None
+        if shots:  # idempotent: a set already holding the drawn images is kept as it is
+            references = shot_references(
+                root=root,
+                layout=layout,
+                categories=tuple(product.name for product in catalog.products),
+                shots=shots,
+                seed=seed,
+                out_dir=out_dir,
+                backbone=backbone,
+                device=device,
+            )
         _, scored = score_catalog(
-            catalog, backbone, token_geometry(backbone), scoring, out_dir, device, dask_address, stages
+            catalog,
+            backbone,
+            token_geometry(backbone),
+            scoring,
+            out_dir,
+            device,
+            dask_address,
+            stages,
+            references=references,
+            reference_mode=reference_mode,
         )
         dataset = f"{layout}-{root.rstrip('/').split('/')[-1]}"
         return evaluate_metrics(
@@ -67,4 +95,7 @@ def evaluate_dataset(
             mask_mode=mask_mode,
             out_dir=out_dir,
             run_id=stages.run_id,
+            shots=shots,
+            seed=seed if shots else None,
+            reference_mode=reference_mode if shots else None,
         )

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from . import preflight
 from .atomic import disk_full_message, is_disk_full
-from .config import PRESETS, BackboneSpec, OutputPolicy, ScoringParams
+from .config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams
 from .layout import day_input
 from .preflight import UsageError
 
@@ -67,6 +67,16 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=_int_list, help="0-based blocks to score, e.g. 5,11,17,23")
     group.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the ViT runs (auto: cuda if present)"
+    )
+
+
+def add_reference_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """``--reference-mode``, the modes and default of the flows' ``reference_mode``."""
+    parser.add_argument(
+        "--reference-mode",
+        choices=get_args(ReferenceMode),
+        default="combined",
+        help="how references score the night (README: Known-good references); default combined",
     )
 
 
@@ -302,6 +312,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     missing = sorted(set(args.categories.split(",")) - set(found)) if args.categories else []
     if missing:
         raise UsageError(f"--categories {','.join(missing)} not under {root}; found: {','.join(found)}")
+    categories = args.categories.split(",") if args.categories else found
+    preflight.check_shots(root, args.layout, categories, args.shots, args.references, args.reference_mode)
     backbone = validate_scoring(args)
     from flows.evaluate import evaluate_dataset
 
@@ -319,8 +331,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         mask_mode=args.mask_mode,
         device=args.device,
         dask_address=args.dask_address,
+        shots=args.shots,
+        seed=args.shot_seed,
+        reference_mode=args.reference_mode,
     )
     print(metrics_table(rows))
+    if args.shots:
+        print(f"few-shot: {args.shots} train images per category (seed {args.shot_seed}), mode {args.reference_mode}")
     return 0
 
 
@@ -369,6 +386,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         device=args.device,
         dask_address=args.dask_address,
         force=args.force,
+        references=args.references,
+        reference_mode=args.reference_mode,
     )
     for day, what in outcome.items():
         print(f"{day}  {what}")
@@ -592,12 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--references", help="known-good images: a stored set's name (musc references) or a folder DIR/<product>/**"
     )
-    score.add_argument(
-        "--reference-mode",
-        choices=["few-shot", "plus", "combined"],
-        default="combined",
-        help="how references score the night (README: Known-good references); default combined",
-    )
+    add_reference_mode_argument(score)
     add_backbone_arguments(score)
     add_scoring_arguments(score)
     add_output_arguments(score)
@@ -643,6 +657,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-mode", choices=["paper", "half"], default="paper", help="ground-truth resize rule (README)"
     )
     add_msm_arguments(evaluate.add_argument_group("scoring"))
+    shots = evaluate.add_argument_group("few-shot (references from each category's train/good folder)")
+    shots.add_argument(
+        "--references", action="store_true", help="score with known-good references drawn from the training images"
+    )
+    shots.add_argument("--shots", type=int, help="K: references per category (with --references)")
+    # not `seed`: BackboneSpec.seed (random weights) is another seed
+    shots.add_argument("--seed", dest="shot_seed", type=int, default=0, help="seed of the draw of the K references")
+    add_reference_mode_argument(shots)
     add_backbone_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -656,6 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--input-root", required=True, help="input folder pattern containing {date}")
     backfill.add_argument("--out", required=True, help="results folder (tables/, masks/, heatmaps/, cache/)")
     backfill.add_argument("--force", action="store_true", help="score again days already done with this backbone")
+    backfill.add_argument(
+        "--references",
+        help="score each day with known-good images too: a stored set's name or a folder DIR/<product>/**",
+    )
+    add_reference_mode_argument(backfill)
     add_backbone_arguments(backfill)
     add_scoring_arguments(backfill)
     backfill.set_defaults(func=cmd_backfill)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import csv
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import IMAGE_SUFFIXES
 
-__all__ = ["LAYOUTS", "LAYOUT_HINT", "DEFAULT_RSCIN_K", "LabelledImage", "list_categories", "dataset_images"]
+__all__ = [
+    "LAYOUTS",
+    "LAYOUT_HINT",
+    "DEFAULT_RSCIN_K",
+    "LabelledImage",
+    "list_categories",
+    "dataset_images",
+    "train_good_images",
+    "choose_shots",
+]
 
 LAYOUTS = ("mvtec", "visa", "btad")
 # The paper's RsCIN windows per dataset (MUSC_SPEC, defaults)
@@ -61,6 +71,44 @@ def dataset_images(root: Path, layout: str, category: str) -> list[LabelledImage
     if not images:
         raise FileNotFoundError(f"no {layout} test images for category {category!r} under {root}")
     return sorted(images, key=lambda i: (i.defect_type, i.path.name))
+
+
+def train_good_images(root: Path, layout: str, category: str) -> list[Path]:
+    """The category's normal training images, sorted: where few-shot references come from.
+
+    MVTec AD: ``cat/train/good``; BTAD: ``cat/train/ok``; VisA: the rows of
+    ``split_csv/1cls.csv`` with split ``train`` and label ``normal``, or else ``cat/train/good``
+    (VisA converted to the MVTec layout). Raises FileNotFoundError, naming what was looked
+    for, when the category has no such folder or rows.
+    """
+    _check_layout(layout)
+    root = Path(root)
+    if layout == "visa" and (root / "split_csv" / "1cls.csv").is_file():
+        rows = _visa_rows(root)
+        images = [
+            root / row["image"]
+            for row in rows
+            if row["object"] == category and row["split"] == "train" and row["label"] == "normal"
+        ]
+        if not images:
+            raise FileNotFoundError(f"{root / 'split_csv' / '1cls.csv'} has no normal train row for {category!r}")
+        return sorted(images)
+    folder = root / category / "train" / ("ok" if layout == "btad" else "good")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no train folder {folder} for category {category!r}")
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
+def choose_shots(files: list[Path], shots: int, seed: int) -> list[Path]:
+    """``shots`` of ``files``, the same ones for the same seed: ``random.Random(seed).sample(sorted(files), shots)``.
+
+    Sorting first makes the choice depend on the folder's content only, not on the order the
+    file system lists it; a different seed draws another subset, as the paper's few-shot tables
+    average over draws.
+    """
+    if not 1 <= shots <= len(files):
+        raise ValueError(f"cannot choose {shots} of {len(files)} reference images")
+    return random.Random(seed).sample(sorted(files), shots)
 
 
 def _check_layout(layout: str) -> None:

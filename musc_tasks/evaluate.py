@@ -12,16 +12,19 @@ import numpy as np
 from . import tables
 from .atomic import write_atomic
 from .catalog import catalog_files, catalog_manifest
+from .config import BackboneSpec
 from .core import image_metrics, pixel_metrics, split_by_type
-from .datasets import LAYOUT_HINT, dataset_images, list_categories
+from .datasets import LAYOUT_HINT, choose_shots, dataset_images, list_categories, train_good_images
+from .layout import reference_set_path
 from .manifests import CatalogRef, ProductScoresRef
 from .preprocess import read_mask, resize_mask
+from .references import add_references, read_reference_set, remove_references
 from .rscin import patch_score_rows, read_product_scores, score_map
 from .store import pool_layout
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["catalog_dataset", "metric_rows", "publish_metrics"]
+__all__ = ["catalog_dataset", "shot_references", "metric_rows", "publish_metrics"]
 
 _COUNTS = ("category", "n_images", "n_anomalous", "pool_size")
 
@@ -73,6 +76,46 @@ def catalog_dataset(
     return ref, str(labels_path)
 
 
+def shot_references(
+    root: str,
+    layout: str,
+    categories: Sequence[str],
+    shots: int,
+    seed: int,
+    out_dir: str,
+    backbone: BackboneSpec,
+    *,
+    device: str = "auto",
+    log: logging.Logger = logger,
+) -> str:
+    """Each category's few-shot references: ``shots`` train images drawn with ``seed``, stored as a set.
+
+    The set, named ``train-k<shots>-seed<seed>``, holds exactly the drawn images (tokens
+    extracted once into the category's token store); its label, recorded in every score and
+    metric row, names them by content. Returns the set's name for the scoring stages.
+    """
+    name = f"train-k{shots}-seed{seed}"
+    for category in categories:
+        chosen = [
+            str(path.resolve()) for path in choose_shots(train_good_images(Path(root), layout, category), shots, seed)
+        ]
+        if reference_set_path(out_dir, backbone.key, category, name).is_file():
+            stored = read_reference_set(out_dir, backbone.key, category, name)
+            if sorted(e.source_path for e in stored.entries) == sorted(chosen):
+                continue
+            remove_references(out_dir, category, backbone.key, name=name)  # the train folder changed: draw again
+        stored, problems = add_references(
+            out_dir, category, chosen, backbone, name=name, added_by=f"evaluate:train,seed={seed}", device=device
+        )
+        if problems or len(stored.entries) != shots:
+            raise ValueError(
+                f"{category}: {shots} train image(s) drawn, {len(stored.entries)} usable as references"
+                + (f" ({'; '.join(problems)})" if problems else " (identical files count once)")
+            )
+        log.info("%s: references %s", category, stored.label)
+    return name
+
+
 def metric_rows(
     labels_path: str,
     scored: Sequence[ProductScoresRef],
@@ -81,8 +124,15 @@ def metric_rows(
     image_size: int,
     mask_mode: str,
     run_id: str,
+    shots: int | None = None,
+    seed: int | None = None,
+    reference_mode: str | None = None,
 ) -> list[dict]:
-    """Image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO/PRO per category, then their mean."""
+    """Image AUROC/AP/F1-max and pixel AUROC/AP/F1-max/AUPRO/PRO per category, then their mean.
+
+    With few-shot references every row records ``shots``, ``seed`` and ``reference_mode``, and
+    each category's row its ``reference_set`` label, so few-shot tables group by them.
+    """
     labels = json.loads(Path(labels_path).read_text())
     size = image_size
     rows = []
@@ -114,10 +164,11 @@ def metric_rows(
                 "n_images": len(kept),
                 "n_anomalous": int(anomalous.sum()),
                 "pool_size": max(pools),
+                "reference_set": ref.pools.reference_set,
             }
         )
     if rows:
-        metric_names = [k for k in rows[0] if k not in _COUNTS]
+        metric_names = [k for k in rows[0] if k not in (*_COUNTS, "reference_set")]
         rows.append(
             {
                 "category": "mean",
@@ -127,15 +178,25 @@ def metric_rows(
                 "pool_size": max(r["pool_size"] for r in rows),
             }
         )
+    setting = {"shots": shots, "seed": seed if shots else None, "reference_mode": reference_mode if shots else None}
     return [
-        {**row, "backbone_key": backbone_key, "image_size": size, "mask_mode": mask_mode, "run_id": run_id}
+        {**row, "backbone_key": backbone_key, "image_size": size, "mask_mode": mask_mode, "run_id": run_id, **setting}
         for row in rows
     ]
 
 
 def publish_metrics(rows: list[dict], dataset: str, backbone_key: str, out_dir: str) -> None:
-    """The metric rows into ``tables/metrics/dataset=NAME/``, one file per backbone."""
+    """The metric rows into ``tables/metrics/dataset=NAME/``, one file per backbone and setting.
+
+    Zero-shot rows go to ``<backbone_key>.parquet``; few-shot rows to
+    ``<backbone_key>__<mode>-k<shots>-seed<seed>.parquet``, so every K and seed of a few-shot
+    table stays beside the zero-shot one (a rerun of the same setting replaces its file).
+    """
+    first = rows[0] if rows else {}
+    stem = backbone_key
+    if first.get("shots"):
+        stem = f"{backbone_key}__{first['reference_mode']}-k{first['shots']}-seed{first['seed']}"
     table = tables.to_table(rows, tables.METRICS_SCHEMA)
     tables.publish_partition(
-        Path(out_dir) / "tables" / "metrics", {"dataset": dataset}, backbone_key, table, tables.METRICS_SCHEMA
+        Path(out_dir) / "tables" / "metrics", {"dataset": dataset}, stem, table, tables.METRICS_SCHEMA
     )

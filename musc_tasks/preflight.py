@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .catalog import IMAGE_SUFFIXES
 from .config import AUTHORS_TIMM_MODELS, TIMM_PREFIX, BackboneSpec, backbone_family
+from .datasets import train_good_images
 
 __all__ = [
     "UsageError",
@@ -30,6 +31,7 @@ __all__ = [
     "check_checkpoint",
     "light_patch_size",
     "require_images",
+    "check_shots",
 ]
 
 
@@ -179,3 +181,50 @@ def require_images(input_dir: str | os.PathLike, what: str = "input folder") -> 
         f"{what} {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}): "
         "is the upload missing or the date wrong? Expected INPUT/<product>/**/<image>"
     )
+
+
+def check_shots(
+    root: str | os.PathLike, layout: str, categories: list[str], shots: int | None, references: bool, mode: str
+) -> None:
+    """``--references --shots K``: K train images per category exist, and the mode can use K.
+
+    Parameters
+    ----------
+    root : path
+        The dataset root.
+    layout : str
+        mvtec, visa or btad.
+    categories : list of str
+        The categories to be evaluated.
+    shots : int or None
+        K, the references drawn per category.
+    references : bool
+        Whether ``--references`` was given.
+    mode : str
+        The reference mode (combined needs K >= 2).
+    """
+    if shots is None and not references:
+        return
+    if not references:
+        raise UsageError(f"--shots {shots} needs --references (references from each category's train/good folder)")
+    if shots is None:
+        raise UsageError("--references needs --shots K: how many train/good images per category, e.g. --shots 4")
+    if shots < 1:
+        raise UsageError(f"--shots {shots}: give at least 1 reference image per category")
+    if mode == "combined" and shots < 2:
+        raise UsageError(
+            "--shots 1 with --reference-mode combined: combined needs at least 2 references; "
+            "use --shots 2 or more, or --reference-mode few-shot or plus"
+        )
+    for category in categories:
+        try:
+            available = len(train_good_images(Path(root), layout, category))
+        except FileNotFoundError as error:
+            raise UsageError(f"--references: {error}; few-shot references come from the training images") from None
+        if not available:
+            raise UsageError(f"--references: category {category!r} has no train image under {root}")
+        if shots > available:
+            raise UsageError(
+                f"--shots {shots}: category {category!r} has only {available} train image(s) under {root}; "
+                f"use --shots {available} or less"
+            )

@@ -41,6 +41,7 @@ __all__ = [
     "describe",
     "list_reference_sets",
     "read_reference_set",
+    "reference_set_name",
     "reference_tokens",
     "remove_references",
     "resolve_reference_sets",
@@ -152,7 +153,7 @@ def add_references(
         The results folder (its token store for this product and backbone is used).
     product : str
     folders : sequence of paths
-        Folders of known-good images of ``product`` (searched recursively).
+        Folders of known-good images of ``product`` (searched recursively), or image files.
     backbone : BackboneSpec
     name : str
         The set's name (one product may keep several).
@@ -180,9 +181,9 @@ def add_references(
     store = token_store_path(out_dir, backbone.key, product)
     problems: list[str] = []
     new: dict[str, ReferenceEntry] = {}
-    for folder in map(Path, folders):
-        folder = folder.resolve()
-        files = _image_files(folder)
+    for given in map(Path, folders):
+        given = given.resolve()
+        folder, files = (given.parent, [given.name]) if given.is_file() else (given, _image_files(given))
         if not files:
             raise ValueError(f"reference folder {folder} holds no image ({', '.join(IMAGE_SUFFIXES)})")
         catalog = catalog_files(folder, [(product, rel) for rel in files], min_side=patch_size(backbone))
@@ -259,6 +260,12 @@ def remove_references(
     return stored
 
 
+def reference_set_name(references: str) -> str:
+    """The stored set that ``references`` means: that name, or ``dir-<hash of DIR>`` for a folder."""
+    folder = Path(references)
+    return "dir-" + params_key(str(folder.resolve()), length=8) if folder.is_dir() else references
+
+
 def resolve_reference_sets(
     references: str,
     products: Sequence[str],
@@ -276,7 +283,7 @@ def resolve_reference_sets(
     folder = Path(references)
     sets = {}
     if folder.is_dir():
-        name = "dir-" + params_key(str(folder.resolve()), length=8)
+        name = reference_set_name(references)
         for product in products:
             if (folder / product).is_dir():
                 stored, problems = add_references(

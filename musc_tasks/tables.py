@@ -191,6 +191,11 @@ METRICS_SCHEMA = pa.schema(
         _required("pool_size", pa.int32()),
         _required("mask_mode", pa.string()),
         _required("run_id", pa.string()),
+        # few-shot evaluation (musc evaluate --references --shots K): null for zero-shot rows
+        _optional("shots", pa.int32()),  # K train images drawn per category
+        _optional("seed", pa.int32()),  # seed of the draw
+        _optional("reference_mode", pa.string()),  # few-shot | plus | combined
+        _optional("reference_set", pa.string()),  # name@vN:content of the category's references; null on mean
     ]
 )
 

@@ -94,6 +94,23 @@ def catalog_dataset(
     return evaluate_stage.catalog_dataset(root, layout, categories, out_dir, run_date, divide_num, log=get_run_logger())
 
 
+@task(name="shot_references", **RETRIES)
+def shot_references(
+    root: str,
+    layout: str,
+    categories: tuple[str, ...],
+    shots: int,
+    seed: int,
+    out_dir: str,
+    backbone: BackboneSpec,
+    device: str = "auto",
+) -> str:
+    """Few-shot evaluation: each category's ``shots`` seeded train images as a stored reference set."""
+    return evaluate_stage.shot_references(
+        root, layout, categories, shots, seed, out_dir, backbone, device=device, log=get_run_logger()
+    )
+
+
 @task(name="extract_tokens", cache_policy=ON_TOKENS, persist_result=True, **RETRIES)
 def extract_tokens(
     catalog: CatalogRef,
@@ -247,6 +264,9 @@ def evaluate_metrics(
     mask_mode: str,
     out_dir: str,
     run_id: str,
+    shots: int | None = None,
+    seed: int | None = None,
+    reference_mode: str | None = None,
 ) -> list[dict]:
     """The paper's metrics per category and their mean, into tables/metrics/dataset=NAME/."""
     rows = evaluate_stage.metric_rows(
@@ -256,6 +276,9 @@ def evaluate_metrics(
         image_size=backbone.image_size,
         mask_mode=mask_mode,
         run_id=run_id,
+        shots=shots,
+        seed=seed,
+        reference_mode=reference_mode,
     )
     evaluate_stage.publish_metrics(rows, dataset, backbone.key, out_dir)
     create_table_artifact(key=f"metrics-{artifact_key(dataset)}", table=rows, description=f"MuSc metrics on {dataset}")

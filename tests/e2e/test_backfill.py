@@ -4,8 +4,10 @@ import shutil
 
 import pytest
 
+from flows.backfill import _already_scored
 from musc_tasks import tables
-from musc_tasks.cli import main
+from musc_tasks.cli import backbone_from_args, build_parser, main, scoring_from_args
+from musc_tasks.references import list_reference_sets
 
 from ..conftest import TINY_CONFIG, TINY_CONFIG_B
 
@@ -27,7 +29,7 @@ def two_days(demo_day, tmp_path_factory):
     return root
 
 
-def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, two_days, tmp_path, capsys):
+def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, demo_day, two_days, tmp_path, capsys):
     out = tmp_path / "out"
     for day in DAYS:
         assert main(["score", str(two_days / day), "--out", str(out), "--date", day, *BACKBONE_A]) == 0
@@ -61,3 +63,31 @@ def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, two_d
     assert "spearman" in report and "changed flag" in report
     for product in scores["product"].unique():
         assert product in report
+
+    # Re-scoring a day with known-good references: not "already scored" (those rows are zero-shot),
+    # and the rows then record the set's version, so the re-score is reproducible.
+    golden = tmp_path / "golden"
+    for image in demo_day.images[1::2]:  # the other day's half: not the night's own images
+        if not image.is_defective:
+            (golden / image.product).mkdir(parents=True, exist_ok=True)
+            shutil.copy(image.path, golden / image.product / image.path.name)
+    with_references = [*BACKBONE_B, "--references", str(golden), "--reference-mode", "plus"]
+    one_day = ["backfill", "--from", DAYS[0], "--to", DAYS[0], "--input-root", pattern, "--out", str(out)]
+    parsed = build_parser().parse_args([*one_day, *with_references])
+    key_b = backbone_from_args(parsed).key
+    capsys.readouterr()
+    assert main([*one_day, *with_references]) == 0
+    assert "scored" in capsys.readouterr().out
+    scores = tables.read_table(out / "tables" / "scores")
+    rescored = scores[(scores["date"] == DAYS[0]) & (scores["backbone_key"] == key_b)]
+    assert set(rescored["reference_mode"]) == {"plus"}
+    labels = {stored.product: stored.label for stored in list_reference_sets(out, backbone_key=key_b)}
+    assert sorted(labels) == sorted(rescored["product"].unique())
+    assert all(rescored["reference_set"] == rescored["product"].map(labels))
+    assert main([*one_day, *with_references]) == 0
+    assert "already scored with this backbone and these references" in capsys.readouterr().out
+    # another mode, or zero-shot again, is not the same scoring: those would re-score the day
+    args = (out, DAYS[0], backbone_from_args(parsed), scoring_from_args(parsed), str(two_days / DAYS[0]))
+    assert _already_scored(*args, str(golden), "plus")
+    assert not _already_scored(*args, str(golden), "combined")
+    assert not _already_scored(*args, None)

@@ -11,6 +11,9 @@ from PIL import Image
 from musc_tasks import tables
 from musc_tasks.cli import main
 from musc_tasks.core import image_metrics, pixel_metrics, split_by_type, upsample_maps
+from musc_tasks.datasets import choose_shots, train_good_images
+from musc_tasks.demo import make_demo_day
+from musc_tasks.references import list_reference_sets
 
 from ..conftest import TINY_CONFIG
 
@@ -44,6 +47,12 @@ def mvtec_root(demo_day, tmp_path_factory):
             gt = root / image.product / "ground_truth" / kind / mask.name
             gt.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(mask, gt)
+    # normal training images (another seed: none is a test image), for few-shot references
+    train = make_demo_day(tmp_path_factory.mktemp("train"), seed=2, images_per_product=3, defects_per_product=0)
+    for image in train.images:
+        target = root / image.product / "train" / "good" / image.path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image.path, target)
     return root
 
 
@@ -127,3 +136,34 @@ def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root,
     assert sizes == sorted(len(subset) for subset in split_by_type(types, 2))
     metrics = tables.read_table(out / "evaluation" / "tables" / "metrics")
     assert set(metrics["category"]) == {"brick", "mean"} and (metrics["pool_size"] == max(sizes)).all()
+
+
+def test_few_shot_references_from_train_good(prefect_api, mvtec_root, tmp_path, capsys):
+    """--references --shots 2: two seeded train/good images score brick's test set; they are never scored."""
+    out = tmp_path / "out"
+    argv = ["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), "--categories", "brick"]
+    assert main([*argv, "--references", "--shots", "2", "--seed", "1", *TINY]) == 0
+    assert "few-shot: 2 train images per category (seed 1), mode combined" in capsys.readouterr().out
+
+    evaluation = out / "evaluation"
+    [stored] = list_reference_sets(evaluation, product="brick")
+    drawn = choose_shots(train_good_images(mvtec_root, "mvtec", "brick"), 2, seed=1)
+    assert sorted(e.source_path for e in stored.entries) == sorted(str(p.resolve()) for p in drawn)
+    assert stored.name == "train-k2-seed1"
+
+    metrics = tables.read_table(evaluation / "tables" / "metrics").set_index("category")
+    assert sorted(metrics.index) == ["brick", "mean"]
+    assert (metrics["shots"] == 2).all() and (metrics["seed"] == 1).all()
+    assert (metrics["reference_mode"] == "combined").all()
+    assert metrics.loc["brick", "reference_set"] == stored.label
+    [metrics_file] = (evaluation / "tables" / "metrics").rglob("*.parquet")
+    assert metrics_file.name.endswith("__combined-k2-seed1.parquet")
+
+    scores = tables.read_table(evaluation / "tables" / "scores").sort_values("path")
+    tested = sorted((mvtec_root / "brick" / "test").rglob("*.png"))
+    assert sorted(scores["path"]) == sorted(str(p) for p in tested), "only test images are scored"
+    assert (scores["reference_set"] == stored.label).all() and (scores["reference_mode"] == "combined").all()
+    assert not {e.image_id for e in stored.entries} & set(scores["image_id"])
+    assert metrics.loc["brick", "n_images"] == len(tested)
+    expected = image_metrics(scores["score"].to_numpy(), ~scores["path"].str.contains("/good/").to_numpy())
+    assert metrics.loc["brick", "image_auroc"] == pytest.approx(expected["auroc"])

@@ -110,3 +110,49 @@ def test_errors_start_no_heavy_library(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert done.stdout.strip() == "4 []", done.stdout + done.stderr
+
+
+def test_evaluate_shots_errors(tmp_path, capsys):
+    """--references --shots K: K train images per category, checked before anything heavy."""
+    root, out = tmp_path / "mvtec", str(tmp_path / "out")
+    for category in ("bottle", "screw"):
+        (root / category / "test" / "good").mkdir(parents=True)
+        (root / category / "test" / "good" / "000.png").write_bytes(b"x")
+    for name in ("000.png", "001.png", "002.png"):
+        (root / "bottle" / "train" / "good").mkdir(parents=True, exist_ok=True)
+        (root / "bottle" / "train" / "good" / name).write_bytes(b"x")
+    evaluate = ["evaluate", str(root), "--layout", "mvtec", "--out", out]
+    bottle = [*evaluate, "--categories", "bottle"]
+    assert "--shots 0: give at least 1 reference image per category" in _error(
+        capsys, [*bottle, "--references", "--shots", "0"]
+    )
+    assert "--shots 4: category 'bottle' has only 3 train image(s)" in _error(
+        capsys, [*bottle, "--references", "--shots", "4"]
+    )
+    assert "--references: no train folder" in _error(capsys, [*evaluate, "--references", "--shots", "2"])
+    assert "screw/train/good" in _error(capsys, [*evaluate, "--references", "--shots", "2"])
+    assert "--references needs --shots K" in _error(capsys, [*bottle, "--references"])
+    assert "--shots 2 needs --references" in _error(capsys, [*bottle, "--shots", "2"])
+    assert "combined needs at least 2 references" in _error(capsys, [*bottle, "--references", "--shots", "1"])
+    script = (
+        "import sys; from musc_tasks.cli import main; "
+        f"rc = main({[*bottle, '--references', '--shots', '4']!r}); "
+        "heavy = sorted({'torch', 'prefect', 'dask', 'distributed', 'open_clip', 'timm'} & set(sys.modules)); "
+        "print(rc, heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+
+
+def test_reference_modes_are_the_cores():
+    """The flows' ReferenceMode (the deployments' choice list) and the CLI's choices are the core's modes."""
+    from typing import get_args
+
+    from musc_tasks.cli import build_parser
+    from musc_tasks.config import ReferenceMode
+    from musc_tasks.core import REFERENCE_MODES
+
+    assert get_args(ReferenceMode) == REFERENCE_MODES
+    for command in (["score", "x", "--out", "o"], ["evaluate", "x", "--layout", "mvtec", "--out", "o"]):
+        parsed = build_parser().parse_args([*command, "--reference-mode", "plus"])
+        assert parsed.reference_mode == "plus"
