@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["ReferenceJob", "score_with_references"]
 
 _NIGHT_BLOCK = 16  # night images per read of the union table: bounds memory at 16 x L x (N + M) per map
+# Part of a reference store's key: bump when what the store holds changes, so older stores miss.
+REFERENCE_STORE_FORMAT = 2  # 2: the references' own zero-shot and leave-one-out MuSc+ maps
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,13 @@ def score_with_references(
                 device=device,
             )
             key = params_key(
-                {"pool": Path(zero_shot_path).name, "refs": stored.content_key, "mode": mode, "code": CODE_VERSION},
+                {
+                    "pool": Path(zero_shot_path).name,
+                    "refs": stored.content_key,
+                    "mode": mode,
+                    "code": CODE_VERSION,
+                    "format": REFERENCE_STORE_FORMAT,
+                },
                 length=20,
             )
             store = str(Path(zero_shot_path).parent / f"refs-{key}.zarr")
@@ -145,29 +153,6 @@ def _run(jobs: list[ReferenceJob], dask_address: str | None, on_progress, log: l
                 future.result()
         for job in todo:
             finish_pool_store(Path(job.union.pool_path))
-
-
-def night_signals(zero_shot: torch.Tensor, plus: torch.Tensor, reference_zero_shot, reference_plus) -> dict:
-    """Per-image evidence of a repeated defect, from image peaks (max over patches).
-
-    An image is *reference-flagged* when its MuSc+ peak exceeds every reference's leave-one-out
-    MuSc+ peak (no known-good image looks that far from the others), and *zero-shot-flagged*
-    when its zero-shot peak exceeds every reference's zero-shot peak tonight. Flagged by the
-    references only is what a repeated defect does: the night vouches for it, the references do not.
-    """
-    night_plus, night_zero = plus.amax(dim=1), zero_shot.amax(dim=1)
-    reference_peak_plus = reference_plus.amax(dim=1)
-    by_references = night_plus > reference_peak_plus.max()
-    by_zero_shot = night_zero > reference_zero_shot.amax(dim=1).max()
-    return {
-        "reference_only": (by_references & ~by_zero_shot).tolist(),
-        "night_plus_median": float(night_plus.median()),
-        "reference_plus_median": float(reference_peak_plus.median()),
-    }
-
-
-def _finished(path: Path) -> bool:
-    return pool_is_complete(path) and pool_store_intact(path)
 
 
 def write_reference_store(job: ReferenceJob) -> str:
@@ -212,17 +197,14 @@ def write_reference_store(job: ReferenceJob) -> str:
     group = open_pool_store(path, "r+")
     with disk_space_for(path / "patch_scores", chosen.numel() * chosen.element_size()):
         group["patch_scores"][:] = chosen.numpy()
-    scales = {
-        "zero_shot_scale": zero_shot_scale,
-        "plus_scale": plus_scale,
-        "n_maps": n_maps,
-        **night_signals(zero_shot, plus_scores, reference_zero_shot, reference_plus),
-    }
+    scales = {"zero_shot_scale": zero_shot_scale, "plus_scale": plus_scale, "n_maps": n_maps}
     for name, values in (
         ("zero_shot", zero_shot),
         ("few_shot", few_shot),
         ("plus", plus_scores),
         ("combined", combined),
+        ("reference_zero_shot", reference_zero_shot),  # (M, L): the repeated-defect evidence (`days`) reads
+        ("reference_plus", reference_plus),  # these beside the night's, so its rule needs no rescoring
     ):
         write_pool_array(path, name, np.asarray(values, dtype=np.float32), scales)
     _mark_rows(path, night)

@@ -204,8 +204,9 @@ DAYS_SCHEMA = pa.schema(
         _required("n_images", pa.int32()),  # distinct images scored in the product
         _optional("reference_set", pa.string()),  # name@vN:content, null without references
         _optional("reference_mode", pa.string()),
-        _optional("reference_only_fraction", pa.float64()),  # flagged by the references, not by zero-shot
-        _optional("night_to_reference_plus", pa.float64()),  # median MuSc+ peak: night / references (LOO)
+        _optional("reference_only_fraction", pa.float64()),  # images with a patch the references flag, zero-shot not
+        _optional("repeated_defect_images", pa.int32()),  # the most such images at one patch location
+        _optional("night_plus_auc", pa.float64()),  # P(night MuSc+ patch > references' leave-one-out one)
         _required("systematic_defect_suspected", pa.bool_()),
         _required("reason", pa.string()),
         _required("backbone_key", pa.string()),

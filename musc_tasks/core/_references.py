@@ -17,6 +17,11 @@ scorers, never scored: the night's N images get patch scores, the references get
   ordinary night keeps MuSc's zero-shot scores wherever they matter, and a defect that repeats
   across the night (which mutual scoring calls normal) still stands out through MuSc+.
 
+Evidence of a repeated defect (`reference_only_patches`): a patch whose MuSc+ score is above
+the references' own scale while its zero-shot score stays below theirs is one the references
+flag and the night vouches for; `exceedance_auc` compares a night's scores with the
+references' own as a rank statistic.
+
 The similarities come from the same GEMM as the pool's (`nearest_similarities`): one product
 of a night block with a reference block gives both the night-to-reference similarities (for
 few-shot and plus) and the reference-to-night ones (for the zero-shot scale).
@@ -35,12 +40,15 @@ __all__ = [
     "REFERENCE_MODES",
     "check_references",
     "combined_scores",
+    "exceedance_auc",
     "few_shot_neighbour_count",
     "few_shot_scores_from_similarities",
     "leave_one_out_distances",
     "nearest_reference_distances",
+    "reference_only_patches",
     "reference_pool_patch_scores",
     "reference_scale",
+    "reference_score_maps",
 ]
 
 REFERENCE_MODES = ("few-shot", "plus", "combined")
@@ -185,6 +193,80 @@ def combined_scores(zero_shot: Tensor, plus: Tensor, zero_shot_scale: float, plu
     return torch.maximum(zero_shot.float(), plus.float() * (zero_shot_scale / plus_scale))
 
 
+def reference_score_maps(
+    layer_tokens: Sequence[Tensor],
+    reference_tokens: Sequence[Tensor],
+    grid: tuple[int, int],
+    r_list: Sequence[int] = (1, 3, 5),
+    *,
+    interval: float = 0.3,
+) -> dict[str, Tensor]:
+    """Every score of one night pool with a reference set, in memory (the plain path).
+
+    Parameters
+    ----------
+    layer_tokens : sequence of Y (N, L, C) float tensors
+        Raw patch tokens of the night's images, one tensor per feature layer (N >= 2).
+    reference_tokens : sequence of Y (M, L, C) float tensors
+        Raw patch tokens of the references, same layers (M >= 2).
+    grid : (H, W)
+        Patch grid, H * W = L.
+    r_list : sequence of int
+        LNAMD aggregation degrees.
+    interval : float
+        As in `mutual_scores`; few-shot counts the references among the scorers.
+
+    Returns
+    -------
+    maps : dict of str to tensor
+        Averaged over layers and aggregation degrees: ``zero_shot``, ``few_shot`` and ``plus``
+        (N, L) of the night; ``reference_zero_shot`` (M, L), each reference scored against the
+        night as one more night image, and ``reference_plus`` (M, L), each reference's MuSc+
+        against the other references (leave-one-out).
+    """
+    if len(layer_tokens) != len(reference_tokens) or not layer_tokens:
+        raise ValueError(
+            f"night and reference tokens need the same non-zero number of layers, got "
+            f"{len(layer_tokens)} and {len(reference_tokens)}"
+        )
+    if not r_list:
+        raise ValueError("r_list is empty: at least one aggregation degree is needed")
+    n_images = layer_tokens[0].shape[0]
+    n_references = reference_tokens[0].shape[0]
+    check_references(n_references, "combined")
+    if n_images < 2:
+        raise ValueError("scoring a night with references needs at least 2 night images (it includes zero-shot)")
+    own_index = torch.arange(n_images)
+    few_shot_k = few_shot_neighbour_count(n_images, n_references, interval)
+    zero_shot_k = neighbour_count(n_images + 1, interval)  # a reference scored as one more night image
+    names = ("zero_shot", "few_shot", "plus", "reference_zero_shot", "reference_plus")
+    maps: dict[str, list[Tensor]] = {name: [] for name in names}
+    for r in r_list:
+        rows: dict[str, list[Tensor]] = {name: [] for name in names}
+        for tokens, references in zip(layer_tokens, reference_tokens, strict=True):
+            night = aggregate_tokens(tokens, grid, r)
+            known = aggregate_tokens(references, grid, r)
+            to_references, to_night = nearest_similarities(night, known)  # (N, L, M), (M, L, N)
+            night_to_night, _ = nearest_similarities(night, night)
+            among, _ = nearest_similarities(known, known)
+            rows["zero_shot"].append(mutual_scores(night, interval=interval))
+            rows["few_shot"].append(
+                few_shot_scores_from_similarities(night_to_night, to_references, own_index, few_shot_k)
+            )
+            rows["plus"].append(nearest_reference_distances(to_references))
+            rows["reference_zero_shot"].append(
+                scores_from_similarities(
+                    torch.cat([to_night, torch.full_like(to_night[:, :, :1], -1.0)], dim=2),
+                    torch.full((n_references,), n_images),
+                    zero_shot_k,
+                )
+            )
+            rows["reference_plus"].append(leave_one_out_distances(among))
+        for name, per_layer in rows.items():
+            maps[name].append(torch.stack(per_layer))
+    return {name: average_scores(torch.stack(stack)) for name, stack in maps.items()}
+
+
 def reference_pool_patch_scores(
     layer_tokens: Sequence[Tensor],
     reference_tokens: Sequence[Tensor],
@@ -226,55 +308,31 @@ def reference_pool_patch_scores(
     if not r_list:
         raise ValueError("r_list is empty: at least one aggregation degree is needed")
     n_images = layer_tokens[0].shape[0]
-    n_references = reference_tokens[0].shape[0]
-    check_references(n_references, mode)
-    if mode == "few-shot":
-        k = few_shot_neighbour_count(n_images, n_references, interval)
-    elif n_images < 2 and mode == "combined":
-        raise ValueError("'combined' needs at least 2 night images (it includes zero-shot mutual scoring)")
-    own_index = torch.arange(n_images)
-    maps: dict[str, list[Tensor]] = {
-        "few-shot": [],
-        "plus": [],
-        "zero-shot": [],
-        "ref-zero-shot": [],
-        "ref-plus": [],
-    }
+    check_references(reference_tokens[0].shape[0], mode)
+    if mode == "combined":
+        maps = reference_score_maps(layer_tokens, reference_tokens, grid, r_list, interval=interval)
+        return combined_scores(
+            maps["zero_shot"],
+            maps["plus"],
+            reference_scale(maps["reference_zero_shot"], quantile),
+            reference_scale(maps["reference_plus"], quantile),
+        )
+    k = few_shot_neighbour_count(n_images, reference_tokens[0].shape[0], interval) if mode == "few-shot" else 0
+    per_degree = []
     for r in r_list:
-        rows = {name: [] for name in maps}
+        per_layer = []
         for tokens, references in zip(layer_tokens, reference_tokens, strict=True):
             night = aggregate_tokens(tokens, grid, r)
-            known = aggregate_tokens(references, grid, r)
-            to_references, to_night = nearest_similarities(night, known)  # (N, L, M), (M, L, N)
+            to_references, _ = nearest_similarities(night, aggregate_tokens(references, grid, r))
             if mode == "few-shot":
                 night_to_night, _ = nearest_similarities(night, night)
-                rows["few-shot"].append(few_shot_scores_from_similarities(night_to_night, to_references, own_index, k))
-                continue
-            rows["plus"].append(nearest_reference_distances(to_references))
-            if mode == "combined":
-                rows["zero-shot"].append(mutual_scores(night, interval=interval))
-                zero_shot_k = neighbour_count(n_images + 1, interval)  # a reference scored as one more night image
-                rows["ref-zero-shot"].append(
-                    scores_from_similarities(
-                        torch.cat([to_night, torch.full_like(to_night[:, :, :1], -1.0)], dim=2),
-                        torch.full((n_references,), n_images),
-                        zero_shot_k,
-                    )
+                per_layer.append(
+                    few_shot_scores_from_similarities(night_to_night, to_references, torch.arange(n_images), k)
                 )
-                among, _ = nearest_similarities(known, known)
-                rows["ref-plus"].append(leave_one_out_distances(among))
-        for name, per_layer in rows.items():
-            if per_layer:
-                maps[name].append(torch.stack(per_layer))
-    averaged = {name: average_scores(torch.stack(stack)) for name, stack in maps.items() if stack}
-    if mode != "combined":
-        return averaged[mode]
-    return combined_scores(
-        averaged["zero-shot"],
-        averaged["plus"],
-        reference_scale(averaged["ref-zero-shot"], quantile),
-        reference_scale(averaged["ref-plus"], quantile),
-    )
+            else:
+                per_layer.append(nearest_reference_distances(to_references))
+        per_degree.append(torch.stack(per_layer))
+    return average_scores(torch.stack(per_degree))
 
 
 def leave_one_out_distances(among: Tensor) -> Tensor:
@@ -294,3 +352,50 @@ def leave_one_out_distances(among: Tensor) -> Tensor:
     rows = torch.arange(masked.shape[0])
     masked[rows, :, rows] = -1.0  # a reference never matches itself
     return torch.sqrt(torch.clamp(2.0 - 2.0 * masked.amax(dim=2), min=0.0))
+
+
+def reference_only_patches(zero_shot: Tensor, plus: Tensor, zero_shot_scale: float, plus_scale: float) -> Tensor:
+    """Patches the references flag and zero-shot does not: what a defect repeated across a night looks like.
+
+    Parameters
+    ----------
+    zero_shot, plus : (N, L) float tensors
+        Patch scores of the same images.
+    zero_shot_scale, plus_scale : float
+        `reference_scale` of each score on the references (the combined rule's units).
+
+    Returns
+    -------
+    flagged : (N, L) bool tensor
+        ``plus > plus_scale`` (farther from every reference than almost any reference patch is
+        from the other references) and ``zero_shot < zero_shot_scale`` (the night finds it as
+        normal as a known-good image).
+    """
+    if zero_shot.shape != plus.shape:
+        raise ValueError(f"zero-shot and plus scores differ in shape: {tuple(zero_shot.shape)} and {tuple(plus.shape)}")
+    return (plus > plus_scale) & (zero_shot < zero_shot_scale)
+
+
+def exceedance_auc(scores: Tensor, reference_scores: Tensor) -> float:
+    """How often a score exceeds a reference score: the Mann-Whitney U over all pairs.
+
+    Parameters
+    ----------
+    scores : float tensor, any shape
+        E.g. a night's MuSc+ patch scores.
+    reference_scores : float tensor, any shape
+        E.g. the references' leave-one-out MuSc+ patch scores.
+
+    Returns
+    -------
+    auc : float
+        ``P(x > y) + P(x = y) / 2`` for x from ``scores`` and y from ``reference_scores``: 0.5 when
+        both come from one distribution, towards 1 when the scores drift above the references'.
+    """
+    if scores.numel() == 0 or reference_scores.numel() == 0:
+        raise ValueError("exceedance_auc needs at least one score on each side")
+    known = reference_scores.double().flatten().sort().values
+    values = scores.double().flatten()
+    below = torch.searchsorted(known, values, side="left")
+    not_above = torch.searchsorted(known, values, side="right")
+    return float((below + not_above).double().sum() / (2.0 * values.numel() * known.numel()))

@@ -7,13 +7,16 @@ from musc_tasks.core import (
     aggregate_tokens,
     check_references,
     combined_scores,
+    exceedance_auc,
     few_shot_neighbour_count,
     few_shot_scores_from_similarities,
     mutual_scores,
     nearest_reference_distances,
     nearest_similarities,
+    reference_only_patches,
     reference_pool_patch_scores,
     reference_scale,
+    reference_score_maps,
 )
 
 
@@ -178,3 +181,42 @@ def test_unknown_mode_and_layer_mismatch_are_clear_errors():
         check_references(2, "zero-shot")
     with pytest.raises(ValueError, match="same non-zero number of layers"):
         reference_pool_patch_scores([night, night], [night], (3, 3), (1,), mode="plus")
+
+
+def test_exceedance_auc_counts_pairs_with_ties_as_half():
+    generator = torch.Generator().manual_seed(3)
+    night = torch.randint(0, 6, (7, 5), generator=generator).float()  # many ties
+    references = torch.randint(0, 6, (4, 5), generator=generator).float()
+    pairs = [(x > y) + 0.5 * (x == y) for x in night.flatten().tolist() for y in references.flatten().tolist()]
+    assert exceedance_auc(night, references) == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert exceedance_auc(torch.ones(3), torch.ones(2)) == 0.5
+    assert exceedance_auc(torch.full((2,), 2.0), torch.ones(3)) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        exceedance_auc(torch.zeros(0), torch.ones(2))
+
+
+def test_reference_only_patches_are_far_from_the_references_and_quiet_tonight():
+    zero_shot = torch.tensor([[0.1, 0.9, 0.1], [0.5, 0.5, 0.5]])
+    plus = torch.tensor([[0.8, 0.8, 0.2], [0.6, 0.7, 0.3]])
+    flagged = reference_only_patches(zero_shot, plus, zero_shot_scale=0.5, plus_scale=0.5)
+    # patch (0, 1) is flagged by zero-shot too; row 1 sits exactly on the zero-shot scale: not quiet
+    assert flagged.tolist() == [[True, False, False], [False, False, False]]
+    with pytest.raises(ValueError, match="shape"):
+        reference_only_patches(zero_shot, plus.T, 0.5, 0.5)
+
+
+def test_score_maps_hold_what_each_mode_returns():
+    night, references = unit_tokens(5, 9, 16, seed=21), unit_tokens(3, 9, 16, seed=22)
+    maps = reference_score_maps([night], [references], (3, 3), (1, 3))
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {
+        "zero_shot": (5, 9),
+        "few_shot": (5, 9),
+        "plus": (5, 9),
+        "reference_zero_shot": (3, 9),
+        "reference_plus": (3, 9),
+    }
+    for mode in ("few-shot", "plus"):
+        got = reference_pool_patch_scores([night], [references], (3, 3), (1, 3), mode=mode)
+        torch.testing.assert_close(got, maps[mode.replace("-", "_")], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="2 night images"):
+        reference_score_maps([night[:1]], [references], (3, 3))
