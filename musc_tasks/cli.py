@@ -522,8 +522,15 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_references(args: argparse.Namespace) -> int:
-    """``musc references add|list|remove``: known-good reference sets per product and backbone."""
-    from .references import DEFAULT_MAX_REFERENCES, add_references, describe, list_reference_sets, remove_references
+    """``musc references add|curate|list|remove``: known-good reference sets per product and backbone."""
+    from .references import (
+        DEFAULT_MAX_REFERENCES,
+        add_references,
+        curate_references,
+        describe,
+        list_reference_sets,
+        remove_references,
+    )
 
     out = Path(args.out).resolve()
     if args.action == "list":
@@ -547,6 +554,24 @@ def cmd_references(args: argparse.Namespace) -> int:
         )
         for line in problems:
             print(f"not added: {line}", file=sys.stderr)
+        print(describe(stored))
+        return 0
+    if args.action == "curate":
+        try:
+            stored, picked = curate_references(
+                out,
+                args.product,
+                backbone.key,
+                args.date_from,
+                args.date_to,
+                name=args.name,
+                max_size=args.max or DEFAULT_MAX_REFERENCES,
+            )
+        except ValueError as error:
+            print(f"musc: error: {error}", file=sys.stderr)
+            return 2
+        per_night = picked.groupby("date").size()
+        print(f"curated {len(picked)} images: " + ", ".join(f"{n} from {day}" for day, n in per_night.items()))
         print(describe(stored))
         return 0
     stored = remove_references(out, args.product, backbone.key, name=args.name, image_ids=args.folders)
@@ -708,11 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     rscin.set_defaults(func=cmd_rscin)
 
     references = commands.add_parser(
-        "references", help="known-good reference sets per product and backbone (add, list, remove)"
+        "references", help="known-good reference sets per product and backbone (add, curate, list, remove)"
     )
     actions = references.add_subparsers(dest="action", required=True)
     helps = {
         "add": "add a folder of known-good images to a product's set (tokens extracted once)",
+        "curate": "pick references from past nights' scores (README: the curation rule; stored tokens)",
         "list": "the stored sets: product, name@version:content, size, backbone",
         "remove": "drop images (unique id prefixes) from a set, or the whole set",
     }
@@ -720,12 +746,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub = actions.add_parser(action, help=text)
         if action == "add":
             sub.add_argument("folders", nargs="+", help="folders of known-good images of the product")
+        if action in ("add", "curate"):
             sub.add_argument("--max", type=int, help="size cap of the set (default 64)")
+        if action == "curate":
+            sub.add_argument("--from", dest="date_from", required=True, help="first night, YYYY-MM-DD")
+            sub.add_argument("--to", dest="date_to", required=True, help="last night, YYYY-MM-DD (inclusive)")
         if action == "remove":
             sub.add_argument("folders", nargs="*", metavar="image_ids", help="image ids to drop (default: the set)")
         sub.add_argument("--out", required=True, help="results folder whose token stores the set uses")
         sub.add_argument("--product", required=action != "list", help="product the images show")
-        sub.add_argument("--name", default="golden", help="the set's name (default golden)")
+        default_name = "curated" if action == "curate" else "golden"
+        sub.add_argument("--name", default=default_name, help=f"the set's name (default {default_name})")
         add_backbone_arguments(sub)
         sub.set_defaults(func=cmd_references)
 

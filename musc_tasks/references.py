@@ -1,6 +1,8 @@
 """Known-good reference sets per (product, backbone): what they hold, where from, which version.
 
-A reference set is a small JSON file beside the token stores,
+A set is filled by a person (`add_references`: a folder of images they vouch for) or by the
+pipeline's own history (`curate_references`: images that scored clearly normal on past nights,
+`choose_references` the rule). A reference set is a small JSON file beside the token stores,
 ``OUT/cache/references/<backbone_key>/<product>/<name>.json``; its images' tokens live in the
 product's token store (extracted once, shared with the nights that contain the same bytes).
 Every change (add, remove) writes a new version: the version number goes up and the content
@@ -14,13 +16,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from . import tables
 from .atomic import write_atomic
 from .backbone import load_backbone, patch_size
 from .catalog import IMAGE_SUFFIXES, catalog_files
@@ -35,9 +39,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAX_REFERENCES",
+    "MIN_CURATED",
     "ReferenceEntry",
     "ReferenceSet",
     "add_references",
+    "choose_references",
+    "curate_references",
     "describe",
     "list_reference_sets",
     "read_reference_set",
@@ -50,6 +57,8 @@ __all__ = [
 # A reference GEMM costs M images per night image; 64 known-good images already cover a
 # product's normal variation (the paper's many-shot tables stop gaining at 32).
 DEFAULT_MAX_REFERENCES = 64
+# Curation refuses to write fewer: the combined mode's leave-one-out scale needs 2 references.
+MIN_CURATED = 2
 
 
 class ReferenceEntry(BaseModel):
@@ -225,6 +234,150 @@ def add_references(
         _write(out_dir, stored)
     logger.info("%s: %d added, %d already in the set", stored.label, len(added), len(new) - len(added))
     return stored, problems
+
+
+def choose_references(rows: pd.DataFrame, max_size: int = DEFAULT_MAX_REFERENCES) -> pd.DataFrame:
+    """The curation rule: which images of a product's past nights become references.
+
+    An image (by content hash) qualifies when, on every night it was scored, it ranked in the
+    bottom half of its night (``rank > n / 2``, rank 1 the most anomalous) and was not flagged.
+    Each qualifying image is credited to its most normal night (largest ``rank / n``, then the
+    earliest), nights are visited by date in turn, each giving its lowest-scoring image not
+    yet taken, until ``max_size``: one night, however large, cannot fill the set.
+
+    Parameters
+    ----------
+    rows : DataFrame
+        Score rows of one product and backbone with columns date, image_id, path, score, rank,
+        flagged and status; rows whose status is not ``scored`` are ignored.
+    max_size : int
+        The most images to pick.
+
+    Returns
+    -------
+    picked : DataFrame
+        Columns image_id, path, date, score, in picking order.
+    """
+    scored = rows[(rows["status"] == "scored") & rows["score"].notna() & rows["rank"].notna()].copy()
+    scored["n"] = scored.groupby("date")["image_id"].transform("size")
+    scored["normal_rank"] = scored["rank"] / scored["n"]  # 1 = the night's most normal image
+    scored["clear"] = (scored["rank"] > scored["n"] / 2) & ~scored["flagged"].fillna(False).astype(bool)
+    always = scored.groupby("image_id")["clear"].transform("all")
+    candidates = scored[always].sort_values(["normal_rank", "date", "path"], ascending=[False, True, True])
+    credited = candidates.drop_duplicates("image_id")  # each image once, on its most normal night
+    queues = [
+        night.sort_values(["score", "image_id"])[["image_id", "path", "date", "score"]].to_dict("records")
+        for _, night in sorted(credited.groupby("date"), key=lambda item: item[0])
+    ]
+    picked: list[dict] = []
+    while queues and len(picked) < max_size:
+        for queue in queues:
+            if queue and len(picked) < max_size:
+                picked.append(queue.pop(0))
+        queues = [queue for queue in queues if queue]
+    return pd.DataFrame(picked, columns=["image_id", "path", "date", "score"])
+
+
+def _check_day(text: str, what: str) -> str:
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ValueError(f"{what} must be a date YYYY-MM-DD, got {text!r}") from None
+
+
+def curate_references(
+    out_dir: str | Path,
+    product: str,
+    backbone_key: str,
+    date_from: str,
+    date_to: str,
+    *,
+    name: str = "curated",
+    max_size: int = DEFAULT_MAX_REFERENCES,
+) -> tuple[ReferenceSet, pd.DataFrame]:
+    """Pick references from the pipeline's own history (`choose_references`) into a set.
+
+    Nights between ``date_from`` and ``date_to`` (inclusive) scored with ``backbone_key`` are
+    read from ``tables/scores``; nights that ``tables/days`` marks as suspected of a systematic
+    defect are left out (their ranks are what a repeated defect distorts); images whose tokens
+    are no longer in the token store are skipped (no re-extraction). The set's earlier curated
+    entries are replaced by the new pick, entries a person added are kept, and the cap counts both.
+
+    Returns
+    -------
+    stored : ReferenceSet
+        The new version (the same one when the pick did not change).
+    picked : DataFrame
+        The curated images (`choose_references`).
+    """
+    if path_segment(name) != name or not name:
+        raise ValueError(f"reference set name {name!r} must be made of letters, digits, '.', '_' or '-'")
+    first, last = _check_day(date_from, "--from"), _check_day(date_to, "--to")
+    if first > last:
+        raise ValueError(f"--from {first} is after --to {last}")
+    out = Path(out_dir)
+    scores = tables.read_table(out / "tables" / "scores", filters=[("product", "=", product)])
+    scores = scores[scores["backbone_key"] == backbone_key]
+    in_range = scores[(scores["date"] >= first) & (scores["date"] <= last)]
+    if in_range.empty:
+        nights = sorted(scores["date"].unique())
+        raise ValueError(
+            f"no night of {product!r} scored with backbone {backbone_key} between {first} and {last} under {out}"
+            + (f" (it has {nights[0]} to {nights[-1]})" if nights else " (it has none)")
+        )
+    days = tables.read_table(out / "tables" / "days", filters=[("product", "=", product)])
+    suspected = set(days[(days["backbone_key"] == backbone_key) & days["systematic_defect_suspected"]]["date"])
+    store = token_store_path(out, backbone_key, product)
+    with_tokens = set(token_index(store)) if store.is_dir() else set()
+    usable = in_range[~in_range["date"].isin(suspected) & in_range["image_id"].isin(with_tokens)]
+    path = reference_set_path(out, backbone_key, product, name)
+    with exclusive_lock(path.with_suffix(".lock")):
+        previous = read_reference_set(out, backbone_key, product, name) if path.is_file() else None
+        kept = tuple(e for e in previous.entries if e.added_by != "curate") if previous else ()
+        if max_size - len(kept) < MIN_CURATED:
+            raise ValueError(
+                f"reference set {name!r} of {product!r} holds {len(kept)} images a person added, which leaves "
+                f"no room for {MIN_CURATED} curated ones under its cap of {max_size}: pass a larger --max or "
+                "curate into another --name"
+            )
+        picked = choose_references(usable, max_size - len(kept))
+        if len(picked) < MIN_CURATED:
+            raise ValueError(
+                f"only {len(picked)} image(s) of {product!r} qualify as references between {first} and {last} "
+                f"({in_range['date'].nunique()} night(s), {len(suspected & set(in_range['date']))} left out as "
+                f"suspected, {in_range['image_id'].nunique()} distinct images); at least {MIN_CURATED} are needed "
+                "(README: the curation rule)"
+            )
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        entries = kept + tuple(
+            ReferenceEntry(
+                image_id=row.image_id,
+                source_path=row.path,
+                added_at=now,
+                added_by="curate",
+                from_date=row.date,
+                from_score=float(row.score),
+            )
+            for row in picked.itertuples()
+        )
+
+        def provenance(found: Sequence[ReferenceEntry]) -> list[tuple]:
+            return [(e.image_id, e.added_by, e.from_date, e.from_score) for e in found]
+
+        if previous and provenance(previous.entries) == provenance(entries):
+            return previous, picked
+        stored = ReferenceSet(
+            name=name,
+            product=product,
+            backbone_key=backbone_key,
+            version=(previous.version + 1) if previous else 1,
+            content_key=_content_key(entries),
+            entries=entries,
+            token_store=str(store),
+        )
+        _write(out, stored)
+    logger.info("%s: curated %d images from %d night(s)", stored.label, len(picked), picked["date"].nunique())
+    return stored, picked
 
 
 def remove_references(

@@ -27,6 +27,7 @@ from flows.score import score_captures
 from musc_tasks import tables
 from musc_tasks.cli import main
 from musc_tasks.config import ScoringParams
+from musc_tasks.references import list_reference_sets
 from musc_tasks.report import TREND_NIGHTS, build_day_report
 
 from .browser import chromium, static_server
@@ -313,3 +314,31 @@ def test_analysts_queries_range_over_dates_and_give_paths_that_open(nights, caps
     regions = tables.read_table(out_dir / "tables" / "regions")
     runs = tables.read_table(out_dir / "tables" / "runs")
     assert all(Path(p).is_file() for p in regions["path"]) and all(Path(p).is_dir() for p in runs["input_dir"])
+
+
+def test_curate_picks_references_from_the_three_nights(nights, tiny_backbone, capsys):
+    """`musc references curate` on the nights' own tables and token stores: a versioned set, no extraction."""
+    out_dir = nights[0]
+    backbone = ["--backbone", tiny_backbone.name, "--model-config", str(tiny_backbone.model_config_path)]
+    backbone += ["--pretrained", "none", "--image-size", str(tiny_backbone.image_size), "--layers", "1,3"]
+    curate = ["references", "curate", "--product", "brick", "--out", str(out_dir), *backbone]
+    capsys.readouterr()
+    assert main([*curate, "--from", NIGHTS[0], "--to", NIGHTS[2], "--max", "4"]) == 0
+    assert main(["references", "list", "--out", str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "brick\tcurated@v1:" in printed and "4 images" in printed and "added by curate" in printed
+    (stored,) = list_reference_sets(out_dir, product="brick")
+    scores = tables.read_table(out_dir / "tables" / "scores", filters=[("product", "=", "brick")])
+    scored = scores[scores["status"] == "scored"]
+    per_night = scored.groupby("date").size()
+    for entry in stored.entries:  # the same images every night: each picked once, never flagged, bottom half
+        rows = scored[scored["image_id"] == entry.image_id]
+        assert len(rows) == 3 and not rows["flagged"].any()
+        assert (rows["rank"] > rows["date"].map(per_night) / 2).all()
+        assert entry.from_date in NIGHTS and entry.from_score in set(rows["score"])
+    assert len({e.image_id for e in stored.entries}) == 4
+
+    assert main([*curate, "--from", NIGHTS[0], "--to", NIGHTS[2], "--max", "4"]) == 0  # same pick, same version
+    assert "curated@v1:" in capsys.readouterr().out
+    assert main([*curate, "--from", "2026-12-01", "--to", "2026-12-31"]) == 2
+    assert "no night of 'brick' scored with backbone" in capsys.readouterr().err
