@@ -11,6 +11,10 @@ tables/days columns `days.product_signals` derives: images with a patch flagged 
 references only, the most such images at one patch location, the night's MuSc+ rank statistic
 against the references' leave-one-out scores, and whether `systematic_defect_suspected` fires.
 The rule was chosen on this table (README: "Known-good references and bad nights").
+
+A second table compares combined rules by the pixel AUROC of the planted defects (maps
+upsampled as the bad-night test does): the shipped `max` rule, ``max(zero_shot, plus * s_z /
+s_p)``, against ``sum``, ``zero_shot / s_z + plus / s_p`` (both in the references' units).
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from musc_tasks.backbone import load_backbone
 from musc_tasks.config import BackboneSpec
-from musc_tasks.core import reference_scale, reference_score_maps
+from musc_tasks.core import combined_scores, pixel_metrics, reference_scale, reference_score_maps, upsample_maps
 from musc_tasks.days import pool_evidence, product_signals
 from musc_tasks.demo import make_bad_night
 from musc_tasks.imageio import read_rgb
@@ -46,19 +52,45 @@ def night_row(backbone, root: Path, seed: int, repeated: int, scattered: int, ve
     maps = reference_score_maps(
         tokens_of(backbone, [i.path for i in night.images]), tokens_of(backbone, golden), backbone.grid
     )
+    zero_shot_scale, plus_scale = reference_scale(maps["reference_zero_shot"]), reference_scale(maps["reference_plus"])
     evidence = pool_evidence(
         maps["zero_shot"],
         maps["plus"],
         maps["reference_zero_shot"],
         maps["reference_plus"],
-        reference_scale(maps["reference_zero_shot"]),
-        reference_scale(maps["reference_plus"]),
+        zero_shot_scale,
+        plus_scale,
         backbone.grid,
     )
+    rules = {
+        "zero-shot": maps["zero_shot"],
+        "few-shot": maps["few_shot"],
+        "plus": maps["plus"],
+        "combined max": combined_scores(maps["zero_shot"], maps["plus"], zero_shot_scale, plus_scale),
+        "combined sum": maps["zero_shot"] / zero_shot_scale + maps["plus"] / plus_scale,
+    }
     if verbose:
         print(f"  seed {seed}, {repeated} repeated, {scattered} scattered: images flagged at each patch location")
         print("  " + str(evidence.location_counts.reshape(backbone.grid)).replace("\n", "\n  "))
-    return {"seed": seed, "n": len(night.images), **product_signals([evidence])}
+    return {"seed": seed, "n": len(night.images), "aurocs": pixel_aurocs(night, rules), **product_signals([evidence])}
+
+
+def pixel_aurocs(night, rules: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Pixel AUROC of the planted defects per rule; empty for a night without defects."""
+    size = np.asarray(Image.open(night.images[0].path)).shape[:2]
+    truth = np.stack(
+        [
+            np.asarray(Image.open(i.mask_path)) > 127 if i.mask_path is not None else np.zeros(size, bool)
+            for i in night.images
+        ]
+    )
+    if not truth.any():
+        return {}
+    side = int(len(rules["plus"][0]) ** 0.5)
+    return {
+        name: pixel_metrics(upsample_maps(scores, (side, side), size).numpy(), truth, pro=False)["auroc"]
+        for name, scores in rules.items()
+    }
 
 
 def main() -> None:
@@ -79,6 +111,7 @@ def main() -> None:
     print("| night | reference-only images | most at one location | night_plus_auc | suspected |")
     print("|---|---|---|---|---|")
     started = time.perf_counter()
+    aurocs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for label, (repeated, scattered) in nights.items():
             folder = Path(scratch, f"{repeated}-{scattered}")
@@ -87,10 +120,22 @@ def main() -> None:
             at_one = [r["repeated_defect_images"] for r in rows]
             auc = [r["night_plus_auc"] for r in rows]
             fired = sum(r["systematic_defect_suspected"] for r in rows)
+            if rows[0]["aurocs"]:
+                aurocs[label] = [r["aurocs"] for r in rows]
             print(
                 f"| {label} | {min(only)}-{max(only)} | {min(at_one)}-{max(at_one)} "
                 f"({', '.join(map(str, at_one))}) | {min(auc):.2f}-{max(auc):.2f} | {fired} of {len(rows)} |"
             )
+    print("\npixel AUROC of the planted defects: mean over seeds [worst seed's margin over zero-shot]")
+    names = list(next(iter(aurocs.values()))[0])
+    print("| night | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, per_seed in aurocs.items():
+        cells = [f"{np.mean([a[n] for a in per_seed]):.3f}" for n in names[:1]]
+        for n in names[1:]:
+            worst = min(a[n] - a[names[0]] for a in per_seed)
+            cells.append(f"{np.mean([a[n] for a in per_seed]):.3f} [{worst:+.3f}]")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"({time.perf_counter() - started:.0f} s)")
 
 
