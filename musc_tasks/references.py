@@ -285,6 +285,11 @@ def _check_day(text: str, what: str) -> str:
         raise ValueError(f"{what} must be a date YYYY-MM-DD, got {text!r}") from None
 
 
+def _iso_dates(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ``date`` column as YYYY-MM-DD strings: what provenance records and messages show."""
+    return frame.assign(date=pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d"))
+
+
 def curate_references(
     out_dir: str | Path,
     product: str,
@@ -316,7 +321,7 @@ def curate_references(
     if first > last:
         raise ValueError(f"--from {first} is after --to {last}")
     out = Path(out_dir)
-    scores = tables.read_table(out / "tables" / "scores", filters=[("product", "=", product)])
+    scores = _iso_dates(tables.read_table(out / "tables" / "scores", filters=[("product", "=", product)]))
     scores = scores[scores["backbone_key"] == backbone_key]
     in_range = scores[(scores["date"] >= first) & (scores["date"] <= last)]
     if in_range.empty:
@@ -325,7 +330,7 @@ def curate_references(
             f"no night of {product!r} scored with backbone {backbone_key} between {first} and {last} under {out}"
             + (f" (it has {nights[0]} to {nights[-1]})" if nights else " (it has none)")
         )
-    days = tables.read_table(out / "tables" / "days", filters=[("product", "=", product)])
+    days = _iso_dates(tables.read_table(out / "tables" / "days", filters=[("product", "=", product)]))
     suspected = set(days[(days["backbone_key"] == backbone_key) & days["systematic_defect_suspected"]]["date"])
     store = token_store_path(out, backbone_key, product)
     with_tokens = set(token_index(store)) if store.is_dir() else set()
