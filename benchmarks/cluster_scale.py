@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from distributed import LocalCluster
-
 from musc_tasks import tables
 from musc_tasks.demo import make_demo_day
+from musc_tasks.scoring import dask_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -86,10 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.dask_address:
             results["cluster"] = run_night(day.input_dir, root / "out-cluster", args.dask_address, backbone_args)
         for workers in [] if args.dask_address else args.workers:
-            with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster:
-                results[workers] = run_night(
-                    day.input_dir, root / f"out-{workers}", cluster.scheduler_address, backbone_args
-                )
+            with dask_cluster(n_workers=workers) as address:  # the run's own kind of local cluster
+                results[workers] = run_night(day.input_dir, root / f"out-{workers}", address, backbone_args)
     first = next(iter(results.values()))
     n_images = len(first["scores"])
     print(f"{n_images} images, {len(products)} products; seconds from the runs table (Prefect start-up excluded)")
