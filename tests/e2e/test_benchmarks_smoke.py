@@ -87,3 +87,14 @@ def test_extraction_benchmark(tmp_path):
 def test_publish_regions_benchmark():
     out = run("publish_regions.py", "--images", "2", "--resolution", "1200x500", "--repeats", "1")
     assert "publish cells / whole mask:" in out, out
+
+
+def test_bad_night_signals_benchmark():
+    out = run("bad_night_signals.py", "--seeds", "0", "--repeated", "5")
+    rows = {}  # the first table: the flag's signals (the second has the same night names)
+    for line in out.splitlines():
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0], line)
+    assert rows["| bad (5 of 12 repeated)"].endswith("| 1 of 1 |"), out  # the flag fires (README: seed 0)
+    assert rows["| ordinary (3 of 12, each its own)"].endswith("| 0 of 1 |"), out
+    assert "combined max" in out, out
