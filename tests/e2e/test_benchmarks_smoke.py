@@ -63,7 +63,7 @@ def test_day_scale_benchmark(tmp_path):
 
 def test_cli_errors_benchmark():
     out = run("cli_errors.py", "--repeats", "1")
-    assert out.count("exit 2") == 8 and out.count("musc: error: ") == 8, out
+    assert out.count("exit 2") == 9 and out.count("musc: error: ") == 9, out
 
 
 def test_report_benchmark(tmp_path):
