@@ -861,8 +861,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         url = os.environ.get("PREFECT_API_URL")
         server = f"the Prefect server at {url}" if url else "this run's temporary Prefect server"
+        # Prefect's API log handler may have left "All connection attempts failed" without its newline
         print(
-            f"musc: error: lost {server} ({type(error).__name__}: {_first_line(error)});"
+            f"\nmusc: error: lost {server} ({type(error).__name__}: {_first_line(error)});"
             " run the same command again once it answers (finished work is kept)",
             file=sys.stderr,
         )
