@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -379,7 +380,7 @@ def write_maps_store(path: Path, maps: np.ndarray, attributes: dict) -> Path:
             if maps.shape[0]:
                 array[:] = maps
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a half-written store must not linger beside the old one
+        _remove_until_gone(staging)  # a half-written store must not linger beside the old one
         raise
     old = path.with_name(f".{path.name}.{os.getpid()}.old")
     if path.exists():
@@ -387,6 +388,19 @@ def write_maps_store(path: Path, maps: np.ndarray, attributes: dict) -> Path:
     staging.rename(path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _remove_until_gone(folder: Path, *, attempts: int = 50) -> None:
+    """Remove ``folder`` and wait until it stays removed.
+
+    When one chunk write fails, Zarr's other writes of the same call are not cancelled and may
+    still land (and recreate the folder) after a first ``rmtree``.
+    """
+    for _ in range(attempts):
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.1)
+        if not folder.exists():
+            return
 
 
 def read_maps_store(path: Path) -> tuple[zarr.Array, dict]:
