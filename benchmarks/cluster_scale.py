@@ -30,21 +30,10 @@ from musc_tasks import tables
 from musc_tasks.demo import make_demo_day
 from musc_tasks.scoring import dask_cluster
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--backbone",
-    "musc-tiny-vit",
-    "--model-config",
-    str(REPO / "tests" / "data" / "musc-tiny-vit.json"),
-    "--pretrained",
-    "none",
-    "--image-size",
-    "112",
-    "--layers",
-    "1,3",
-    "--device",
-    "cpu",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from day_scale import tiny_backbone_args  # noqa: E402
+
+TINY = [*tiny_backbone_args(112), "--device", "cpu"]
 STAGES = ("extract", "score", "publish")
 
 

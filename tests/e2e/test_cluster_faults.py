@@ -18,6 +18,7 @@ import pytest
 
 from musc_tasks import tables
 
+from ..tmpfs import small_tmpfs
 from .conftest import score, score_command, subprocess_env
 from .processes import background, free_port, stop_group, tail, wait_for
 
@@ -35,19 +36,6 @@ def test_an_unreachable_scheduler_stops_the_run_within_seconds(demo_day, prefect
     assert f"Dask scheduler at {address} did not answer" in done.stderr, done.stderr[-3000:]
     assert not list((tmp_path / "out").rglob("*.zarr")), "no work may start without the cluster"
     assert took < 120, f"took {took:.0f} s"  # 10 s connect timeout plus the CLI's start-up on a loaded machine
-
-
-@contextmanager
-def small_tmpfs(folder: Path, size: str):
-    """A tmpfs of ``size`` mounted on ``folder`` (root and CAP_SYS_ADMIN), unmounted at the end."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def files_under(root: Path) -> dict[str, bytes]:

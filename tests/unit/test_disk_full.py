@@ -3,7 +3,6 @@
 import errno
 import pickle
 import re
-import subprocess
 
 import numpy as np
 import pytest
@@ -13,17 +12,14 @@ from musc_tasks.atomic import DiskFull, disk_full_message, human_bytes, write_at
 from musc_tasks.store import write_maps_store
 from musc_tasks.tasks import _transient_io_error
 
+from ..tmpfs import small_tmpfs
+
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 64 KiB tmpfs (needs root and CAP_SYS_ADMIN, as in CI); unmounted at the end."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    """A 64 KiB tmpfs."""
+    with small_tmpfs(tmp_path / "disk", "64k") as folder:
+        yield folder
 
 
 def test_a_write_that_does_not_fit_names_the_path_and_the_space_and_leaves_nothing(small_disk):
