@@ -1,8 +1,13 @@
 """Per-pool computation: layer tokens -> LNAMD -> MSM -> patch scores averaged over (r, layer).
 
-`pool_patch_scores` scores a whole pool in memory; the Dask tasks score it block by block with
-`block_pair_similarities` (one task per pair of image blocks) and `block_patch_scores` (one per
-block row). Both keep the (r, layer) maps on two explicit leading axes, R then Y.
+Two functions hold the arithmetic of a block of a pool's images, with the (r, layer) maps on
+two explicit leading axes, R then Y: `block_pair_similarities` (LNAMD and the nearest-patch
+similarities of two blocks) and `block_map_scores` (a row block's per-(r, layer) scores from
+its similarities to the whole pool). The Dask tasks call them per pair of task blocks and per
+block row, with the similarity table in between on disk (`block_patch_scores` averages a row).
+`pool_patch_scores`, the in-memory engine, calls the same two with the whole pool as one block,
+one (r, layer) map at a time: each map is aggregated once for the pool, its GEMMs cover the
+upper triangle of tiles, and memory holds one map's (N, L, N) table, never all R * Y of them.
 """
 
 from collections.abc import Sequence
@@ -12,9 +17,9 @@ from torch import Tensor
 
 from ._lnamd import aggregate_tokens
 from ._maps import average_scores
-from ._msm import mutual_scores, nearest_similarities, scores_from_similarities
+from ._msm import nearest_similarities, neighbour_count, scores_from_similarities
 
-__all__ = ["block_pair_similarities", "block_patch_scores", "pool_patch_scores"]
+__all__ = ["block_map_scores", "block_pair_similarities", "block_patch_scores", "pool_patch_scores"]
 
 
 def pool_patch_scores(
@@ -26,35 +31,43 @@ def pool_patch_scores(
     tile: int | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Patch scores of one pool, averaged over feature layers and aggregation degrees.
+    """Patch scores of one pool in memory, averaged over feature layers and aggregation degrees.
 
     Parameters
     ----------
     layer_tokens : sequence of Y (N, L, C) float tensors
-        Raw patch tokens of each feature layer (class token dropped).
+        Raw patch tokens of each feature layer (class token dropped), N >= 2.
     grid : (H, W)
         Patch grid, H * W = L.
     r_list : sequence of int
         LNAMD aggregation degrees.
-    interval, tile, compute_dtype
-        As in `mutual_scores`; LNAMD always runs in the tokens' dtype.
+    interval : float
+        Fraction of the other images whose distances are averaged (`neighbour_count`).
+    tile, compute_dtype
+        As in `nearest_similarities`; LNAMD always runs in float32.
 
     Returns
     -------
     patch_scores : (N, L) float32 tensor
+
+    Notes
+    -----
+    Holds one (r, layer) map's (N, L, N) float32 similarity table, 4 N^2 L bytes, a few times
+    over while its distances are taken, plus one (tile L, tile L) product.
     """
     if not layer_tokens:
         raise ValueError("layer_tokens is empty: at least one feature layer is needed")
     if not r_list:
         raise ValueError("r_list is empty: at least one aggregation degree is needed")
-    per_degree = []
+    n_images = layer_tokens[0].shape[0]
+    k = neighbour_count(n_images, interval)
+    own_index = torch.arange(n_images, device=layer_tokens[0].device)
+    per_map = []
     for r in r_list:
-        per_layer = [
-            mutual_scores(aggregate_tokens(tokens, grid, r), interval=interval, tile=tile, compute_dtype=compute_dtype)
-            for tokens in layer_tokens
-        ]
-        per_degree.append(torch.stack(per_layer))
-    return average_scores(torch.stack(per_degree))
+        for tokens in layer_tokens:
+            similarities, _ = block_pair_similarities([tokens], None, grid, [r], tile=tile, compute_dtype=compute_dtype)
+            per_map.append(block_map_scores(similarities, own_index, k)[0, 0])
+    return average_scores(torch.stack(per_map).unflatten(0, (len(r_list), len(layer_tokens))))
 
 
 def block_pair_similarities(
@@ -63,6 +76,7 @@ def block_pair_similarities(
     grid: tuple[int, int],
     r_list: Sequence[int],
     *,
+    tile: int | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Nearest-patch similarities between two blocks of a pool's images, for every (r, layer).
@@ -72,12 +86,13 @@ def block_pair_similarities(
     tokens_a : sequence of Y (Ba, L, C) float tensors
         Raw patch tokens of block a, one tensor per feature layer.
     tokens_b : sequence of Y (Bb, L, C) float tensors, or None
-        Block b; None when b is block a itself (only half of its products are computed).
+        Block b; None when b is block a itself (only the upper triangle of its tiles is
+        computed, and the two results are one tensor).
     grid : (H, W)
         Patch grid, H * W = L.
     r_list : sequence of int
         LNAMD aggregation degrees.
-    compute_dtype : torch.dtype, optional
+    tile, compute_dtype
         As in `nearest_similarities`.
 
     Returns
@@ -86,22 +101,21 @@ def block_pair_similarities(
     b_to_a : (R, Y, Bb, L, Ba) tensor
         See `nearest_similarities`, for each aggregation degree (axis 0) and layer (axis 1).
     """
-    per_degree_ab, per_degree_ba = [], []
+    per_map_ab, per_map_ba = [], []
     for r in r_list:
-        per_layer_ab, per_layer_ba = [], []
         for layer, layer_a in enumerate(tokens_a):
             za = aggregate_tokens(layer_a, grid, r)
             zb = za if tokens_b is None else aggregate_tokens(tokens_b[layer], grid, r)
-            ab, ba = nearest_similarities(za, zb, compute_dtype=compute_dtype)
-            per_layer_ab.append(ab)
-            per_layer_ba.append(ba)
-        per_degree_ab.append(torch.stack(per_layer_ab))
-        per_degree_ba.append(torch.stack(per_layer_ba))
-    return torch.stack(per_degree_ab), torch.stack(per_degree_ba)
+            ab, ba = nearest_similarities(za, zb, compute_dtype=compute_dtype, tile=tile)
+            per_map_ab.append(ab)
+            per_map_ba.append(ba)
+    maps = (len(r_list), len(tokens_a))
+    a_to_b = torch.stack(per_map_ab).unflatten(0, maps)
+    return a_to_b, a_to_b if tokens_b is None else torch.stack(per_map_ba).unflatten(0, maps)
 
 
-def block_patch_scores(similarities: Tensor, own_index: Tensor, k: int) -> Tensor:
-    """Patch scores of a block of images from their similarities to every image of the pool.
+def block_map_scores(similarities: Tensor, own_index: Tensor, k: int) -> Tensor:
+    """Per-(r, layer) patch scores of a block of images from their similarities to the whole pool.
 
     Parameters
     ----------
@@ -114,9 +128,22 @@ def block_patch_scores(similarities: Tensor, own_index: Tensor, k: int) -> Tenso
 
     Returns
     -------
-    patch_scores : (B, L) float32 tensor
-        Averaged over layers and aggregation degrees.
+    map_scores : (R, Y, B, L) float32 tensor
     """
-    maps = similarities.flatten(0, 1)  # (R*Y, B, L, N)
-    per_map = torch.stack([scores_from_similarities(s, own_index, k) for s in maps])  # (R*Y, B, L)
-    return average_scores(per_map.unflatten(0, similarities.shape[:2]))  # (R, Y, B, L) -> (B, L)
+    per_map = [scores_from_similarities(s, own_index, k) for s in similarities.flatten(0, 1)]  # R*Y of (B, L)
+    return torch.stack(per_map).unflatten(0, similarities.shape[:2])
+
+
+def block_patch_scores(similarities: Tensor, own_index: Tensor, k: int) -> Tensor:
+    """Patch scores of a block of images, averaged over layers and aggregation degrees.
+
+    Parameters
+    ----------
+    similarities, own_index, k
+        As in `block_map_scores`.
+
+    Returns
+    -------
+    patch_scores : (B, L) float32 tensor
+    """
+    return average_scores(block_map_scores(similarities, own_index, k))
