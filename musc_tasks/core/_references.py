@@ -27,7 +27,7 @@ of a night block with a reference block gives both the night-to-reference simila
 few-shot and plus) and the reference-to-night ones (for the zero-shot scale).
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -224,13 +224,7 @@ def reference_score_maps(
         night as one more night image, and ``reference_plus`` (M, L), each reference's MuSc+
         against the other references (leave-one-out).
     """
-    if len(layer_tokens) != len(reference_tokens) or not layer_tokens:
-        raise ValueError(
-            f"night and reference tokens need the same non-zero number of layers, got "
-            f"{len(layer_tokens)} and {len(reference_tokens)}"
-        )
-    if not r_list:
-        raise ValueError("r_list is empty: at least one aggregation degree is needed")
+    _check_maps(layer_tokens, reference_tokens, r_list)
     n_images = layer_tokens[0].shape[0]
     n_references = reference_tokens[0].shape[0]
     check_references(n_references, "combined")
@@ -240,31 +234,25 @@ def reference_score_maps(
     few_shot_k = few_shot_neighbour_count(n_images, n_references, interval)
     zero_shot_k = neighbour_count(n_images + 1, interval)  # a reference scored as one more night image
     names = ("zero_shot", "few_shot", "plus", "reference_zero_shot", "reference_plus")
-    maps: dict[str, list[Tensor]] = {name: [] for name in names}
-    for r in r_list:
-        rows: dict[str, list[Tensor]] = {name: [] for name in names}
-        for tokens, references in zip(layer_tokens, reference_tokens, strict=True):
-            night = aggregate_tokens(tokens, grid, r)
-            known = aggregate_tokens(references, grid, r)
-            to_references, to_night = nearest_similarities(night, known)  # (N, L, M), (M, L, N)
-            night_to_night, _ = nearest_similarities(night, night)
-            among, _ = nearest_similarities(known, known)
-            rows["zero_shot"].append(mutual_scores(night, interval=interval))
-            rows["few_shot"].append(
-                few_shot_scores_from_similarities(night_to_night, to_references, own_index, few_shot_k)
+    per_map: dict[str, list[Tensor]] = {name: [] for name in names}
+    for night, known in _aggregated_maps(layer_tokens, reference_tokens, grid, r_list):
+        to_references, to_night = nearest_similarities(night, known)  # (N, L, M), (M, L, N)
+        night_to_night, _ = nearest_similarities(night, night)
+        among, _ = nearest_similarities(known, known)
+        per_map["zero_shot"].append(mutual_scores(night, interval=interval))
+        per_map["few_shot"].append(
+            few_shot_scores_from_similarities(night_to_night, to_references, own_index, few_shot_k)
+        )
+        per_map["plus"].append(nearest_reference_distances(to_references))
+        per_map["reference_zero_shot"].append(
+            scores_from_similarities(
+                torch.cat([to_night, torch.full_like(to_night[:, :, :1], -1.0)], dim=2),
+                torch.full((n_references,), n_images),
+                zero_shot_k,
             )
-            rows["plus"].append(nearest_reference_distances(to_references))
-            rows["reference_zero_shot"].append(
-                scores_from_similarities(
-                    torch.cat([to_night, torch.full_like(to_night[:, :, :1], -1.0)], dim=2),
-                    torch.full((n_references,), n_images),
-                    zero_shot_k,
-                )
-            )
-            rows["reference_plus"].append(leave_one_out_distances(among))
-        for name, per_layer in rows.items():
-            maps[name].append(torch.stack(per_layer))
-    return {name: average_scores(torch.stack(stack)) for name, stack in maps.items()}
+        )
+        per_map["reference_plus"].append(leave_one_out_distances(among))
+    return {name: _average_maps(scores, r_list, layer_tokens) for name, scores in per_map.items()}
 
 
 def reference_pool_patch_scores(
@@ -300,13 +288,7 @@ def reference_pool_patch_scores(
     patch_scores : (N, L) float32 tensor
         Averaged over layers and aggregation degrees. References get no scores.
     """
-    if len(layer_tokens) != len(reference_tokens) or not layer_tokens:
-        raise ValueError(
-            f"night and reference tokens need the same non-zero number of layers, got "
-            f"{len(layer_tokens)} and {len(reference_tokens)}"
-        )
-    if not r_list:
-        raise ValueError("r_list is empty: at least one aggregation degree is needed")
+    _check_maps(layer_tokens, reference_tokens, r_list)
     n_images = layer_tokens[0].shape[0]
     check_references(reference_tokens[0].shape[0], mode)
     if mode == "combined":
@@ -318,21 +300,39 @@ def reference_pool_patch_scores(
             reference_scale(maps["reference_plus"], quantile),
         )
     k = few_shot_neighbour_count(n_images, reference_tokens[0].shape[0], interval) if mode == "few-shot" else 0
-    per_degree = []
+    per_map = []
+    for night, known in _aggregated_maps(layer_tokens, reference_tokens, grid, r_list):
+        to_references, _ = nearest_similarities(night, known)
+        if mode == "few-shot":
+            night_to_night, _ = nearest_similarities(night, night)
+            per_map.append(few_shot_scores_from_similarities(night_to_night, to_references, torch.arange(n_images), k))
+        else:
+            per_map.append(nearest_reference_distances(to_references))
+    return _average_maps(per_map, r_list, layer_tokens)
+
+
+def _check_maps(layer_tokens: Sequence[Tensor], reference_tokens: Sequence[Tensor], r_list: Sequence[int]) -> None:
+    if len(layer_tokens) != len(reference_tokens) or not layer_tokens:
+        raise ValueError(
+            f"night and reference tokens need the same non-zero number of layers, got "
+            f"{len(layer_tokens)} and {len(reference_tokens)}"
+        )
+    if not r_list:
+        raise ValueError("r_list is empty: at least one aggregation degree is needed")
+
+
+def _aggregated_maps(
+    layer_tokens: Sequence[Tensor], reference_tokens: Sequence[Tensor], grid: tuple[int, int], r_list: Sequence[int]
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """LNAMD tokens of the night and of the references for each (r, layer), r major, one map at a time."""
     for r in r_list:
-        per_layer = []
         for tokens, references in zip(layer_tokens, reference_tokens, strict=True):
-            night = aggregate_tokens(tokens, grid, r)
-            to_references, _ = nearest_similarities(night, aggregate_tokens(references, grid, r))
-            if mode == "few-shot":
-                night_to_night, _ = nearest_similarities(night, night)
-                per_layer.append(
-                    few_shot_scores_from_similarities(night_to_night, to_references, torch.arange(n_images), k)
-                )
-            else:
-                per_layer.append(nearest_reference_distances(to_references))
-        per_degree.append(torch.stack(per_layer))
-    return average_scores(torch.stack(per_degree))
+            yield aggregate_tokens(tokens, grid, r), aggregate_tokens(references, grid, r)
+
+
+def _average_maps(per_map: list[Tensor], r_list: Sequence[int], layer_tokens: Sequence[Tensor]) -> Tensor:
+    """`average_scores` of R * Y (N, L) maps listed r major."""
+    return average_scores(torch.stack(per_map).unflatten(0, (len(r_list), len(layer_tokens))))
 
 
 def leave_one_out_distances(among: Tensor) -> Tensor:
