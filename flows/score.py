@@ -107,80 +107,62 @@ def score_catalog(
     ``dask_address`` None starts a local cluster for these stages; the nightly flow passes its own.
     """
     with dask_cluster(dask_address) as cluster:
-        return _score_catalog(
-            catalog, backbone, geometry, scoring, out_dir, device, cluster, stages, outputs, references, reference_mode
-        )
-
-
-def _score_catalog(
-    catalog: CatalogRef,
-    backbone: BackboneSpec,
-    geometry: TokenGeometry,
-    scoring: ScoringParams,
-    out_dir: str,
-    device: str,
-    dask_address: str,
-    stages: Stages,
-    outputs: OutputPolicy,
-    references: str | None,
-    reference_mode: str,
-) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
-    tokens = stages.run(
-        "extract",
-        extract_tokens,
-        catalog=catalog,
-        backbone=backbone,
-        geometry=geometry,
-        out_dir=out_dir,
-        device=device,
-        dask_address=dask_address,
-    )
-    pools = stages.run(
-        "score",
-        score_pools,
-        tokens=tokens,
-        scoring=scoring,
-        backbone_key=backbone.key,
-        out_dir=out_dir,
-        dask_address=dask_address,
-        device=device,
-    )
-    if references:
-        pools = stages.run(
-            "references",
-            score_references,
-            pools=pools,
-            references=references,
-            reference_mode=reference_mode,
-            scoring=scoring,
+        tokens = stages.run(
+            "extract",
+            extract_tokens,
+            catalog=catalog,
             backbone=backbone,
+            geometry=geometry,
             out_dir=out_dir,
-            dask_address=dask_address,
+            device=device,
+            dask_address=cluster,
+        )
+        pools = stages.run(
+            "score",
+            score_pools,
+            tokens=tokens,
+            scoring=scoring,
+            backbone_key=backbone.key,
+            out_dir=out_dir,
+            dask_address=cluster,
             device=device,
         )
-    scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
-    run = stages.info(tokens, pools)
-    # The night's signals first, so the report that publish writes can show them.
-    alerts = publish_days(
-        pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=run.run_id
-    )
-    summary = publish_results(
-        catalog=catalog,
-        tokens=tokens,
-        scored=scored,
-        backbone=backbone,
-        scoring=scoring,
-        out_dir=out_dir,
-        run=run,
-        outputs=outputs,
-        dask_address=dask_address,
-    )
-    summary = summary.model_copy(update={"alerts": alerts})
-    create_markdown_artifact(
-        key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
-    )
-    get_run_logger().info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
-    return summary, scored
+        if references:
+            pools = stages.run(
+                "references",
+                score_references,
+                pools=pools,
+                references=references,
+                reference_mode=reference_mode,
+                scoring=scoring,
+                backbone=backbone,
+                out_dir=out_dir,
+                dask_address=cluster,
+                device=device,
+            )
+        scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
+        run = stages.info(tokens, pools)
+        # The night's signals first, so the report that publish writes can show them.
+        alerts = publish_days(
+            pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=run.run_id
+        )
+        summary = publish_results(
+            catalog=catalog,
+            tokens=tokens,
+            scored=scored,
+            backbone=backbone,
+            scoring=scoring,
+            out_dir=out_dir,
+            run=run,
+            outputs=outputs,
+            dask_address=cluster,
+        )
+        summary = summary.model_copy(update={"alerts": alerts})
+        create_markdown_artifact(
+            key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
+        )
+        get_run_logger().info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
+        return summary, scored
 
 
 def token_geometry(backbone: BackboneSpec) -> TokenGeometry:
