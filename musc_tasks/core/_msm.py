@@ -228,26 +228,15 @@ def mutual_scores(
 
     Notes
     -----
-    Holds the (N, L, N) similarity table, 4 N^2 L bytes, plus one (B L, B L) product.
+    Holds the (N, L, N) similarity table, 4 N^2 L bytes, plus one (B L, B L) product: the
+    pool is one block against itself, so only the upper triangle of tiles is multiplied.
     """
     if tokens.ndim != 3:
         raise ValueError(f"tokens must be (N, L, C), got shape {tuple(tokens.shape)}")
-    n_images, length, _ = tokens.shape
+    n_images = tokens.shape[0]
     k = neighbour_count(n_images, interval)
-    step = tile or auto_tile_images(length)
-    if step < 1:
-        raise ValueError(f"tile must be >= 1, got {tile}")
     _check_compute_dtype(compute_dtype)
     if compute_dtype is not None:
-        tokens = tokens.to(compute_dtype)  # round once, not once per block pair
-    similarities = torch.empty(n_images, length, n_images, dtype=torch.float32, device=tokens.device)
-    for a in range(0, n_images, step):
-        for b in range(a, n_images, step):
-            a_to_b, b_to_a = nearest_similarities(
-                tokens[a : a + step], tokens[b : b + step], compute_dtype=compute_dtype, tile=step
-            )
-            similarities[a : a + step, :, b : b + step] = a_to_b
-            if b != a:
-                similarities[b : b + step, :, a : a + step] = b_to_a
-    own_index = torch.arange(n_images, device=tokens.device)
-    return scores_from_similarities(similarities, own_index, k)
+        tokens = tokens.to(compute_dtype)  # round once, not once per tile
+    similarities, _ = nearest_similarities(tokens, tokens, compute_dtype=compute_dtype, tile=tile)
+    return scores_from_similarities(similarities, torch.arange(n_images, device=tokens.device), k)
