@@ -36,22 +36,24 @@ from musc_tasks.demo import make_demo_day  # noqa: E402
 OUTPUT_KINDS = ("tables", "masks", "heatmaps", "maps")
 
 
-def make_night(root: Path, n_images: int, width: int, height: int, seed: int) -> tuple[Path, int]:
-    """One product ("brick") of n_images JPEG captures, 5 % with planted defects; returns (folder, bytes)."""
+def make_night(
+    root: Path, n_images: int, width: int, height: int, seed: int, products: tuple[str, ...] = ("brick",)
+) -> tuple[Path, int]:
+    """n_images JPEG captures per product (the demo's), 5 % with planted defects; returns (folder, bytes)."""
     day = make_demo_day(
         root / "demo", seed=seed, images_per_product=n_images, defects_per_product=max(1, n_images // 20), size=256
     )
-    folder = root / "input" / "brick"
-    folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     total = 0
     for image in day.images:
-        if image.product != "brick":
+        if image.product not in products:
             continue
         with Image.open(image.path) as small:
             large = np.asarray(small.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), np.int16)
         texture = rng.normal(0.0, 4.0, (height, width, 1)).astype(np.int16)
         pixels = np.clip(large + texture, 0, 255).astype(np.uint8)
+        folder = root / "input" / image.product
+        folder.mkdir(parents=True, exist_ok=True)
         target = folder / (Path(image.path).stem + ".jpg")
         Image.fromarray(pixels).save(target, format="JPEG", quality=90)
         total += target.stat().st_size
