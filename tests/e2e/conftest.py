@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import TINY_CONFIG
+from ..conftest import TINY_CONFIG, TINY_SPEC, backbone_options
 
 BIN = Path(sys.executable).parent
 
@@ -68,18 +68,7 @@ def score_command(demo_day, out_dir, dask_address=None) -> list[str]:
         str(out_dir),
         "--date",
         "2026-11-20",
-        "--backbone",
-        "musc-tiny-vit",
-        "--model-config",
-        str(TINY_CONFIG),
-        "--pretrained",
-        "none",
-        "--image-size",
-        "112",
-        "--layers",
-        "1,3",
-        "--device",
-        "cpu",
+        *backbone_options(TINY_SPEC),
     ]
     if dask_address:
         command += ["--dask-address", dask_address]

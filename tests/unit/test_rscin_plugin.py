@@ -14,27 +14,14 @@ from musc_tasks.core import rescore_images
 from musc_tasks.imageio import read_rgb
 from musc_tasks.rscin_plugin import read_score_table, rscin_rescore_scores, write_score_table
 
-from ..conftest import TINY_DINOV2_CONFIG
+from ..conftest import TINY_DINOV2_CONFIG, backbone_options
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 
 SPEC = BackboneSpec(
     name="musc-tiny-dinov2", pretrained=None, image_size=112, layers=(1, 3), model_config_path=TINY_DINOV2_CONFIG
 )
-TINY = [
-    "--backbone",
-    "musc-tiny-dinov2",
-    "--model-config",
-    str(TINY_DINOV2_CONFIG),
-    "--pretrained",
-    "none",
-    "--image-size",
-    "112",
-    "--layers",
-    "1,3",
-    "--device",
-    "cpu",
-]
+TINY = backbone_options(SPEC)
 
 
 @pytest.fixture(scope="module")
