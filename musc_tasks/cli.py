@@ -190,6 +190,16 @@ def validate_scoring(args: argparse.Namespace) -> BackboneSpec:
     return backbone
 
 
+def placement_from_args(args: argparse.Namespace) -> dict:
+    """``device`` and ``dask_address``: where a scoring flow runs the ViT and the Dask work."""
+    return {"device": args.device, "dask_address": args.dask_address}
+
+
+def references_from_args(args: argparse.Namespace) -> dict:
+    """``references`` and ``reference_mode``: the known-good images the nights are also scored against, and how."""
+    return {"references": args.references, "reference_mode": args.reference_mode}
+
+
 def _first_line(error: Exception) -> str:
     errors = getattr(error, "errors", None)
     if callable(errors):
@@ -214,12 +224,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         run_date=run_date,
         backbone=backbone,
         scoring=scoring_from_args(args),
-        device=args.device,
-        dask_address=args.dask_address,
         refresh=args.refresh,
         outputs=outputs,
-        references=args.references,
-        reference_mode=args.reference_mode,
+        **placement_from_args(args),
+        **references_from_args(args),
     )
     print_summary(summary)
     return 0
@@ -329,8 +337,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         backbone=backbone,
         scoring=scoring,
         mask_mode=args.mask_mode,
-        device=args.device,
-        dask_address=args.dask_address,
+        **placement_from_args(args),
         shots=args.shots,
         seed=args.shot_seed,
         reference_mode=args.reference_mode,
@@ -383,11 +390,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         out_dir=str(Path(args.out).resolve()),
         backbone=backbone,
         scoring=scoring_from_args(args),
-        device=args.device,
-        dask_address=args.dask_address,
         force=args.force,
-        references=args.references,
-        reference_mode=args.reference_mode,
+        **placement_from_args(args),
+        **references_from_args(args),
     )
     for day, what in outcome.items():
         print(f"{day}  {what}")
@@ -836,38 +841,45 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", message=".*RANDOM weights")
     try:
         return args.func(args)
-    except UsageError as error:
-        print(f"musc: error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
-        if args.verbose:
-            raise
-        print(f"musc: error: {_first_line(error)} (run with -v for the traceback)", file=sys.stderr)
-        return 2
-    except OSError as error:
-        if args.verbose or not is_disk_full(error):
-            raise
-        print(f"musc: error: {disk_full_message(error)}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
-        from .scoring import SchedulerUnreachable  # imports Dask: only when something failed
-
-        if not isinstance(error, SchedulerUnreachable):
-            raise
-        print(f"musc: error: {error}", file=sys.stderr)
-        return 2
     except Exception as error:
-        if args.verbose or not _lost_server(error):
+        message = _error_message(error, args.verbose)
+        if message is None:
             raise
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _error_message(error: Exception, verbose: bool) -> str | None:
+    """What `musc` prints instead of a traceback for an error a person can act on; None: the traceback.
+
+    A usage error and an unreachable Dask scheduler always; bad paths and values, a full disk
+    and a lost Prefect server unless ``-v`` asks for the traceback.
+    """
+    if isinstance(error, UsageError) or _scheduler_unreachable(error):
+        return f"musc: error: {error}"
+    if verbose:
+        return None
+    if isinstance(error, (FileNotFoundError, NotADirectoryError, ValueError)):
+        return f"musc: error: {_first_line(error)} (run with -v for the traceback)"
+    if is_disk_full(error):
+        return f"musc: error: {disk_full_message(error)}"
+    if _lost_server(error):
         url = os.environ.get("PREFECT_API_URL")
         server = f"the Prefect server at {url}" if url else "this run's temporary Prefect server"
         # Prefect's API log handler may have left "All connection attempts failed" without its newline
-        print(
+        return (
             f"\nmusc: error: lost {server} ({type(error).__name__}: {_first_line(error)});"
-            " run the same command again once it answers (finished work is kept)",
-            file=sys.stderr,
+            " run the same command again once it answers (finished work is kept)"
         )
-        return 2
+    return None
+
+
+def _scheduler_unreachable(error: Exception) -> bool:
+    if not isinstance(error, RuntimeError):
+        return False
+    from .scoring import SchedulerUnreachable  # imports Dask: only when something failed
+
+    return isinstance(error, SchedulerUnreachable)
 
 
 if __name__ == "__main__":
