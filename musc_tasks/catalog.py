@@ -62,6 +62,12 @@ class CatalogEntry(BaseModel):
     # Path of the first file of the same product with the same bytes; None for originals.
     duplicate_of: str | None = None
 
+    def record(self) -> ImageRecord:
+        """The entry as publishing reads it: the same fields, ``relpath`` within its product folder."""
+        return ImageRecord(
+            **self.model_dump(exclude={"product", "relpath"}), relpath=_within_product(self.relpath, self.product)
+        )
+
     @field_serializer("path", "relpath", "duplicate_of", when_used="json")
     def _printable_path(self, value: str | None) -> str | None:
         # JSON needs valid UTF-8; undecodable name bytes are shown as \xNN instead of crashing.
@@ -198,18 +204,7 @@ def catalog_manifest(
     """
     records: dict[str, list[dict]] = {}
     for entry in catalog.entries:
-        record = ImageRecord(
-            image_id=entry.image_id,
-            path=entry.path,
-            relpath=_within_product(entry.relpath, entry.product),
-            width=entry.width,
-            height=entry.height,
-            status=entry.status,
-            reason=entry.reason,
-            notes=tuple(entry.notes),
-            duplicate_of=entry.duplicate_of,
-        )
-        records.setdefault(entry.product, []).append(record.model_dump())
+        records.setdefault(entry.product, []).append(entry.record().model_dump())
     products = [
         ProductRef(
             name=name,
@@ -354,17 +349,8 @@ def _catalog_file(
 
     first = first_by_hash.get((product, image_id))
     if first is not None:
-        # Same bytes decode the same way: reuse the first file's outcome instead of decoding again.
-        return CatalogEntry(
-            image_id=image_id,
-            width=first.width,
-            height=first.height,
-            status=first.status,
-            reason=first.reason,
-            notes=first.notes,
-            duplicate_of=first.path,
-            **record,
-        )
+        # Same bytes decode the same way: the first file's entry (id, size, outcome) at this path.
+        return first.model_copy(update={**record, "duplicate_of": first.path})
     try:
         image, notes = read_rgb(path, max_pixels=max_pixels, min_side=min_side)
     except ImageReadError as exc:
