@@ -8,6 +8,8 @@ redoes only what is missing.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,13 @@ def _transient_io_error(task, task_run, state) -> bool:
     except Exception:  # bad input (ImageReadError is a ValueError) or a bug: retrying cannot help
         return False
     return False
+
+
+@contextmanager
+def _reporting(key: str, description: str) -> Iterator[dict[str, Any]]:
+    """What a stage gets from Prefect while it runs: ``on_progress`` (bar and artifact) and the run logger ``log``."""
+    with progress_bar(key, description) as on_progress:
+        yield {"on_progress": on_progress, "log": get_run_logger()}
 
 
 RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": _transient_io_error}
@@ -148,16 +157,9 @@ def score_pools(
     device: str = "auto",
 ) -> tuple[PoolsRef, ...]:
     """Stage 2: MSM patch scores of every pool, block pairs computed on Dask."""
-    with progress_bar("mutual-scoring", "mutual scoring") as on_progress:
+    with _reporting("mutual-scoring", "mutual scoring") as reporting:
         return scoring_stage.score_products(
-            tokens,
-            scoring,
-            backbone_key,
-            out_dir,
-            dask_address=dask_address,
-            device=device,
-            on_progress=on_progress,
-            log=get_run_logger(),
+            tokens, scoring, backbone_key, out_dir, dask_address=dask_address, device=device, **reporting
         )
 
 
@@ -176,17 +178,9 @@ def score_references(
     sets = references_stage.resolve_reference_sets(
         references, [p.product for p in pools], out_dir, backbone, device=device
     )
-    with progress_bar("reference-scoring", "reference scoring") as on_progress:
+    with _reporting("reference-scoring", "reference scoring") as reporting:
         return reference_scoring_stage.score_with_references(
-            pools,
-            sets,
-            reference_mode,
-            scoring,
-            backbone.key,
-            dask_address=dask_address,
-            device=device,
-            on_progress=on_progress,
-            log=get_run_logger(),
+            pools, sets, reference_mode, scoring, backbone.key, dask_address=dask_address, device=device, **reporting
         )
 
 
@@ -222,7 +216,7 @@ def publish_results(
     dask_address: str | None = None,
 ) -> RunSummary:
     """Stage 4: masks, heatmaps, maps and the score, region and run tables, published atomically."""
-    with progress_bar("publish", "publish") as on_progress:
+    with _reporting("publish", "publish") as reporting:
         summary, ranked = publish_stage.publish_day(
             catalog,
             tokens,
@@ -233,8 +227,7 @@ def publish_results(
             run,
             outputs=outputs,
             dask_address=dask_address,
-            on_progress=on_progress,
-            log=get_run_logger(),
+            **reporting,
         )
     for product in sorted({r["product"] for r in ranked}):
         best = [r for r in ranked if r["product"] == product][:10]
