@@ -41,29 +41,25 @@ TINY_CONFIG = Path(__file__).resolve().parents[1] / "musc_tasks" / "model_config
 
 @dataclass(frozen=True)
 class Shape:
+    """A backbone (random weights: only shapes are timed) and the sizes it gives."""
+
     key: str
-    model: str
-    image_size: int
-    layers: tuple[int, ...]
+    backbone: BackboneSpec
     length: int  # L = (image_size / patch)^2
     channels: int  # C, the ViT width
     embed_dim: int  # D, for RsCIN
-    model_config: Path | None = None
 
-    def spec(self) -> BackboneSpec:
-        return BackboneSpec(
-            name=self.model,
-            pretrained=None,
-            image_size=self.image_size,
-            layers=self.layers,
-            model_config_path=self.model_config,
-        )
+
+def _random(name: str, image_size: int, layers: tuple[int, ...], model_config: Path | None = None) -> BackboneSpec:
+    return BackboneSpec(
+        name=name, pretrained=None, image_size=image_size, layers=layers, model_config_path=model_config
+    )
 
 
 SHAPES = {
-    "vit-l": Shape("vit-l", "ViT-L-14-336", 518, (5, 11, 17, 23), 1369, 1024, 768),
-    "vit-b": Shape("vit-b", "ViT-B-16-plus-240", 512, (2, 5, 8, 11), 1024, 896, 640),
-    "tiny": Shape("tiny", "musc-tiny-vit", 224, (1, 3), 256, 64, 32, TINY_CONFIG),
+    "vit-l": Shape("vit-l", _random("ViT-L-14-336", 518, (5, 11, 17, 23)), 1369, 1024, 768),
+    "vit-b": Shape("vit-b", _random("ViT-B-16-plus-240", 512, (2, 5, 8, 11)), 1024, 896, 640),
+    "tiny": Shape("tiny", _random("musc-tiny-vit", 224, (1, 3), TINY_CONFIG), 256, 64, 32),
 }
 
 
@@ -125,8 +121,8 @@ def unit_tokens(n: int, length: int, channels: int, device: torch.device, seed: 
 def bench_extraction(shape: Shape, device: torch.device, n_images: int, batch: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "RANDOM weights": intended here
-        backbone = load_backbone(shape.spec(), device=str(device))
-    images = torch.randn(batch, 3, shape.image_size, shape.image_size)
+        backbone = load_backbone(shape.backbone, device=str(device))
+    images = torch.randn(batch, 3, shape.backbone.image_size, shape.backbone.image_size)
     backbone.extract(images[:1])  # warm-up: kernels, cuBLAS handles
     done, seconds = 0, 0.0
     while done < n_images:
@@ -139,8 +135,8 @@ def bench_extraction(shape: Shape, device: torch.device, n_images: int, batch: i
         on_device = images.to(device)
         forward = backbone.visual.forward_intermediates
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            forward(on_device[:1], indices=list(shape.layers), output_fmt="NLC")
-            _, took = timed(device, forward, on_device, indices=list(shape.layers), output_fmt="NLC")
+            forward(on_device[:1], indices=list(shape.backbone.layers), output_fmt="NLC")
+            _, took = timed(device, forward, on_device, indices=list(shape.backbone.layers), output_fmt="NLC")
         out["forward_only_images_per_s"] = batch / took
     out["backbone"] = backbone
     return out
@@ -158,7 +154,7 @@ def bench_lnamd(shape: Shape, device: torch.device, n_images: int) -> dict:
         aggregate_tokens(raw, (side, side), r)
     synchronize(device)
     per_layer = (time.perf_counter() - started) / n_images
-    return {"lnamd_ms_per_image": per_layer * len(shape.layers) * 1e3, "lnamd_images": n_images}
+    return {"lnamd_ms_per_image": per_layer * len(shape.backbone.layers) * 1e3, "lnamd_images": n_images}
 
 
 def bench_rscin(shape: Shape, n: int) -> dict:
@@ -239,7 +235,7 @@ def bench_pool(
     kept on the device (the same forward call and autocast as `extract`, without the copies).
     """
     side = int(round(shape.length**0.5))
-    images = torch.randn(batch, 3, shape.image_size, shape.image_size)
+    images = torch.randn(batch, 3, shape.backbone.image_size, shape.backbone.image_size)
     out = {"pool_n": n, "pool_block": block, "pool_dtype": str(dtype).removeprefix("torch.")}
 
     def score(layer_tokens):
@@ -248,7 +244,7 @@ def bench_pool(
     # 1. through Backbone.extract: device -> host -> device
     synchronize(device)
     started = time.perf_counter()
-    per_layer: list[list[torch.Tensor]] = [[] for _ in shape.layers]
+    per_layer: list[list[torch.Tensor]] = [[] for _ in shape.backbone.layers]
     for done in range(0, n, batch):
         layer_tokens, _ = backbone.extract(images[: min(batch, n - done)])
         for bucket, tokens in zip(per_layer, layer_tokens):
@@ -274,11 +270,11 @@ def bench_pool(
     on_device = images.to(device)
 
     def forward_all():
-        per_layer = [[] for _ in shape.layers]
+        per_layer = [[] for _ in shape.backbone.layers]
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for done in range(0, n, batch):
                 result = backbone.visual.forward_intermediates(
-                    on_device[: min(batch, n - done)], indices=list(shape.layers), output_fmt="NLC"
+                    on_device[: min(batch, n - done)], indices=list(shape.backbone.layers), output_fmt="NLC"
                 )
                 for bucket, tokens in zip(per_layer, result["image_intermediates"]):
                     bucket.append(tokens.float())
