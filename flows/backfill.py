@@ -44,6 +44,8 @@ def backfill_days(
         raise ValueError(f"input_pattern must contain {{date}}, got {input_pattern!r}")
     if date_to < date_from:
         raise ValueError(f"date_to {date_to} is before date_from {date_from}")
+    # What every day is scored with, and so what a day already done must have been scored with.
+    settings = {"backbone": backbone, "scoring": scoring, "references": references, "reference_mode": reference_mode}
     log = get_run_logger()
     outcome = {}
     day = date_from
@@ -52,21 +54,11 @@ def backfill_days(
         input_dir = day_input(input_pattern, iso)
         if not Path(input_dir).is_dir():
             outcome[iso] = f"no input folder {input_dir}"
-        elif not force and _already_scored(
-            Path(out_dir), iso, backbone, scoring, input_dir, references, reference_mode
-        ):
+        elif not force and _already_scored(Path(out_dir), iso, input_dir=input_dir, **settings):
             outcome[iso] = "already scored with this backbone" + (" and these references" if references else "")
         else:
             summary = score_captures(
-                input_dir=input_dir,
-                out_dir=out_dir,
-                run_date=day,
-                backbone=backbone,
-                scoring=scoring,
-                device=device,
-                dask_address=dask_address,
-                references=references,
-                reference_mode=reference_mode,
+                input_dir=input_dir, out_dir=out_dir, run_date=day, device=device, dask_address=dask_address, **settings
             )
             outcome[iso] = f"scored {summary.n_scored}, flagged {summary.n_flagged}"
         log.info("%s: %s", iso, outcome[iso])
