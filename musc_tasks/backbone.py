@@ -236,11 +236,8 @@ def resolve_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None) -> P
         f"the Hugging Face cache, or download the checkpoint and pass "
         f"--pretrained /path/to/checkpoint.bin"
     )
-    if _hf_offline():
-        raise WeightsUnavailable(how_to.format(reason="HF_HUB_OFFLINE is set"))
     host = _download_host(tag_cfg)
-    if not _reachable(host):
-        raise WeightsUnavailable(how_to.format(reason=f"cannot connect to {host}"))
+    require_download_source(host, how_to)
     logger.info("downloading %s / %s from %s", spec.name, spec.pretrained, host)
     return Path(open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir))
 
@@ -277,6 +274,18 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def require_download_source(host: str, how_to: str) -> None:
+    """Raise `WeightsUnavailable` unless a download from ``host`` can start now.
+
+    Its message is ``how_to`` with ``{reason}`` filled: HF_HUB_OFFLINE is set, or ``host``
+    does not answer within seconds (rather than a download retrying for half a minute).
+    """
+    if _hf_offline():
+        raise WeightsUnavailable(how_to.format(reason="HF_HUB_OFFLINE is set"))
+    if not _reachable(host):
+        raise WeightsUnavailable(how_to.format(reason=f"cannot connect to {host}"))
+
+
 def _hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -307,10 +316,14 @@ _DEFAULT_HUB_FILES = (
 )
 
 
+def hub_host() -> str:
+    """The host of the Hugging Face hub that weights download from (``HF_ENDPOINT``'s: a mirror, if set)."""
+    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+
+
 def _download_host(tag_cfg: dict) -> str:
     if tag_cfg.get("hf_hub"):
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        return urlparse(endpoint).hostname or "huggingface.co"
+        return hub_host()
     return urlparse(tag_cfg.get("url", "")).hostname or "huggingface.co"
 
 

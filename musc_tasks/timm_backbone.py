@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import math
-import os
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ from .backbone import (
     WeightsUnavailable,
     _autocast,
     _hf_offline,
-    _reachable,
+    hub_host,
     local_checkpoint,
+    require_download_source,
     resolve_device,
 )
 from .config import AUTHORS_TIMM_MODELS, IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, BackboneSpec
@@ -313,13 +313,9 @@ def resolve_timm_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None)
         f"--pretrained /path/to/{meta_file or 'model.safetensors'}, or run `musc fetch-weights --backbone "
         f"{spec.name} --pretrained {spec.pretrained}` there and copy the Hugging Face cache"
     )
-    if _hf_offline():
-        raise WeightsUnavailable(how_to.format(reason="HF_HUB_OFFLINE is set"))
-    if not repo:
+    if not repo and not _hf_offline():  # offline is the reason given first, as for every backbone
         raise WeightsUnavailable(how_to.format(reason="timm has no Hugging Face copy of this tag"))
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    if not _reachable(host):
-        raise WeightsUnavailable(how_to.format(reason=f"cannot connect to {host}"))
+    require_download_source(hub_host(), how_to)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
