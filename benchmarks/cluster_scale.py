@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from musc_tasks import tables
+from musc_tasks.cluster import dask_cluster
 from musc_tasks.demo import make_demo_day
-from musc_tasks.scoring import dask_cluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from day_scale import tiny_backbone_args  # noqa: E402

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from musc_tasks.cluster import dask_client
 from musc_tasks.config import MsmParams
-from musc_tasks.scoring import auto_task_images, dask_client, open_pool, plan_pool, score_pools_with_dask
+from musc_tasks.scoring import auto_task_images, open_pool, plan_pool, score_pools_with_dask
 from musc_tasks.store import (
     TokenLayout,
     open_pool_store,

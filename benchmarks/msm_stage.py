@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dask_scale import _warm_worker, write_synthetic_tokens  # noqa: E402
 
+from musc_tasks.cluster import dask_client  # noqa: E402
 from musc_tasks.config import MsmParams  # noqa: E402
 from musc_tasks.core import pool_patch_scores  # noqa: E402
 from musc_tasks.scoring import (  # noqa: E402
     assemble_row_block,
-    dask_client,
     open_pool,
     plan_pool,
     score_block_pair,

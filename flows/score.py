@@ -10,12 +10,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import Stages
 from musc_tasks.backbone import patch_size
+from musc_tasks.cluster import dask_cluster
 from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
 from musc_tasks.publish import record_no_input
-from musc_tasks.scoring import dask_cluster
 from musc_tasks.tasks import (
     catalog_images,
     extract_tokens,

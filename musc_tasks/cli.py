@@ -877,7 +877,7 @@ def _error_message(error: Exception, verbose: bool) -> str | None:
 def _scheduler_unreachable(error: Exception) -> bool:
     if not isinstance(error, RuntimeError):
         return False
-    from .scoring import SchedulerUnreachable  # imports Dask: only when something failed
+    from .cluster import SchedulerUnreachable  # imports Dask: only when something failed
 
     return isinstance(error, SchedulerUnreachable)
 

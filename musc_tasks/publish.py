@@ -19,6 +19,7 @@ from PIL import Image
 from . import tables
 from .atomic import write_atomic
 from .catalog import read_records
+from .cluster import dask_client
 from .config import BackboneSpec, OutputPolicy, ScoringParams
 from .faults import failpoint
 from .imageio import ImageReadError, read_rgb
@@ -36,7 +37,6 @@ from .render import (
 )
 from .report import build_day_report
 from .rscin import ProductScores, pool_reference, read_product_scores, threshold_margins
-from .scoring import dask_client
 from .store import open_pool_store, pool_layout, write_maps_store
 
 logger = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from . import references as references_stage
 from . import rscin as rscin_stage
 from . import scoring as scoring_stage
 from .atomic import is_disk_full
+from .cluster import dask_client
 from .config import CODE_VERSION, BackboneSpec, OutputPolicy, RscinParams, ScoringParams
 from .faults import failpoint
 from .identity import tree_fingerprint
@@ -134,7 +135,7 @@ def extract_tokens(
     def product_progress(product: str):
         return progress_bar(f"extract-{artifact_key(product)}", f"tokens {product}")
 
-    with scoring_stage.dask_client(dask_address) as client:
+    with dask_client(dask_address) as client:
         return extract_stage.extract_catalog(
             catalog,
             backbone,
