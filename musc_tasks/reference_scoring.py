@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .atomic import disk_space_for
+from .cluster import dask_client
 from .config import CODE_VERSION, ScoringParams
 from .core import (
     check_references,
@@ -37,7 +38,7 @@ from .core import (
 from .identity import array_digest, params_key
 from .manifests import PoolsRef
 from .references import ReferenceSet
-from .scoring import PoolJob, dask_client, locked_pools, open_pool, plan_pool, score_pools_with_dask
+from .scoring import PoolJob, locked_pools, open_pool, plan_pool, score_pools_with_dask
 from .store import (
     PoolLayout,
     create_pool_store,
