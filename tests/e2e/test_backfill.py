@@ -29,15 +29,17 @@ def two_days(demo_day, tmp_path_factory):
     return root
 
 
-def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, demo_day, two_days, tmp_path, capsys):
+def test_backfill_with_another_backbone_coexists_and_compares(
+    prefect_api, dask_address, demo_day, two_days, tmp_path, capsys
+):
     out = tmp_path / "out"
+    on_cluster = ["--dask-address", dask_address]  # the session's cluster: no LocalCluster per run
     for day in DAYS:
-        assert main(["score", str(two_days / day), "--out", str(out), "--date", day, *BACKBONE_A]) == 0
+        assert main(["score", str(two_days / day), "--out", str(out), "--date", day, *BACKBONE_A, *on_cluster]) == 0
     pattern = str(two_days / "{date}")
-    assert (
-        main(["backfill", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out), *BACKBONE_B])
-        == 0
-    )
+    backfill_b = ["backfill", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out)]
+    backfill_b += [*BACKBONE_B, *on_cluster]
+    assert main(backfill_b) == 0
 
     scores = tables.read_table(out / "tables" / "scores")
     keys = sorted(scores["backbone_key"].unique())
@@ -51,10 +53,7 @@ def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, demo_
 
     runs_before = len(tables.read_table(out / "tables" / "runs"))
     capsys.readouterr()
-    assert (
-        main(["backfill", "--from", DAYS[0], "--to", DAYS[1], "--input-root", pattern, "--out", str(out), *BACKBONE_B])
-        == 0
-    )
+    assert main(backfill_b) == 0
     assert capsys.readouterr().out.count("already scored with this backbone") == 2
     assert len(tables.read_table(out / "tables" / "runs")) == runs_before
 
@@ -71,7 +70,7 @@ def test_backfill_with_another_backbone_coexists_and_compares(prefect_api, demo_
         if not image.is_defective:
             (golden / image.product).mkdir(parents=True, exist_ok=True)
             shutil.copy(image.path, golden / image.product / image.path.name)
-    with_references = [*BACKBONE_B, "--references", str(golden), "--reference-mode", "plus"]
+    with_references = [*BACKBONE_B, *on_cluster, "--references", str(golden), "--reference-mode", "plus"]
     one_day = ["backfill", "--from", DAYS[0], "--to", DAYS[0], "--input-root", pattern, "--out", str(out)]
     parsed = build_parser().parse_args([*one_day, *with_references])
     key_b = backbone_from_args(parsed).key

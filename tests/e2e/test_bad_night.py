@@ -67,17 +67,18 @@ def night_aurocs(night, out: Path) -> dict[str, float]:
     return found
 
 
-def score_night(root: Path, seed: int, repeated: int, scattered: int = 0) -> tuple:
+def score_night(root: Path, dask_address: str, seed: int, repeated: int, scattered: int = 0) -> tuple:
     night = make_bad_night(root / "night", seed=seed, repeated=repeated, scattered=scattered)
     out = root / "out"
     args = ["score", str(night.input_dir), "--out", str(out), "--date", "2026-11-30", *TINY]
+    args += ["--dask-address", dask_address]  # the session's cluster: no LocalCluster per run
     assert main([*args, "--references", str(night.golden_dir)]) == 0
     return night, out
 
 
 @pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("MUSC_BAD_NIGHT_SEEDS", "0").split(",")])
-def test_references_catch_a_repeated_defect(prefect_api, tmp_path, seed):
-    night, out = score_night(tmp_path / "bad", seed, repeated=5)
+def test_references_catch_a_repeated_defect(prefect_api, dask_address, tmp_path, seed):
+    night, out = score_night(tmp_path / "bad", dask_address, seed, repeated=5)
     aurocs = night_aurocs(night, out)
     print(f"bad night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
     # measured (README): margins over zero-shot of 0.31 (plus) and 0.315 (combined) at worst over seeds 0-9
@@ -98,8 +99,8 @@ def test_references_catch_a_repeated_defect(prefect_api, tmp_path, seed):
 
 
 @pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("MUSC_BAD_NIGHT_SEEDS", "0").split(",")])
-def test_ordinary_night_combined_stays_close_to_zero_shot(prefect_api, tmp_path, seed):
-    night, out = score_night(tmp_path / "ordinary", seed, repeated=0, scattered=3)
+def test_ordinary_night_combined_stays_close_to_zero_shot(prefect_api, dask_address, tmp_path, seed):
+    night, out = score_night(tmp_path / "ordinary", dask_address, seed, repeated=0, scattered=3)
     aurocs = night_aurocs(night, out)
     print(f"ordinary night seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in aurocs.items()))
     # measured (README): combined - zero-shot is -0.003 on seed 0, -0.045 at worst over seeds 0-9

@@ -35,6 +35,12 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
+def tiny(dask_address):
+    """The tiny backbone's options, on the session's Dask cluster (no LocalCluster per run)."""
+    return [*TINY, "--dask-address", dask_address]
+
+
+@pytest.fixture(scope="module")
 def mvtec_root(demo_day, tmp_path_factory):
     root = tmp_path_factory.mktemp("mvtec")
     for image in demo_day.images:
@@ -56,9 +62,9 @@ def mvtec_root(demo_day, tmp_path_factory):
     return root
 
 
-def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvtec_root, tmp_path, capsys):
+def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvtec_root, tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), *TINY]) == 0
+    assert main(["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), *tiny]) == 0
     printed = capsys.readouterr().out
     assert "AUROC-cls" in printed and "mean" in printed
 
@@ -109,7 +115,7 @@ def test_metrics_table_matches_metrics_recomputed_from_outputs(prefect_api, mvte
     assert (metrics["mask_mode"] == "paper").all()
 
 
-def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root, tmp_path):
+def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root, tiny, tmp_path):
     out = tmp_path / "out"
     assert (
         main(
@@ -124,7 +130,7 @@ def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root,
                 "brick",
                 "--divide-num",
                 "2",
-                *TINY,
+                *tiny,
             ]
         )
         == 0
@@ -138,11 +144,11 @@ def test_divide_num_splits_each_category_by_defect_type(prefect_api, mvtec_root,
     assert set(metrics["category"]) == {"brick", "mean"} and (metrics["pool_size"] == max(sizes)).all()
 
 
-def test_few_shot_references_from_train_good(prefect_api, mvtec_root, tmp_path, capsys):
+def test_few_shot_references_from_train_good(prefect_api, mvtec_root, tiny, tmp_path, capsys):
     """--references --shots 2: two seeded train/good images score brick's test set; they are never scored."""
     out = tmp_path / "out"
     argv = ["evaluate", str(mvtec_root), "--layout", "mvtec", "--out", str(out), "--categories", "brick"]
-    assert main([*argv, "--references", "--shots", "2", "--seed", "1", *TINY]) == 0
+    assert main([*argv, "--references", "--shots", "2", "--seed", "1", *tiny]) == 0
     assert "few-shot: 2 train images per category (seed 1), mode combined" in capsys.readouterr().out
 
     evaluation = out / "evaluation"
