@@ -92,11 +92,11 @@ def tiny_backbone_args(image_size: int) -> list[str]:
     ]
 
 
-def run_musc_score(command: list[str], out_dir: Path) -> dict:
+def run_musc_score(command: list[str], out_dir: Path, prefect_api: str | None = None) -> dict:
     """Run one `musc score` command in a fresh Prefect home; wall and CPU seconds, peak memory, the run row.
 
     The run row's stage seconds are the work; the wall time also holds the fixed start
-    (Prefect's ephemeral server, the Dask cluster).
+    (Prefect's ephemeral server unless ``prefect_api`` names a running one, the Dask cluster).
     """
     env = dict(
         os.environ,
@@ -107,6 +107,8 @@ def run_musc_score(command: list[str], out_dir: Path) -> dict:
         NO_PROXY="127.0.0.1,localhost",
     )
     env.pop("PREFECT_API_URL", None)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     with tempfile.TemporaryDirectory(prefix="musc-benchmark-home-") as home:
         env["PREFECT_HOME"] = home
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -130,10 +132,17 @@ def run_musc_score(command: list[str], out_dir: Path) -> dict:
     }
 
 
+def add_prefect_api_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefect-api",
+        help="a running Prefect server's API URL (a site's, or the test suite's) instead of an ephemeral one per run",
+    )
+
+
 def score_day(input_dir: Path, out_dir: Path, args: argparse.Namespace) -> dict:
     command = [str(Path(sys.executable).parent / "musc"), "score", str(input_dir), "--out", str(out_dir)]
     command += ["--date", "2026-11-22", "--device", "cpu", "--pool-size", str(args.pool_size)]
-    return run_musc_score(command + tiny_backbone_args(args.size), out_dir)
+    return run_musc_score(command + tiny_backbone_args(args.size), out_dir, args.prefect_api)
 
 
 def stage_seconds(result: dict) -> float:
@@ -147,6 +156,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112, help="image side for the tiny ViT (multiple of 14)")
     parser.add_argument("--smoke", action="store_true", help="12 and 24 images, pool 6")
     parser.add_argument("--json", type=Path, default=None)
+    add_prefect_api_option(parser)
     args = parser.parse_args()
     if args.smoke:
         args.images, args.pool_size = [12, 24], 6

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from day_scale import STAGES, run_musc_score, tiny_backbone_args  # noqa: E402
+from day_scale import STAGES, add_prefect_api_option, run_musc_score, tiny_backbone_args  # noqa: E402
 
 from musc_tasks import tables  # noqa: E402
 from musc_tasks.demo import make_demo_day  # noqa: E402
@@ -71,7 +71,7 @@ def score_command(input_dir: Path, out_dir: Path, args: argparse.Namespace) -> l
 
 
 def run_night(input_dir: Path, out_dir: Path, args: argparse.Namespace) -> dict:
-    result = run_musc_score(score_command(input_dir, out_dir, args), out_dir)
+    result = run_musc_score(score_command(input_dir, out_dir, args), out_dir, args.prefect_api)
     return {**result, **{f"bytes_{kind}": folder_bytes(out_dir / kind) for kind in OUTPUT_KINDS}}
 
 
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--check", action="store_true", help="fail unless every capture got its outputs")
     parser.add_argument("--json", type=Path, default=None)
+    add_prefect_api_option(parser)
     args = parser.parse_args()
     width, height = (int(v) for v in args.resolution.lower().split("x"))
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())

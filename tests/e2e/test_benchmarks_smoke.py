@@ -43,7 +43,6 @@ def test_dask_scale_benchmark(tmp_path):
         "--channels",
         "32",
         "--workers",
-        "1",
         "2",
         "--json",
         str(tmp_path / "dask.json"),
@@ -56,8 +55,9 @@ def test_msm_stage_benchmark():
     assert "| stage on Dask |" in out, out
 
 
-def test_day_scale_benchmark(tmp_path):
-    out = run("day_scale.py", "--smoke", "--json", str(tmp_path / "day.json"))
+def test_day_scale_benchmark(prefect_api, tmp_path):
+    # the session's Prefect server: the README command's ephemeral server per run is covered by test_offline
+    out = run("day_scale.py", "--smoke", "--prefect-api", prefect_api, "--json", str(tmp_path / "day.json"))
     assert "time per image" in out, out
 
 
@@ -71,11 +71,10 @@ def test_report_benchmark(tmp_path):
     assert "| images x products | nights |" in out, out
 
 
-def test_factory_night_5mp_captures_end_to_end(tmp_path):
+def test_factory_night_5mp_captures_end_to_end(prefect_api, tmp_path):
     """A few 5-MP camera captures through `musc score`: every one scored, full-size masks, heatmaps."""
-    out = run(
-        "factory_night.py", "--images", "4", "--resolution", "2448x2048", "--check", "--json", str(tmp_path / "f.json")
-    )
+    options = ["--images", "4", "--resolution", "2448x2048", "--check", "--prefect-api", prefect_api]
+    out = run("factory_night.py", *options, "--json", str(tmp_path / "f.json"))
     assert "| all outputs |" in out, out
 
 
