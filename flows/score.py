@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import Stages
 from musc_tasks.backbone import patch_size
-from musc_tasks.cluster import dask_cluster
+from musc_tasks.cluster import check_scheduler, dask_cluster
 from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
@@ -58,8 +58,8 @@ def score_captures(
     input_dir, out_dir = str(Path(day_input(input_dir, day)).resolve()), str(Path(out_dir).resolve())
     geometry = token_geometry(backbone)
     stages = Stages(refresh, out_dir=out_dir)
-    # one Dask cluster for the whole run, checked before any work: an unreachable scheduler fails in seconds
-    with run_lock(out_dir, day, backbone.key), dask_cluster(dask_address) as cluster:
+    with run_lock(out_dir, day, backbone.key):
+        check_scheduler(dask_address)  # before any work: an unreachable scheduler fails in seconds
         catalog = stages.run(
             "catalog",
             catalog_images,
@@ -72,6 +72,7 @@ def score_captures(
             # A night without images is an alarm (a failed upload), not a quiet success.
             record_no_input(catalog, backbone, scoring, out_dir, stages.info((), ()))
             raise FileNotFoundError(f"no image in {catalog.input_dir}: nothing to score for {day} (runs row no_input)")
+        # one Dask cluster for the stages, started once there is something to score
         summary, _ = score_catalog(
             catalog,
             backbone,
@@ -79,7 +80,7 @@ def score_captures(
             scoring,
             out_dir,
             device,
-            cluster,
+            dask_address,
             stages,
             outputs=outputs,
             references=references,
@@ -104,7 +105,7 @@ def score_catalog(
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     """The stages after the catalog, shared by the nightly and the evaluation flows.
 
-    ``dask_address`` None starts a local cluster for these stages; the nightly flow passes its own.
+    ``dask_address`` None starts one local cluster for these stages, after the catalog found work.
     """
     with dask_cluster(dask_address) as cluster:
         tokens = stages.run(

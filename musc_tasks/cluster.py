@@ -46,6 +46,13 @@ def dask_client(address: str | None = None, *, n_workers: int | None = None) -> 
         yield client
 
 
+def check_scheduler(address: str | None) -> None:
+    """Raise `SchedulerUnreachable` within seconds unless the scheduler at ``address`` answers (None: no check)."""
+    if address:
+        with dask_client(address):
+            pass
+
+
 @contextlib.contextmanager
 def dask_cluster(address: str | None = None, *, n_workers: int | None = None) -> Iterator[str]:
     """The scheduler address one run shares across its stages: ``address`` once it answers, or a LocalCluster's.
@@ -55,8 +62,7 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None) ->
     extraction worker keeps its model loaded.
     """
     if address:
-        with dask_client(address):  # fail now, within seconds, if nobody answers
-            pass
+        check_scheduler(address)
         yield address
         return
     workers = n_workers or local_worker_count()
