@@ -79,3 +79,19 @@ def wait_for(what: str, check: Callable[[], object], timeout: float, logs: list[
         + "\n"
         + "\n".join(tail(log) for log in logs)
     )
+
+
+def wait_until_idle(address: str, timeout_seconds: float = 60) -> None:
+    """Until the Dask cluster at ``address`` holds no task: a crashed or failed run's tasks finish after it."""
+    from distributed import Client
+
+    with Client(address) as client:
+        deadline = time.monotonic() + timeout_seconds
+
+        def busy():
+            executing = client.run(lambda dask_worker: len(dask_worker.state.executing))
+            return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) or any(executing.values())
+
+        while busy():
+            assert time.monotonic() < deadline, "the Dask cluster did not drain after the crash"
+            time.sleep(0.2)

@@ -1,7 +1,8 @@
 """Faults on real processes: an unreachable scheduler, a full results disk, a lost Prefect server.
 
-The cluster is a `dask scheduler` and a `dask worker --nworkers 2` started from the shell,
-as a site runs them (see tests/e2e/test_dask_external.py for the undisturbed run).
+The reference is an undisturbed run on the default LocalCluster (`local_cli_run`); the faulted
+runs and their re-runs use the session's cluster and wait for its tasks to drain after a failure
+(killed workers on a shell-started cluster: tests/e2e/test_dask_external.py).
 """
 
 import os
@@ -20,7 +21,7 @@ from musc_tasks import tables
 
 from ..tmpfs import small_tmpfs
 from .conftest import score, score_command, subprocess_env
-from .processes import background, free_port, stop_group, tail, wait_for
+from .processes import background, free_port, stop_group, tail, wait_for, wait_until_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -51,18 +52,20 @@ def scores_in(out: Path, columns: list[str]):
 
 
 def test_a_full_results_disk_fails_in_one_line_and_a_rerun_completes_identically(
-    demo_day, prefect_api, local_cli_run, tmp_path
+    demo_day, prefect_api, dask_address, local_cli_run, tmp_path
 ):
     out = tmp_path / "out"
     # Extraction and scoring were done on a roomy disk (copied from the reference run, to keep
     # the test cheap); the heatmaps folder is a 64 KiB file system, far less than the night's
-    # heatmaps need, so publish hits ENOSPC in a Dask worker.
+    # heatmaps need, so publish hits ENOSPC in a Dask worker (the session's cluster: its workers
+    # have imported torch already).
     for store in ("tokens", "pools"):
         shutil.copytree(local_cli_run / "cache" / store, out / "cache" / store)
     columns = ["path", "raw_score", "score", "rank", "mask_path", "heatmap_path"]
     with small_tmpfs(out / "heatmaps", "64k"):
-        full = score(demo_day, out, prefect_api)
+        full = score(demo_day, out, prefect_api, dask_address)
         assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+        wait_until_idle(dask_address)  # publish tasks already running finish after the failed run
         errors = [line for line in full.stderr.splitlines() if "error" in line.lower()]
         assert len(errors) == 1, full.stderr[-5000:]
         assert re.fullmatch(
@@ -89,7 +92,7 @@ def test_a_full_results_disk_fails_in_one_line_and_a_rerun_completes_identically
     assert not (out / "tables" / "runs").exists(), "the run is not recorded as finished"
 
     # space freed (the tmpfs is gone): the same command completes, from the stores, identically
-    again = score(demo_day, out, prefect_api)
+    again = score(demo_day, out, prefect_api, dask_address)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "tokens extracted 0 (cached 30); block pairs computed 0" in again.stdout, again.stdout
     rerun = scores_in(out, columns).sort_values("path").reset_index(drop=True)
@@ -128,7 +131,7 @@ def prefect_server(home: Path, port: int, log: Path):
 
 
 def test_a_prefect_server_lost_mid_run_fails_it_clearly_and_a_rerun_after_its_restart_resumes(
-    demo_day, local_cli_run, tmp_path
+    demo_day, dask_address, local_cli_run, tmp_path
 ):
     home, port, log = tmp_path / "prefect-home", free_port(), tmp_path / "server.log"
     home.mkdir()
@@ -146,7 +149,11 @@ def test_a_prefect_server_lost_mid_run_fails_it_clearly_and_a_rerun_after_its_re
     with open(tmp_path / "run.out", "w") as stdout, open(tmp_path / "run.err", "w") as stderr:
         with prefect_server(home, port, log):
             run = subprocess.Popen(
-                score_command(demo_day, out), env=paused, stdout=stdout, stderr=stderr, start_new_session=True
+                score_command(demo_day, out, dask_address),
+                env=paused,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
             )
             try:
                 wait_for("the run to pause", (pauses / "publish-product.paused").exists, 600, [tmp_path / "run.err"])
@@ -164,8 +171,9 @@ def test_a_prefect_server_lost_mid_run_fails_it_clearly_and_a_rerun_after_its_re
     assert len(errors) == 1 and errors[0].startswith(f"musc: error: lost the Prefect server at {api}"), lost[-3000:]
     assert "Traceback" not in lost, lost[-5000:]
 
+    wait_until_idle(dask_address)  # the lost run's publish tasks finish on the shared cluster
     with prefect_server(home, port, log):  # restarted on the same port and database
-        again = score(demo_day, out, api)
+        again = score(demo_day, out, api, dask_address)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_ASC"}, timeout=30).json()
     assert "tokens extracted 0 (cached 30); block pairs computed 0" in again.stdout, again.stdout

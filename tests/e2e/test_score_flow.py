@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from musc_tasks.render import image_mask
 from musc_tasks.rscin import patch_score_rows, read_product_scores, score_map
 
 from .conftest import assert_flags_masks_and_margins_agree, subprocess_env
+from .processes import wait_until_idle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
 
@@ -233,21 +233,6 @@ def test_second_run_is_served_from_cache_and_identical(first_run, demo_day, tiny
     assert files_before.keys() == files_after.keys()
     assert [p for p in files_before if files_before[p] != files_after[p]] == [], "published bytes changed"
     assert len(query(out_dir, "select * from {scores}")) == len(demo_day.images), "re-run duplicated rows"
-
-
-def wait_until_idle(address, timeout_seconds=60):
-    from distributed import Client
-
-    with Client(address) as client:
-        deadline = time.monotonic() + timeout_seconds
-
-        def busy():
-            executing = client.run(lambda dask_worker: len(dask_worker.state.executing))
-            return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) or any(executing.values())
-
-        while busy():
-            assert time.monotonic() < deadline, "the Dask cluster did not drain after the crash"
-            time.sleep(0.2)
 
 
 KILL_SCRIPT = """
