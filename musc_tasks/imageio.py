@@ -17,6 +17,10 @@ Decisions a caller must know
 * 16-bit grey is scaled by the type's full range (divided by 257), never min-max stretched,
   so a dark frame stays dark. Float ("F") images are refused: they have no fixed range.
 * Truncation is detected only while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` stays False.
+* ``read_rgb_reduced`` is ``read_rgb`` for a caller that needs the image only at a bounded
+  size (``bounded_size``): a JPEG is decoded at a reduced DCT scale (1/2, 1/4 or 1/8, PIL's
+  ``draft``), which still runs the entropy decoder over the whole file, so every check and
+  reason above holds. Other formats have no reduced decode and are decoded whole.
 """
 
 from __future__ import annotations
@@ -32,7 +36,15 @@ from PIL import ExifTags, Image, ImageOps
 
 from .identity import file_digest
 
-__all__ = ["ImageReadError", "read_rgb", "content_hash", "DEFAULT_MAX_PIXELS", "ALLOWED_FORMATS"]
+__all__ = [
+    "ALLOWED_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "ImageReadError",
+    "bounded_size",
+    "content_hash",
+    "read_rgb",
+    "read_rgb_reduced",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +55,9 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 # PIL names a JPEG with several pictures (phone cameras write these) "MPO"; we read its first.
 _FORMAT_FAMILY = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "TIFF": "TIFF"}
+
+# EXIF orientations that swap width and height (a transpose or a quarter turn).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 # PIL sniffs formats from the first 16 bytes; reading the same keeps our detection identical.
 _PREFIX_BYTES = 16
@@ -101,6 +116,81 @@ def read_rgb(
     ImageReadError
         For any file that cannot be read, identified, accepted or decoded.
     """
+    image, _, notes = _read(path, max_pixels=max_pixels, min_side=min_side, long_side=None)
+    return image, notes
+
+
+def bounded_size(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    """An image size scaled so that its long side is at most ``long_side``; never enlarged.
+
+    Parameters
+    ----------
+    size : (width, height)
+    long_side : int
+        Largest long side in pixels.
+
+    Returns
+    -------
+    bounded : (width, height)
+        ``size`` itself when it fits, otherwise each side times ``long_side / max(size)``,
+        rounded, at least 1.
+    """
+    width, height = size
+    scale = long_side / max(width, height)
+    if scale >= 1.0:
+        return size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def read_rgb_reduced(
+    path: str | os.PathLike,
+    long_side: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = 1,
+) -> tuple[Image.Image, tuple[int, int], list[str]]:
+    """Decode an image for use at a bounded size: ``read_rgb`` at a reduced JPEG scale.
+
+    A JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8 of each side) whose upright
+    size is still at least ``bounded_size(full_size, long_side)`` (PIL's ``draft``, asked in
+    the file's stored orientation): at 1/2 a fraction of the cost of a full decode. Other
+    formats, and images within ``long_side``, are decoded at full size. The caller resizes
+    the image to the bounded size. The declared size is checked, a truncated or corrupt file
+    refused with the same reasons, EXIF orientation applied and modes converted as by
+    ``read_rgb``.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A PNG, JPEG, BMP or TIFF file (the suffix is not trusted).
+    long_side : int
+        The long side the caller will bound the image to.
+    max_pixels, min_side : int
+        As in ``read_rgb``: checked on the full declared size before decoding.
+
+    Returns
+    -------
+    image : RGB PIL image
+        Upright, detached from the file; each side at least the bounded size's.
+    full_size : (width, height)
+        The upright size of the image at full resolution (what ``read_rgb`` returns).
+    notes : list of str
+        As ``read_rgb``'s.
+
+    Raises
+    ------
+    ImageReadError
+        For any file that ``read_rgb`` refuses, with the same reason.
+    """
+    if not isinstance(long_side, int) or long_side < 1:
+        raise ValueError(f"long_side must be a positive int, got {long_side!r}")
+    return _read(path, max_pixels=max_pixels, min_side=min_side, long_side=long_side)
+
+
+def _read(
+    path: str | os.PathLike, *, max_pixels: int, min_side: int, long_side: int | None
+) -> tuple[Image.Image, tuple[int, int], list[str]]:
+    """Open, check, decode (reduced for ``long_side``) and make upright: (image, full upright size, notes)."""
     if not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     if not isinstance(min_side, int) or min_side < 1:
@@ -112,8 +202,39 @@ def read_rgb(
         raise ImageReadError(name, _os_reason(exc)) from None
     with handle:
         image, family = _open_allowed(handle, name, max_pixels=max_pixels, min_side=min_side)
+        full_size = image.size  # as stored; swapped below when EXIF turns the image
+        if long_side is not None and family == "JPEG":
+            _reduce_jpeg_decode(image, long_side)
         notes = _decode(image, name, family)
-        return _to_upright_rgb(image, name, notes)
+        orientation = _orientation(image)
+        if orientation is None:
+            notes.append("EXIF unreadable; orientation not applied")
+        elif orientation in _SWAPPING_ORIENTATIONS:
+            full_size = full_size[::-1]
+        image, notes = _to_upright_rgb(image, name, notes, orientation or 1)
+    return image, full_size, notes
+
+
+def _orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation (1 when absent), or None when the EXIF block cannot be read."""
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # EXIF is optional metadata; a broken block must not fail a good image
+        return None
+
+
+def _reduce_jpeg_decode(image: Image.Image, long_side: int) -> None:
+    """Before loading: decode a JPEG at the smallest DCT scale still at least its bounded size.
+
+    A JPEG's EXIF is in its header, so the orientation is known before decoding; the scale is
+    chosen in the stored orientation, which EXIF then turns upright.
+    """
+    swapping = _orientation(image) in _SWAPPING_ORIENTATIONS
+    upright = image.size[::-1] if swapping else image.size
+    target = bounded_size(upright, long_side)
+    if target != upright:
+        # PIL picks the largest of 8, 4, 2, 1 that keeps each side at least the target's (sides rounded up).
+        image.draft(None, target[::-1] if swapping else target)
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -246,12 +367,7 @@ def _decode(image: Image.Image, name: str, family: str) -> list[str]:
     return notes
 
 
-def _to_upright_rgb(image: Image.Image, name: str, notes: list[str]) -> tuple[Image.Image, list[str]]:
-    try:
-        orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
-    except Exception:  # EXIF is optional metadata; a broken block must not fail a good image
-        orientation = 1
-        notes.append("EXIF unreadable; orientation not applied")
+def _to_upright_rgb(image: Image.Image, name: str, notes: list[str], orientation: int) -> tuple[Image.Image, list[str]]:
     if orientation in range(2, 9):
         image = ImageOps.exif_transpose(image)
         notes.append(f"EXIF orientation {orientation} applied")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_tasks.imageio import ImageReadError, content_hash, read_rgb
+from musc_tasks.imageio import ImageReadError, bounded_size, content_hash, read_rgb, read_rgb_reduced
 
 from ..references import unreadable
 
@@ -214,3 +214,86 @@ def test_content_hash_matches_hashlib(tmp_path):
     assert content_hash(path) == hashlib.sha256(payload).hexdigest()
     with pytest.raises(ImageReadError, match="file not found"):
         content_hash(tmp_path / "gone.bin")
+
+
+def _photo(height, width, seed=0):
+    """A smooth (H, W, 3) uint8 picture with a little sensor noise, like a capture of a part."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([128 + 100 * np.sin(6 * x + 2 * y), 128 + 100 * np.cos(4 * y - 3 * x), 255 * x * (1 - y)], -1)
+    noise = np.random.default_rng(seed).normal(0.0, 3.0, (height, width, 1))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def _bounded_pixels(image, size):
+    """What publish draws from: the image resized to its bounded size."""
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), dtype=np.int16)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "long_side", "decoded"),
+    [
+        (800, 600, 100, (100, 75)),  # 1/8
+        (800, 600, 200, (200, 150)),  # 1/4
+        (800, 600, 400, (400, 300)),  # 1/2
+        (801, 601, 400, (401, 301)),  # odd sides: rounded up, still at least the bounded size
+        (800, 600, 500, (800, 600)),  # less than halved: decoded whole
+        (800, 600, 1024, (800, 600)),  # within the bound: decoded whole
+    ],
+)
+def test_reduced_jpeg_decode_is_the_smallest_dct_scale_at_least_the_bounded_size(
+    tmp_path, width, height, long_side, decoded
+):
+    path = tmp_path / "capture.jpg"
+    Image.fromarray(_photo(height, width)).save(path, quality=90)
+    full, notes = read_rgb(path)
+    image, full_size, reduced_notes = read_rgb_reduced(path, long_side)
+    assert image.mode == "RGB" and image.size == decoded
+    assert full_size == full.size == (width, height) and reduced_notes == notes == []
+    bounded = bounded_size(full_size, long_side)
+    assert image.width >= bounded[0] and image.height >= bounded[1]
+    assert np.abs(_bounded_pixels(image, bounded) - _bounded_pixels(full, bounded)).mean() < 1.5
+
+
+def test_reduced_jpeg_decode_chooses_its_scale_upright_and_applies_exif_orientation(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 640 x 240, shown 240 x 640
+    Image.fromarray(_photo(240, 640)).save(path, exif=exif, quality=95)
+    full, notes = read_rgb(path)
+    image, full_size, reduced_notes = read_rgb_reduced(path, 160)
+    assert full.size == full_size == (240, 640) and bounded_size(full_size, 160) == (60, 160)
+    # 1/4 in the stored orientation (160 x 60), turned upright; asked unturned, PIL would decode it whole
+    assert image.size == (60, 160)
+    assert reduced_notes == notes == ["EXIF orientation 6 applied"]
+    assert np.abs(_bounded_pixels(image, (60, 160)) - _bounded_pixels(full, (60, 160))).mean() < 1.5
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_reduced_decode_refuses_a_truncated_5_mp_jpeg_as_the_full_decode_does(tmp_path, progressive):
+    """The DCT-scaled decode still reads every scan of the file, so a cut one still fails."""
+    whole = tmp_path / "whole.jpg"
+    Image.fromarray(_photo(2048, 2448)).save(whole, quality=90, progressive=progressive)
+    assert read_rgb_reduced(whole, 1024)[0].size == (1224, 1024)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
+    assert _reason(cut) == "truncated JPEG data"
+    with pytest.raises(ImageReadError) as info:
+        read_rgb_reduced(cut, 1024)
+    assert (info.value.path, info.value.reason) == (str(cut), "truncated JPEG data")
+
+
+def test_reduced_decode_keeps_the_header_checks_and_other_formats_whole(tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray(_pattern(20, 30)).save(path)
+    for kwargs, reason in (
+        ({"max_pixels": 599}, "declared size 30x20 exceeds the limit of 599 pixels (decompression bomb)"),
+        ({"min_side": 21}, "smaller than min side 21: 30x20"),
+    ):
+        with pytest.raises(ImageReadError) as info:
+            read_rgb_reduced(path, 8, **kwargs)
+        assert info.value.reason == reason == _reason(path, **kwargs)
+    image, full_size, notes = read_rgb_reduced(path, 8)  # PNG has no reduced decode
+    assert full_size == image.size == (30, 20) and notes == []
+    np.testing.assert_array_equal(np.asarray(image), _pattern(20, 30))
+    with pytest.raises(ValueError, match="long_side"):
+        read_rgb_reduced(path, 0)
