@@ -22,7 +22,7 @@ from .catalog import read_records
 from .cluster import dask_client
 from .config import BackboneSpec, OutputPolicy, ScoringParams
 from .faults import failpoint
-from .imageio import ImageReadError, read_rgb
+from .imageio import ImageReadError, bounded_size, read_rgb, read_rgb_reduced
 from .layout import maps_store_path
 from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, TokensRef, TopPart
 from .maps import upsample_map
@@ -32,6 +32,7 @@ from .render import (
     heatmap_legend,
     heatmap_overlay,
     image_mask,
+    no_regions,
     region_rows,
     write_png,
 )
@@ -431,21 +432,42 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
         heat_rel = output_relpath(
             "heatmaps", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix, suffix=heat_suffix
         )
+        flagged = scored.score > scores.image_threshold
+        full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
         try:
-            image, _ = read_rgb(Path(record.path))
+            if full_size:
+                image, _ = read_rgb(Path(record.path))
+                capture_size = image.size
+            else:  # its heatmap is all this image's pixels are for: decoded at a reduced scale
+                image, capture_size, _ = read_rgb_reduced(Path(record.path), outputs.long_side)
         except ImageReadError as error:
             score_rows.append({**row, "status": "failed", "error": f"unreadable at publish: {error.reason}"})
             continue
+        width, height = capture_size
         patch_map = patch_maps[record.image_id]
-        pixel_scores = upsample_map(patch_map, (image.height, image.width))
-        flagged = scored.score > scores.image_threshold
-        mask, rule, level = image_mask(pixel_scores, scores.pixel_threshold, flagged=flagged)
+        if flagged:
+            pixel_scores = upsample_map(patch_map, (height, width))
+            mask, rule, level = image_mask(pixel_scores, scores.pixel_threshold, flagged=True)
+            regions = region_rows(mask, pixel_scores)
+        else:
+            # image_mask's rule: an image that is not flagged has an empty mask and no regions,
+            # whatever its map, so its map is not upsampled to the capture's size for them.
+            pixel_scores, rule, level = None, None, None
+            mask, regions = np.zeros((height, width), bool), no_regions()
         write_png(_inside(out_dir, mask_rel), np.where(mask, np.uint8(255), np.uint8(0)))
-        regions = region_rows(mask, pixel_scores)
-        full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
-        overlay = _overlay(image, patch_map, pixel_scores, mask, regions, scores, outputs, full_size=full_size)
+        overlay = _overlay(
+            image,
+            capture_size,
+            patch_map,
+            pixel_scores,
+            mask if flagged else None,
+            regions,
+            scores,
+            outputs,
+            full_size=full_size,
+        )
         write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
-        sizes.append((index, image.height, image.width))
+        sizes.append((index, height, width))
         for index in range(len(regions["region"])):
             region_rows_out.append(
                 {
@@ -496,9 +518,10 @@ def _patch_maps(pool_paths: Sequence[Path]) -> dict[str, np.ndarray]:
 
 def _overlay(
     image: Image.Image,
+    capture_size: tuple[int, int],
     patch_map: np.ndarray,
-    pixel_scores: np.ndarray,
-    mask: np.ndarray,
+    pixel_scores: np.ndarray | None,
+    mask: np.ndarray | None,
     regions: Mapping[str, np.ndarray],
     scores: ProductScores,
     outputs: OutputPolicy,
@@ -507,19 +530,25 @@ def _overlay(
 ) -> np.ndarray:
     """The heatmap of one image: at its size, or with its long side bounded by the policy.
 
-    A reduced heatmap draws the contour of the image's mask reduced (nearest pixel), so it
-    outlines the same pixels as the mask PNG.
+    ``image`` is the capture at ``capture_size`` (width, height) or, for a bounded heatmap, at
+    any size from the bounded one up (a reduced decode). ``pixel_scores`` and ``mask`` are at
+    the capture's size; None when the image has no mask (the map is then upsampled only to
+    the size drawn, and no contour is drawn). A reduced heatmap draws the contour of the
+    image's mask reduced (nearest pixel), so it outlines the same pixels as the mask PNG.
     """
     boxes = np.stack([regions[k] for k in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")], axis=-1)
     floor, vmax = scores.pixel_threshold, scores.map_max
-    scale = outputs.long_side / max(image.width, image.height)
-    if full_size or scale >= 1.0:
+    width, height = capture_size
+    size = bounded_size(capture_size, outputs.long_side)
+    if full_size or size == capture_size:
+        if pixel_scores is None:
+            pixel_scores = upsample_map(patch_map, (height, width))
         return heatmap_overlay(np.asarray(image), pixel_scores, floor=floor, vmax=vmax, mask=mask, boxes=boxes)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    scale = outputs.long_side / max(width, height)
     small = np.asarray(image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
     small_scores = upsample_map(patch_map, (size[1], size[0]))
     small_boxes = np.concatenate([np.floor(boxes[:, :2] * scale), np.ceil(boxes[:, 2:] * scale)], axis=1)
-    small_mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+    small_mask = None if mask is None else np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
     return heatmap_overlay(
         small, small_scores, floor=floor, vmax=vmax, mask=small_mask, boxes=small_boxes.astype(np.int64)
     )

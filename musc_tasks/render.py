@@ -21,6 +21,7 @@ __all__ = [
     "heatmap_overlay",
     "line_width",
     "image_mask",
+    "no_regions",
     "region_rows",
     "write_png",
 ]
@@ -186,6 +187,11 @@ def region_rows(mask: np.ndarray, score_map: np.ndarray, *, working_side: int | 
         "centroid_y": props["centroid-0"][order],
     }
     return {name: columns[name].astype(dtype) for name, dtype in _REGION_DTYPES.items()}
+
+
+def no_regions() -> dict[str, np.ndarray]:
+    """The columns of ``region_rows`` for a mask without regions: zero-length arrays of its dtypes."""
+    return {name: np.zeros(0, dtype) for name, dtype in _REGION_DTYPES.items()}
 
 
 # The rule that ties masks to flags (README "Flags, masks and regions"): an image has a mask

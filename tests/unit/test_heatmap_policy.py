@@ -23,14 +23,14 @@ def _case(width=600, height=400):
 def test_flagged_and_top_ranks_keep_full_resolution():
     image, patch_map, pixel_scores, mask, regions, scores = _case()
     policy = OutputPolicy(long_side=150)
-    overlay = _overlay(image, patch_map, pixel_scores, mask, regions, scores, policy, full_size=True)
+    overlay = _overlay(image, image.size, patch_map, pixel_scores, mask, regions, scores, policy, full_size=True)
     assert overlay.shape == (400, 600, 3)
 
 
 def test_other_heatmaps_are_bounded_and_keep_their_regions():
     image, patch_map, pixel_scores, mask, regions, scores = _case()
     overlay = _overlay(
-        image, patch_map, pixel_scores, mask, regions, scores, OutputPolicy(long_side=150), full_size=False
+        image, image.size, patch_map, pixel_scores, mask, regions, scores, OutputPolicy(long_side=150), full_size=False
     )
     assert overlay.shape == (100, 150, 3)
     coloured = np.argwhere((overlay == BOX_RGB).all(-1))
@@ -45,6 +45,6 @@ def test_other_heatmaps_are_bounded_and_keep_their_regions():
 def test_small_images_are_never_enlarged():
     image, patch_map, pixel_scores, mask, regions, scores = _case(100, 80)
     overlay = _overlay(
-        image, patch_map, pixel_scores, mask, regions, scores, OutputPolicy(long_side=1024), full_size=False
+        image, image.size, patch_map, pixel_scores, mask, regions, scores, OutputPolicy(long_side=1024), full_size=False
     )
     assert overlay.shape == (80, 100, 3)

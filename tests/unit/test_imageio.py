@@ -1,5 +1,6 @@
 """read_rgb and content_hash: each bad file gets its reason, each odd mode its RGB and note."""
 
+import functools
 import hashlib
 import os
 import pickle
@@ -216,6 +217,7 @@ def test_content_hash_matches_hashlib(tmp_path):
         content_hash(tmp_path / "gone.bin")
 
 
+@functools.cache
 def _photo(height, width, seed=0):
     """A smooth (H, W, 3) uint8 picture with a little sensor noise, like a capture of a part."""
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
