@@ -28,6 +28,7 @@ from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, To
 from .maps import upsample_map
 from .render import (
     HEATMAP_FORMATS,
+    empty_mask_png,
     encode_image,
     heatmap_legend,
     heatmap_overlay,
@@ -449,22 +450,16 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
             pixel_scores = upsample_map(patch_map, (height, width))
             mask, rule, level = image_mask(pixel_scores, scores.pixel_threshold, flagged=True)
             regions = region_rows(mask, pixel_scores)
+            write_png(_inside(out_dir, mask_rel), np.where(mask, np.uint8(255), np.uint8(0)))
+            anomalous_fraction = float(mask.mean())
         else:
             # image_mask's rule: an image that is not flagged has an empty mask and no regions,
             # whatever its map, so its map is not upsampled to the capture's size for them.
-            pixel_scores, rule, level = None, None, None
-            mask, regions = np.zeros((height, width), bool), no_regions()
-        write_png(_inside(out_dir, mask_rel), np.where(mask, np.uint8(255), np.uint8(0)))
+            pixel_scores, mask, rule, level, regions = None, None, None, None, no_regions()
+            write_atomic(_inside(out_dir, mask_rel), empty_mask_png(height, width))
+            anomalous_fraction = 0.0
         overlay = _overlay(
-            image,
-            capture_size,
-            patch_map,
-            pixel_scores,
-            mask if flagged else None,
-            regions,
-            scores,
-            outputs,
-            full_size=full_size,
+            image, capture_size, patch_map, pixel_scores, mask, regions, scores, outputs, full_size=full_size
         )
         write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
         sizes.append((index, height, width))
@@ -491,7 +486,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
                 "pixel_threshold": scores.pixel_threshold,
                 "pool_index": scored.pool_index,
                 "pool_images": scored.pool_images,
-                "anomalous_fraction": float(mask.mean()),
+                "anomalous_fraction": anomalous_fraction,
                 "mask_level": level,
                 # Absolute, like the capture's path: a query's result opens as it is (README: Paths in the tables).
                 "mask_path": printable(str(Path(out_dir).absolute() / mask_rel)),

@@ -16,6 +16,7 @@ from .atomic import write_atomic
 
 __all__ = [
     "HEATMAP_FORMATS",
+    "empty_mask_png",
     "encode_image",
     "heatmap_legend",
     "heatmap_overlay",
@@ -426,8 +427,22 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
         raise ValueError(f"pixels must be (H, W) or (H, W, 3) uint8, got shape {pixels.shape} dtype {pixels.dtype}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, _png_bytes(pixels))
     logger.debug("wrote %s", path)
     return Path(path)
+
+
+@functools.lru_cache(maxsize=4)
+def empty_mask_png(height: int, width: int) -> bytes:
+    """The bytes ``write_png`` writes for an all-zero (height, width) mask, encoded once per size.
+
+    Most images of a night are not flagged, so their masks are empty, and a camera's captures
+    share one size: at 5 MP this saves a 40 ms encoding per image.
+    """
+    return _png_bytes(np.zeros((height, width), np.uint8))
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()

@@ -274,7 +274,8 @@ def test_reduced_jpeg_decode_chooses_its_scale_upright_and_applies_exif_orientat
 def test_reduced_decode_refuses_a_truncated_5_mp_jpeg_as_the_full_decode_does(tmp_path, progressive):
     """The DCT-scaled decode still reads every scan of the file, so a cut one still fails."""
     whole = tmp_path / "whole.jpg"
-    Image.fromarray(_photo(2048, 2448)).save(whole, quality=90, progressive=progressive)
+    capture = Image.fromarray(_photo(205, 245)).resize((2448, 2048), Image.Resampling.BILINEAR)
+    capture.save(whole, quality=90, progressive=progressive)
     assert read_rgb_reduced(whole, 1024)[0].size == (1224, 1024)
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])
