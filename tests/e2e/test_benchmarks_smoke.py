@@ -88,6 +88,12 @@ def test_publish_regions_benchmark():
     assert "publish cells / whole mask:" in out, out
 
 
+def test_publish_night_benchmark():
+    # 12 images: the top 10 drawn at full size, 2 bounded (long side 2048 -> 1024, decoded at 1/2)
+    out = run("publish_night.py", "--images", "12", "--captures", "2", "--resolution", "2048x256", "--repeats", "1")
+    assert "| this | median |" in out and "PSNR dB over 2 captures" in out, out
+
+
 def test_bad_night_signals_benchmark():
     out = run("bad_night_signals.py", "--seeds", "0", "--repeated", "5")
     rows = {}  # the first table: the flag's signals (the second has the same night names)
