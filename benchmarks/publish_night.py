@@ -9,11 +9,11 @@ It writes ``--captures`` synthetic JPEG captures (`factory_night.make_night`) an
 20 files on disk), with a 16 x 16 patch-grid map per image as the tiny ViT at 224 px gives, a
 pool store and the product's scores as the earlier stages write them: 2 % of the images flagged
 (a planted defect each), the rest with sensor noise. Then it runs `publish.publish_block` over
-the product's task blocks serially, in a fresh process per repeat with one thread (as a Dask
-worker of the local cluster runs), the default `OutputPolicy` (full-size heatmaps for flagged
-images and the top 10 ranks, long side 1024 for the rest; JPEG q85), and prints wall and CPU
-seconds per image. CPU seconds per image is publish's cost per image per core (issue 12's
-target: at most 0.3 s at 2448 x 2048).
+the product's task blocks serially with one thread (as a Dask worker of the local cluster
+runs; in a fresh process per repeat when comparing with a baseline), the default `OutputPolicy`
+(full-size heatmaps for flagged images and the top 10 ranks, long side 1024 for the rest; JPEG
+q85), and prints wall and CPU seconds per image. CPU seconds per image is publish's cost per
+image per core (issue 12's target: at most 0.3 s at 2448 x 2048).
 
 ``--baseline SRC`` (the repository at another commit, e.g. ``git worktree add /tmp/before
 main``) alternates repeats between that code and this one and prints their ratio; both must
@@ -150,8 +150,10 @@ def bounded_overlay_psnr(spec_path: Path, n_captures: int) -> list[float]:
     return values
 
 
-def run_measure(source: Path, spec: Path, profile: bool = False) -> dict:
-    """One measurement in a fresh process importing the package from ``source``, with one thread."""
+def run_measure(source: Path | None, spec: Path, profile: bool = False) -> dict:
+    """One measurement: in this process (``source`` None), or in a fresh one importing the package from ``source``."""
+    if source is None:
+        return measure(spec, profile)
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, __file__, "--measure", str(spec)] + (["--profile"] if profile else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -177,12 +179,13 @@ def main() -> None:
         return
     width, height = (int(v) for v in args.resolution.lower().split("x"))
     load_before = os.getloadavg()
-    variants = {"this": HERE} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": HERE}
+    # Without a baseline, this process measures: one start-up fewer (the smoke test's cost is imports).
+    variants = {"this": None} if args.baseline is None else {"baseline": args.baseline.resolve(), "this": HERE}
     results: dict[str, list[dict]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="musc-publish-night-") as tmp:
         spec_path = write_night(Path(tmp), args.images, args.captures, width, height)
         for name, source in variants.items() if args.profile else ():
-            print(f"profile of {name} ({source}):", file=sys.stderr)
+            print(f"profile of {name} ({source or HERE}):", file=sys.stderr)
             run_measure(source, spec_path, profile=True)
         for _ in range(args.repeats):
             for name, source in variants.items():
