@@ -312,8 +312,8 @@ def heatmap_overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     overlay = image_rgb.copy()
-    scores = np.nan_to_num(score_map.astype(np.float64), nan=-np.inf)
-    above = scores > floor
+    scores = score_map.astype(np.float64)
+    above = scores > floor  # NaN compares False: below the floor, with no replacing pass over the map
     if above.any():
         values = scores[above]
         fraction = np.clip((values - floor) / (vmax - floor), 0.0, 1.0) if vmax > floor else np.ones_like(values)

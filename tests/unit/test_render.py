@@ -5,7 +5,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from PIL import Image
 
-from musc_tasks.render import heatmap_overlay, image_mask, region_rows, write_png
+from musc_tasks.render import HEATMAP_ANCHORS, heatmap_overlay, image_mask, ramp_colours, region_rows, write_png
 
 
 def _two_regions():
@@ -91,6 +91,26 @@ def test_heatmap_overlay_colours_only_above_the_floor():
     assert np.abs(high - low).sum() > 100
     assert high.sum() > low.sum()  # the ramp gets brighter with the score
     assert_array_equal(heatmap_overlay(image, score_map, floor=0.0, vmax=1.0, alpha=0.0), image)
+
+
+def test_heatmap_overlay_non_finite_scores_as_before():
+    """NaN is below the floor, +inf at the top of the ramp, -inf below: as when NaN became -inf first."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    score_map = rng.normal(0.0, 1.0, (5, 7)).astype(np.float32)
+    score_map[0, :3] = [np.nan, np.inf, -np.inf]
+    for floor, vmax in ((0.0, 1.5), (0.0, 0.0), (-1.0, 1e-3)):
+        overlay = heatmap_overlay(image, score_map, floor=floor, vmax=vmax)
+        scores = np.nan_to_num(score_map.astype(np.float64), nan=-np.inf)  # the former rule
+        above = scores > floor
+        values = scores[above]
+        fraction = np.clip((values - floor) / (vmax - floor), 0, 1) if vmax > floor else np.ones_like(values)
+        expected = image.copy()
+        expected[above] = np.clip(np.rint((1.0 - 0.6) * image[above] + 0.6 * ramp_colours(fraction)), 0, 255)
+        assert_array_equal(overlay, expected)
+        assert_array_equal(overlay[0, 0], image[0, 0])
+        top = np.rint((1.0 - 0.6) * image[0, 1] + 0.6 * HEATMAP_ANCHORS[-1, 1:])
+        assert_array_equal(overlay[0, 1], top.astype(np.uint8))
 
 
 def test_ramp_lightness_increases():
