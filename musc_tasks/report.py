@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from . import tables
 from .atomic import write_atomic
 from .identity import params_key
-from .imageio import ImageReadError, read_rgb
+from .imageio import ImageReadError, bounded_size, read_rgb_reduced
 from .layout import reports_dir
 from .locks import exclusive_lock
 from .render import BOX_RGB, heatmap_legend
@@ -493,15 +493,17 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
     overlay_file = assets / f"{overlay_key}-overlay.jpg"
     if not capture_file.exists():
         try:
-            image, _ = read_rgb(Path(row.path))
+            # only a thumbnail is drawn: a JPEG capture is decoded at a reduced scale
+            image, _, _ = read_rgb_reduced(Path(row.path), THUMB_SIDE)
             _write_if_changed(capture_file, _jpeg(thumbnail(image)))
         except (ImageReadError, OSError) as error:
             logger.warning("report: no thumbnail of %s (%s)", row.path, getattr(error, "reason", error))
     if not overlay_file.exists():
         try:
             with Image.open(out_dir / heatmap_rel) as heatmap:
-                small = thumbnail(heatmap.convert("RGB"))
                 full_width = heatmap.width
+                heatmap.draft("RGB", bounded_size(heatmap.size, THUMB_SIDE))  # JPEG: a reduced decode
+                small = thumbnail(heatmap.convert("RGB"))
         except OSError as error:
             logger.warning("report: no heatmap thumbnail of %s (%s)", row.path, error)
         else:
