@@ -2,12 +2,16 @@
 
 The upper triangle of block pairs is computed once (one GEMM gives both directions);
 each pair writes only its own two chunks of the pool's similarity table and a marker, so
-a re-run skips finished pairs. Row tasks then turn a block's similarities into patch scores.
+a re-run skips finished pairs. A block's LNAMD tokens are computed once, by the first pair
+task that needs them (its diagonal pair, which the block's other pairs wait for), and stored
+in the pool store until every pair is done, so the other pair tasks are only GEMMs. Row tasks
+then turn a block's similarities into patch scores.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,13 +19,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from distributed import Client, as_completed
+from distributed import Client, Future, as_completed
 
 from .atomic import disk_space_for
 from .backbone import resolve_device
 from .cluster import dask_client
 from .config import CODE_VERSION, MsmParams, ScoringParams
-from .core import auto_tile_images, block_pair_similarities, block_patch_scores, neighbour_count, split_pool
+from .core import (
+    auto_tile_images,
+    block_aggregates,
+    block_pair_similarities,
+    block_patch_scores,
+    neighbour_count,
+    split_pool,
+)
 from .faults import failpoint
 from .identity import array_digest, params_key
 from .layout import pool_stores_dir
@@ -30,19 +41,23 @@ from .manifests import PoolsRef, TokensRef
 from .store import (
     PoolLayout,
     create_pool_store,
+    drop_aggregates,
     finish_pool_store,
     is_done,
     mark_done,
+    open_block_aggregates,
     open_pool_store,
     pool_is_complete,
     pool_store_intact,
     read_token_rows,
+    write_block_aggregates,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PoolJob",
+    "aggregate_block",
     "assemble_row_block",
     "locked_pools",
     "open_pool",
@@ -197,43 +212,73 @@ def score_products(
 def auto_task_images(n_patches: int, n_images: int) -> int:
     """Images per task block of a pool (one Dask task per pair of task blocks).
 
-    A pair task aggregates (LNAMD) the tokens of both its blocks, so each block is aggregated
-    once per task it takes part in, n_blocks + 1 times in all: blocks of about 16384 patches
-    keep that small next to the GEMMs, which `nearest_similarities` tiles at its own smaller
-    size (`auto_tile_images`) so memory stays bounded. At least 4 blocks per pool leave the
-    workers something to share.
+    Blocks of about 16384 patches make each pair task several GEMM tiles
+    (`nearest_similarities` tiles at its own smaller size, `auto_tile_images`, so memory
+    stays bounded) and keep the number of tasks, similarity chunks and stored aggregates
+    small; at least 4 blocks per pool leave the workers something to share.
     """
     return max(1, min(auto_tile_images(n_patches, target_rows=16384), -(-n_images // 4)))
 
 
-def score_block_pair(job: PoolJob, a: int, b: int) -> str:
-    """Similarities of image blocks a <= b in both directions, for every (r, layer)."""
+def aggregate_block(job: PoolJob, block: int) -> str:
+    """Store the LNAMD tokens of task block ``block`` for every (r, layer) map, unless they are stored."""
+    name = f"aggregates-{block}"
+    pool_path = Path(job.pool_path)
+    if is_done(pool_path, name):
+        return name
+    device = resolve_device(job.device)
+    raw = read_token_rows(Path(job.token_path), job.token_rows[job.layout.block_rows(block)])
+    with torch.inference_mode():
+        layers = [torch.from_numpy(t).to(device) for t in raw]
+        maps = (z.cpu().numpy() for z in block_aggregates(layers, job.layout.grid, job.msm.r_list))
+        write_block_aggregates(pool_path, block, maps, job.layout.n_maps)
+    return name
+
+
+class _StoredMaps(Sequence):
+    """A block's stored aggregates as a sequence of (B, L, C) tensors, each map read when indexed."""
+
+    def __init__(self, pool_path: Path, block: int, device: torch.device) -> None:
+        self._array = open_block_aggregates(pool_path, block)
+        self._device = device
+
+    def __len__(self) -> int:
+        return self._array.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return torch.from_numpy(self._array[index]).to(self._device)
+
+
+def score_block_pair(job: PoolJob, a: int, b: int, *_after: str) -> str:
+    """Similarities of image blocks a <= b in both directions, for every (r, layer).
+
+    Aggregates a block first if no task stored its LNAMD tokens yet (on Dask, the diagonal
+    pairs (a, a) and (b, b) run before, given as ``_after``, and store them).
+    """
     name = f"pair-{a}-{b}"
     pool_path = Path(job.pool_path)
     if is_done(pool_path, name):
         return name
+    for block in sorted({a, b}):
+        aggregate_block(job, block)
     rows_a, rows_b = job.layout.block_rows(a), job.layout.block_rows(b)
     device = resolve_device(job.device)
-
-    def tokens(rows: slice) -> list[torch.Tensor]:
-        return [torch.from_numpy(t).to(device) for t in read_token_rows(Path(job.token_path), job.token_rows[rows])]
-
     compute_dtype = None if job.msm.precision == "float32" else getattr(torch, job.msm.precision)
     with torch.inference_mode():
         a_to_b, b_to_a = block_pair_similarities(
-            tokens(rows_a),
-            None if a == b else tokens(rows_b),
-            job.layout.grid,
-            job.msm.r_list,
+            _StoredMaps(pool_path, a, device),
+            None if a == b else _StoredMaps(pool_path, b, device),
             compute_dtype=compute_dtype,
         )
     # stored with the (r, layer) maps on one axis, r major: (R*Y, N, L, N)
     similarity = open_pool_store(pool_path, "r+")["similarity"]
     with disk_space_for(pool_path / "similarity", 2 * a_to_b.numel() * a_to_b.element_size()):
-        similarity[:, rows_a, :, rows_b] = a_to_b.flatten(0, 1).cpu().numpy()
+        similarity[:, rows_a, :, rows_b] = a_to_b.cpu().numpy()
         failpoint("worker-pair")  # crash tests: a worker dies between its two writes
         if a != b:
-            similarity[:, rows_b, :, rows_a] = b_to_a.flatten(0, 1).cpu().numpy()
+            similarity[:, rows_b, :, rows_a] = b_to_a.cpu().numpy()
     mark_done(pool_path, name)
     return name
 
@@ -268,6 +313,8 @@ def score_pools_with_dask(
 ) -> dict[str, tuple[int, int]]:
     """Run every missing pair and row task of the pools.
 
+    Once a pool's pairs are all done its stored aggregates are dropped. Pools run in the
+    order given (Dask priorities), so the scratch of few pools is on disk at a time.
     ``finish=False`` leaves the similarity tables in place (not marked complete) for a caller
     that derives more from them (the reference scores) and finishes the stores itself.
 
@@ -277,34 +324,66 @@ def score_pools_with_dask(
     """
     futures = []
     counts = {}
-    for job in jobs:
+    pairs_left: dict[str, set[str]] = {}  # pool path -> keys of its pair tasks not finished yet
+    for order, job in enumerate(jobs):
         pool_path = Path(job.pool_path)
-        n_blocks = job.layout.n_blocks
-        n_pairs = n_blocks * (n_blocks + 1) // 2
+        n_pairs = job.layout.n_blocks * (job.layout.n_blocks + 1) // 2
         if pool_is_complete(pool_path):
             counts[job.pool_path] = (0, n_pairs)
             continue
-        pair_futures: dict[tuple[int, int], object] = {}
-        for a in range(n_blocks):
-            for b in range(a, n_blocks):
-                if not is_done(pool_path, f"pair-{a}-{b}"):
-                    pair_futures[a, b] = client.submit(score_block_pair, job, a, b, pure=False)
-        counts[job.pool_path] = (len(pair_futures), n_pairs - len(pair_futures))
-        futures.extend(pair_futures.values())
-        for a in range(n_blocks):
-            if is_done(pool_path, f"row-{a}"):
-                continue
-            after = [f for (i, j), f in pair_futures.items() if a in (i, j)]
-            futures.append(client.submit(assemble_row_block, job, a, *after, pure=False))
+        pairs, rows = _submit_pool(client, job, priority=-order)
+        counts[job.pool_path] = (len(pairs), n_pairs - len(pairs))
+        futures.extend(pairs + rows)
+        if pairs:
+            pairs_left[job.pool_path] = {future.key for future in pairs}
+        else:
+            drop_aggregates(pool_path)
     total = len(futures)
     if on_progress:
         on_progress(0, total)
     for done, future in enumerate(as_completed(futures), start=1):
         future.result()  # re-raise a worker's error here, with its traceback
         failpoint("score-task")
+        for path, left in list(pairs_left.items()):
+            left.discard(future.key)
+            if not left:  # the pool's aggregates have served every pair
+                drop_aggregates(Path(path))
+                del pairs_left[path]
         if on_progress:
             on_progress(done, total)
     for job in jobs:
         if finish and not pool_is_complete(Path(job.pool_path)):
             finish_pool_store(Path(job.pool_path))
     return counts
+
+
+def _submit_pool(client: Client, job: PoolJob, *, priority: int) -> tuple[list[Future], list[Future]]:
+    """Submit a pool's missing pair and row tasks, each pair after the tasks that store its blocks' aggregates.
+
+    A block's diagonal pair stores them; where that pair is done but its aggregates are not
+    (a store an earlier version began), one `aggregate_block` task does, so no two tasks write them.
+    """
+    pool_path = Path(job.pool_path)
+    n_blocks = job.layout.n_blocks
+
+    def submit(function, *args):
+        return client.submit(function, job, *args, pure=False, priority=priority)
+
+    pairs: dict[tuple[int, int], Future] = {}
+    aggregating: dict[int, Future] = {}
+    for a in range(n_blocks):
+        if not is_done(pool_path, f"pair-{a}-{a}"):
+            pairs[a, a] = aggregating[a] = submit(score_block_pair, a, a)
+    for a, b in itertools.combinations(range(n_blocks), 2):
+        if is_done(pool_path, f"pair-{a}-{b}"):
+            continue
+        for block in (a, b):
+            if block not in aggregating and not is_done(pool_path, f"aggregates-{block}"):
+                aggregating[block] = submit(aggregate_block, block)
+        pairs[a, b] = submit(score_block_pair, a, b, *[aggregating[i] for i in (a, b) if i in aggregating])
+    rows = [
+        submit(assemble_row_block, a, *[f for (i, j), f in pairs.items() if a in (i, j)])
+        for a in range(n_blocks)
+        if not is_done(pool_path, f"row-{a}")
+    ]
+    return list(pairs.values()), rows

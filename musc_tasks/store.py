@@ -7,10 +7,12 @@ Token store, one per (backbone, product), shared by every day:
       blocks/NNNNNN.json   written after a shard's data: which image ids its rows hold
 Pool store, one per (backbone, scoring parameters, set of images in a pool):
     OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr
+      aggregated/NNNNNN  (R*Y, B, L, C) float32 scratch: task block N's LNAMD tokens, one chunk per
+                         (r, layer) map, uncompressed; dropped once every block pair is done
       similarity   (R*Y, N, L, N) float32 scratch, one chunk per ordered pair of task blocks
       patch_scores (N, L) float32, one chunk per task block (`task_images` images)
-      done/pair-A-B, done/row-A   markers written after the data they vouch for
-      attrs["complete"] set last; the scratch similarity table is deleted after it.
+      done/aggregates-A, done/pair-A-B, done/row-A   markers written after the data they vouch for
+      attrs["complete"] set last; the scratch arrays are deleted after it.
 Maps store, one per (date, product, backbone), written whole by the publish stage:
     OUT/maps/<date>/<product>/<backbone_key>.zarr
       maps (N, h, w) float16 anomaly maps at patch-grid resolution, one chunk per image
@@ -27,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -49,6 +51,9 @@ __all__ = [
     "mark_done",
     "is_done",
     "open_pool_store",
+    "write_block_aggregates",
+    "open_block_aggregates",
+    "drop_aggregates",
     "write_pool_array",
     "read_token_rows",
     "read_embeddings",
@@ -265,12 +270,16 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
     if path.exists():
         if pool_layout(path) != layout:
             raise ValueError(f"pool store {path} holds another pool or task block size")
-        return zarr.open_group(path, mode="r+")
+        group = zarr.open_group(path, mode="r+")
+        if not group.attrs.get("complete", False) and _AGGREGATED not in group:
+            group.create_group(_AGGREGATED)  # dropped after the pairs of a run that then stopped, or an older store
+        return group
     group = zarr.open_group(
         path,
         mode="w-",
         attributes={**attributes, **_layout_attributes(layout), "code_version": CODE_VERSION, "complete": False},
     )
+    # Scratch, written once and read back soon: compressing near-random floats saves little and costs CPU.
     group.create_array(
         "similarity",
         shape=(layout.n_maps, n, length, n),
@@ -278,7 +287,9 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
         chunks=(layout.n_maps, block, length, block),
         dimension_names=("map", "image", "patch", "other_image"),
         fill_value=np.nan,
+        compressors=None,
     )
+    group.create_group(_AGGREGATED)
     group.create_array(
         "patch_scores",
         shape=(n, length),
@@ -288,6 +299,51 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
         fill_value=np.nan,
     )
     return group
+
+
+_AGGREGATED = "aggregated"
+
+
+def write_block_aggregates(path: Path, block: int, maps: Iterable[np.ndarray], n_maps: int) -> None:
+    """Store task block ``block``'s LNAMD tokens, one (B, L, C) float32 array per map, then its marker.
+
+    Each map is written as it comes (one chunk), so the caller holds one map at a time. The
+    marker ``done/aggregates-<block>`` is written last; a block without it is aggregated again.
+    """
+    group = zarr.open_group(path / _AGGREGATED, mode="r+")
+    name = f"{block:06d}"
+    array = None
+    for index, values in enumerate(maps):
+        if array is None:
+            array = group.create_array(
+                name,
+                shape=(n_maps, *values.shape),
+                dtype="float32",
+                chunks=(1, *values.shape),
+                dimension_names=("map", "image", "patch", "channel"),
+                fill_value=np.nan,
+                compressors=None,
+                overwrite=True,
+            )
+        with disk_space_for(path / _AGGREGATED / name, values.nbytes):
+            array[index] = values
+    if array is None or index != n_maps - 1:
+        raise ValueError(f"{path}: block {block} needs {n_maps} aggregated maps")
+    mark_done(path, f"aggregates-{block}")
+
+
+def open_block_aggregates(path: Path, block: int) -> zarr.Array:
+    """Task block ``block``'s stored LNAMD tokens, (R*Y, B, L, C) float32 (`write_block_aggregates`)."""
+    if not is_done(path, f"aggregates-{block}"):
+        raise RuntimeError(f"{path}: block {block} has no stored aggregates")
+    return zarr.open_array(path / _AGGREGATED / f"{block:06d}", mode="r")
+
+
+def drop_aggregates(path: Path) -> None:
+    """Delete the stored LNAMD tokens once no pair task needs them (markers first, so none is trusted)."""
+    for marker in sorted((path / "done").glob("aggregates-*")):
+        marker.unlink()
+    shutil.rmtree(path / _AGGREGATED, ignore_errors=True)
 
 
 def write_pool_array(path: Path, name: str, values: np.ndarray, attributes: dict | None = None) -> None:
@@ -338,12 +394,12 @@ def is_done(path: Path, name: str) -> bool:
 
 
 def finish_pool_store(path: Path) -> None:
-    """Set "complete" (last) and drop the scratch similarity table."""
+    """Set "complete" (last) and drop the scratch arrays (similarity table, aggregated tokens)."""
     group = zarr.open_group(path, mode="r+")
     group.attrs["complete"] = True
-    scratch = path / "similarity"
-    if scratch.exists():
-        shutil.rmtree(scratch)
+    for scratch in (path / "similarity", path / _AGGREGATED):
+        if scratch.exists():
+            shutil.rmtree(scratch)
 
 
 def pool_is_complete(path: Path) -> bool:

@@ -15,7 +15,7 @@ from ._msm import (
     neighbour_count,
     scores_from_similarities,
 )
-from ._pool import block_map_scores, block_pair_similarities, block_patch_scores, pool_patch_scores
+from ._pool import block_aggregates, block_map_scores, block_pair_similarities, block_patch_scores, pool_patch_scores
 from ._references import (
     REFERENCE_MODES,
     check_references,
@@ -49,6 +49,7 @@ __all__ = [
     "aupro",
     "auto_tile_images",
     "average_scores",
+    "block_aggregates",
     "block_map_scores",
     "block_pair_similarities",
     "block_patch_scores",

@@ -1,16 +1,18 @@
 """Per-pool computation: layer tokens -> LNAMD -> MSM -> patch scores averaged over (r, layer).
 
-Two functions hold the arithmetic of a block of a pool's images, with the (r, layer) maps on
-two explicit leading axes, R then Y: `block_pair_similarities` (LNAMD and the nearest-patch
-similarities of two blocks) and `block_map_scores` (a row block's per-(r, layer) scores from
-its similarities to the whole pool). The Dask tasks call them per pair of task blocks and per
-block row, with the similarity table in between on disk (`block_patch_scores` averages a row).
-`pool_patch_scores`, the in-memory engine, calls the same two with the whole pool as one block,
-one (r, layer) map at a time: each map is aggregated once for the pool, its GEMMs cover the
-upper triangle of tiles, and memory holds one map's (N, L, N) table, never all R * Y of them.
+Three functions hold the arithmetic of a block of a pool's images, one (r, layer) map after
+another, r major: `block_aggregates` (a block's LNAMD tokens for every map),
+`block_pair_similarities` (the nearest-patch similarities of two aggregated blocks) and
+`block_map_scores` (a row block's per-(r, layer) scores from its similarities to the whole
+pool, the maps on two explicit leading axes, R then Y). The Dask tasks call them per task
+block (its aggregates stored once), per pair of task blocks and per block row, with the
+similarity table in between on disk (`block_patch_scores` averages a row).
+`pool_patch_scores`, the in-memory engine, calls the same three with the whole pool as one
+block, one (r, layer) map at a time: each map is aggregated once for the pool, its GEMMs cover
+the upper triangle of tiles, and memory holds one map's (N, L, N) table, never all R * Y of them.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +21,7 @@ from ._lnamd import aggregate_tokens
 from ._maps import average_scores
 from ._msm import nearest_similarities, neighbour_count, scores_from_similarities
 
-__all__ = ["block_map_scores", "block_pair_similarities", "block_patch_scores", "pool_patch_scores"]
+__all__ = ["block_aggregates", "block_map_scores", "block_pair_similarities", "block_patch_scores", "pool_patch_scores"]
 
 
 def pool_patch_scores(
@@ -65,53 +67,70 @@ def pool_patch_scores(
     per_map = []
     for r in r_list:
         for tokens in layer_tokens:
-            similarities, _ = block_pair_similarities([tokens], None, grid, [r], tile=tile, compute_dtype=compute_dtype)
-            per_map.append(block_map_scores(similarities, own_index, k)[0, 0])
+            aggregated = list(block_aggregates([tokens], grid, [r]))
+            similarities, _ = block_pair_similarities(aggregated, None, tile=tile, compute_dtype=compute_dtype)
+            per_map.append(block_map_scores(similarities.unflatten(0, (1, 1)), own_index, k)[0, 0])
     return average_scores(torch.stack(per_map).unflatten(0, (len(r_list), len(layer_tokens))))
 
 
-def block_pair_similarities(
-    tokens_a: Sequence[Tensor],
-    tokens_b: Sequence[Tensor] | None,
-    grid: tuple[int, int],
-    r_list: Sequence[int],
-    *,
-    tile: int | None = None,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Nearest-patch similarities between two blocks of a pool's images, for every (r, layer).
+def block_aggregates(layer_tokens: Sequence[Tensor], grid: tuple[int, int], r_list: Sequence[int]) -> Iterator[Tensor]:
+    """LNAMD tokens of a block of images for every (r, layer) map, r major (the order of the map axis).
 
     Parameters
     ----------
-    tokens_a : sequence of Y (Ba, L, C) float tensors
-        Raw patch tokens of block a, one tensor per feature layer.
-    tokens_b : sequence of Y (Bb, L, C) float tensors, or None
-        Block b; None when b is block a itself (only the upper triangle of its tiles is
-        computed, and the two results are one tensor).
+    layer_tokens : sequence of Y (B, L, C) float tensors
+        Raw patch tokens of the block, one tensor per feature layer.
     grid : (H, W)
         Patch grid, H * W = L.
     r_list : sequence of int
         LNAMD aggregation degrees.
+
+    Yields
+    ------
+    aggregated : (B, L, C) float32 tensor
+        `aggregate_tokens` of layer y at degree r, for (r, y) in ``r_list`` x layers order:
+        R * Y tensors, one at a time, so a caller can store each before the next is made.
+    """
+    for r in r_list:
+        for tokens in layer_tokens:
+            yield aggregate_tokens(tokens, grid, r)
+
+
+def block_pair_similarities(
+    aggregated_a: Sequence[Tensor],
+    aggregated_b: Sequence[Tensor] | None,
+    *,
+    tile: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Nearest-patch similarities between two blocks of a pool's images, for every (r, layer) map.
+
+    Parameters
+    ----------
+    aggregated_a : sequence of M (Ba, L, C) float tensors
+        LNAMD tokens of block a, one tensor per map (`block_aggregates`). Only indexed, one
+        map at a time, so a sequence that reads each map when indexed keeps one map in memory.
+    aggregated_b : sequence of M (Bb, L, C) float tensors, or None
+        Block b; None when b is block a itself (only the upper triangle of its tiles is
+        computed, and the two results are one tensor).
     tile, compute_dtype
         As in `nearest_similarities`.
 
     Returns
     -------
-    a_to_b : (R, Y, Ba, L, Bb) tensor
-    b_to_a : (R, Y, Bb, L, Ba) tensor
-        See `nearest_similarities`, for each aggregation degree (axis 0) and layer (axis 1).
+    a_to_b : (M, Ba, L, Bb) tensor
+    b_to_a : (M, Bb, L, Ba) tensor
+        See `nearest_similarities`, for each map (axis 0).
     """
     per_map_ab, per_map_ba = [], []
-    for r in r_list:
-        for layer, layer_a in enumerate(tokens_a):
-            za = aggregate_tokens(layer_a, grid, r)
-            zb = za if tokens_b is None else aggregate_tokens(tokens_b[layer], grid, r)
-            ab, ba = nearest_similarities(za, zb, compute_dtype=compute_dtype, tile=tile)
-            per_map_ab.append(ab)
-            per_map_ba.append(ba)
-    maps = (len(r_list), len(tokens_a))
-    a_to_b = torch.stack(per_map_ab).unflatten(0, maps)
-    return a_to_b, a_to_b if tokens_b is None else torch.stack(per_map_ba).unflatten(0, maps)
+    for m in range(len(aggregated_a)):
+        za = aggregated_a[m]
+        zb = za if aggregated_b is None else aggregated_b[m]
+        ab, ba = nearest_similarities(za, zb, compute_dtype=compute_dtype, tile=tile)
+        per_map_ab.append(ab)
+        per_map_ba.append(ba)
+    a_to_b = torch.stack(per_map_ab)
+    return a_to_b, a_to_b if aggregated_b is None else torch.stack(per_map_ba)
 
 
 def block_map_scores(similarities: Tensor, own_index: Tensor, k: int) -> Tensor:

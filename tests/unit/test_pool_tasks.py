@@ -1,20 +1,33 @@
 """The Dask worker functions of mutual scoring: precision option, block sizes, agreement with the core."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
+from distributed import Client
 from pydantic import ValidationError
 
+from musc_tasks import scoring
 from musc_tasks.cli import build_parser, scoring_from_args
 from musc_tasks.config import MsmParams, ScoringParams
-from musc_tasks.core import pool_patch_scores
-from musc_tasks.scoring import assemble_row_block, auto_task_images, open_pool, plan_pool, score_block_pair
+from musc_tasks.core import aggregate_tokens, block_aggregates, pool_patch_scores
+from musc_tasks.scoring import (
+    assemble_row_block,
+    auto_task_images,
+    open_pool,
+    plan_pool,
+    score_block_pair,
+    score_pools_with_dask,
+)
 from musc_tasks.store import (
     TokenLayout,
+    create_pool_store,
+    drop_aggregates,
     finish_pool_store,
+    open_block_aggregates,
     open_pool_store,
     pool_layout,
     pool_store_intact,
@@ -106,7 +119,7 @@ def test_task_blocks_are_large_but_leave_work_to_share(n_patches, n_images):
     assert block == 1 or block * n_patches <= 16384  # two aggregated blocks stay ~100 MB at C = 1024
     assert block <= -(-n_images // 4)  # at least 4 blocks: 10 pair tasks for the workers
     if n_patches == 1369 and n_images == 200:
-        assert block == 11  # LNAMD redone 20 times per image rather than 101 with GEMM-sized blocks
+        assert block == 11  # 190 pair tasks and their chunks rather than 5050 with GEMM-sized blocks
 
 
 def _rename_attribute(path: Path, new: str, old: str) -> None:
@@ -135,3 +148,62 @@ def test_stores_written_with_the_old_block_images_attribute_still_open(tmp_path,
     again = worker_scores(tmp_path / "new", token_store, "float32")  # same key: the old pool store is reused
     np.testing.assert_array_equal(again, before)
     assert ScoringParams(block_images=3).task_images == 3  # saved deployments and configs keep their meaning
+
+
+def _pool_job(tmp_path, token_path):
+    index = token_index(token_path)
+    ids = tuple(sorted(index))
+    job = plan_pool(
+        tmp_path,
+        ids,
+        token_path,
+        [index[i] for i in ids],
+        grid=GRID,
+        n_layers=len(LAYERS),
+        msm=MsmParams(r_list=R_LIST, interval=0.3, precision="float32"),
+        backbone_key="test",
+        task_images=BLOCK,
+        device="cpu",
+    )
+    open_pool(job)
+    return job
+
+
+def test_each_block_is_aggregated_once_and_its_stored_tokens_are_lnamds_bits(tmp_path, token_store, monkeypatch):
+    job = _pool_job(tmp_path, token_store)
+    path = Path(job.pool_path)
+    calls = []
+    monkeypatch.setattr(scoring, "block_aggregates", lambda *a: calls.append(a) or block_aggregates(*a))
+    n_blocks = job.layout.n_blocks
+    for a, b in [(a, a) for a in range(n_blocks)] + list(itertools.combinations(range(n_blocks), 2)):
+        score_block_pair(job, a, b)
+    assert len(calls) == n_blocks  # once per block, not once per pair it is in
+    tokens = [torch.from_numpy(t) for t in read_token_rows(token_store, range(N))]
+    for block in range(n_blocks):
+        rows = job.layout.block_rows(block)
+        expected = [aggregate_tokens(tokens[y][rows], GRID, r).numpy() for r in R_LIST for y in range(len(LAYERS))]
+        np.testing.assert_array_equal(open_block_aggregates(path, block)[:], np.stack(expected))
+
+    drop_aggregates(path)  # as after a run's last pair: markers and arrays gone
+    assert not list((path / "done").glob("aggregates-*")) and not (path / "aggregated").exists()
+    for a in range(n_blocks):
+        assemble_row_block(job, a)
+    expected = pool_patch_scores(tokens, GRID, R_LIST, tile=BLOCK).numpy()
+    np.testing.assert_allclose(open_pool_store(path)["patch_scores"][:], expected, atol=1e-6, rtol=0)
+
+
+def test_dask_resumes_a_pool_whose_diagonal_pairs_are_done_but_aggregates_are_not(tmp_path, token_store):
+    """An interrupted store without stored aggregates (dropped, or an older version's) still scores like the engine."""
+    job = _pool_job(tmp_path, token_store)
+    path = Path(job.pool_path)
+    for a in range(job.layout.n_blocks):
+        score_block_pair(job, a, a)
+    drop_aggregates(path)
+    create_pool_store(path, job.layout, job.settings)  # the next run opens it again
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        counts = score_pools_with_dask([job], client)
+    n_blocks = job.layout.n_blocks
+    assert counts[job.pool_path] == (n_blocks * (n_blocks - 1) // 2, n_blocks)
+    got = open_pool_store(path)["patch_scores"][:]
+    np.testing.assert_array_equal(got, worker_scores(tmp_path / "in-one-go", token_store, "float32"))
+    assert pool_store_intact(path) and not (path / "aggregated").exists() and not (path / "similarity").exists()
