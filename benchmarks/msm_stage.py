@@ -2,10 +2,12 @@
 
 Usage (from the repository root):
     .venv/bin/python benchmarks/msm_stage.py [--n 48 --length 576 --channels 128 --layers 2 --r 1 3 5]
-                                             [--repeats 3] [--workers W] [--profile] [--json out.json]
+                                             [--pools 1] [--repeats 3] [--workers W] [--profile] [--json out.json]
 
-Writes a synthetic float16 token store (as extraction does), then alternates, ``--repeats`` times:
-- engine: `pool_patch_scores` on the pool's tokens held in memory in one process (LNAMD + MSM
+Writes a synthetic float16 token store (as extraction does) of ``--pools`` pools of ``--n`` images
+(a small night: ``--pools 3 --n 30 --length 196 --channels 768`` is three products of 30 with a
+ViT-B/16 at 224), then alternates, ``--repeats`` times:
+- engine: `pool_patch_scores` on each pool's tokens held in memory in one process (LNAMD + MSM
   for every (r, layer), torch using as many threads as the stage has workers);
 - stage in process: the stage's own pair and row tasks (`score_block_pair`, `assemble_row_block`)
   called one after another in this process, with the same threads: what the stage's tasks cost
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
+import os
 import pstats
 import statistics
 import sys
@@ -44,20 +48,94 @@ from musc_tasks.scoring import (  # noqa: E402
     score_block_pair,
     score_pools_with_dask,
 )
-from musc_tasks.store import open_pool_store, read_token_rows  # noqa: E402
+from musc_tasks.store import finish_pool_store, open_pool_store, read_token_rows  # noqa: E402
 
 
 def stage_in_process(job) -> None:
-    """Every pair task, then every row task, in this process (what a worker runs, minus Dask)."""
+    """Every pair task (diagonals first, as on Dask), then every row task, in this process (minus Dask)."""
     n_blocks = job.layout.n_blocks
-    pairs = [score_block_pair(job, a, b) for a in range(n_blocks) for b in range(a, n_blocks)]
+    for a, b in [(a, a) for a in range(n_blocks)] + list(itertools.combinations(range(n_blocks), 2)):
+        score_block_pair(job, a, b)
     for a in range(n_blocks):
-        assemble_row_block(job, a, *pairs)
+        assemble_row_block(job, a)
+
+
+def stage_in_process_finished(jobs) -> None:
+    """`stage_in_process` of every pool, each finished (its scratch dropped) as on Dask."""
+    for job in jobs:
+        stage_in_process(job)
+        finish_pool_store(Path(job.pool_path))
+
+
+class SyntheticPools:
+    """``n_pools`` pools of ``n`` random images in one float16 token store under ``folder``."""
+
+    def __init__(self, folder: Path, args: argparse.Namespace, grid: tuple[int, int], msm: MsmParams) -> None:
+        self.folder, self.grid, self.msm, self.n_layers = folder, grid, msm, args.layers
+        self.token_path = folder / "tokens.zarr"
+        self.rows = write_synthetic_tokens(
+            self.token_path, args.n * args.pools, grid=grid, channels=args.channels,
+            layers=tuple(range(args.layers)), shard_images=8,
+        )  # fmt: skip
+        ids = tuple(sorted(self.rows))
+        self.pools = [ids[p * args.n : (p + 1) * args.n] for p in range(args.pools)]
+
+    def jobs_in(self, name: str) -> list:
+        """Fresh pool stores (under ``name``) of every pool."""
+        jobs = [
+            plan_pool(
+                self.folder / name, pool, self.token_path, [self.rows[i] for i in pool], grid=self.grid,
+                n_layers=self.n_layers, msm=self.msm, backbone_key="synthetic", device="cpu",
+            )
+            for pool in self.pools
+        ]  # fmt: skip
+        for job in jobs:
+            open_pool(job)
+        return jobs
+
+    def engine(self) -> np.ndarray:
+        """Every pool's scores by the in-memory engine, pool after pool."""
+        scores = []
+        for pool in self.pools:
+            tokens = [torch.from_numpy(t) for t in read_token_rows(self.token_path, [self.rows[i] for i in pool])]
+            with torch.inference_mode():
+                scores.append(pool_patch_scores(tokens, self.grid, self.msm.r_list, interval=self.msm.interval))
+        return torch.cat(scores).numpy()
+
+
+def stored_scores(jobs) -> np.ndarray:
+    return np.concatenate([open_pool_store(Path(job.pool_path))["patch_scores"][:] for job in jobs])
+
+
+def timed_repeats(night: SyntheticPools, client, repeats: int) -> dict[str, list[float]]:
+    """Engine, stage in process and stage on Dask, alternating; exits unless all give the same scores."""
+    times: dict[str, list[float]] = {"engine": [], "stage in process": [], "stage on Dask": []}
+    expected = night.engine()  # warm-up, and the scores every run must equal
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        night.engine()
+        times["engine"].append(time.perf_counter() - started)
+
+        jobs = night.jobs_in(f"serial-{repeat}")
+        started = time.perf_counter()
+        stage_in_process_finished(jobs)
+        times["stage in process"].append(time.perf_counter() - started)
+        serial = stored_scores(jobs)
+
+        jobs = night.jobs_in(f"dask-{repeat}")
+        started = time.perf_counter()
+        score_pools_with_dask(jobs, client)
+        times["stage on Dask"].append(time.perf_counter() - started)
+        for name, got in (("in process", serial), ("on Dask", stored_scores(jobs))):
+            if not np.allclose(got, expected, atol=1e-6, rtol=0):
+                raise SystemExit(f"stage {name}: scores differ from the engine by {np.abs(got - expected).max()}")
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=48, help="images in the pool")
+    parser.add_argument("--n", type=int, default=48, help="images in each pool")
+    parser.add_argument("--pools", type=int, default=1, help="pools of --n images, scored in one stage run")
     parser.add_argument("--length", type=int, default=576, help="patches per image, a square")
     parser.add_argument("--channels", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -70,68 +148,27 @@ def main() -> None:
     side = int(round(args.length**0.5))
     if side * side != args.length:
         raise SystemExit(f"--length must be a square, got {args.length}")
-    grid, layers = (side, side), tuple(range(args.layers))
     msm = MsmParams(r_list=tuple(args.r), interval=0.3, precision="float32")
     torch.set_num_threads(args.workers)
 
     with tempfile.TemporaryDirectory(prefix="musc-msm-stage-") as tmp:
-        token_path = Path(tmp) / "tokens.zarr"
-        rows = write_synthetic_tokens(
-            token_path, args.n, grid=grid, channels=args.channels, layers=layers, shard_images=8
-        )
-        ids = tuple(sorted(rows))
-        token_rows = [rows[i] for i in ids]
-
-        def job_in(folder: str):
-            job = plan_pool(
-                Path(tmp) / folder, ids, token_path, token_rows, grid=grid, n_layers=len(layers), msm=msm,
-                backbone_key="synthetic", device="cpu",
-            )  # fmt: skip
-            open_pool(job)
-            return job
-
-        def engine() -> np.ndarray:
-            tokens = [torch.from_numpy(t) for t in read_token_rows(token_path, token_rows)]
-            with torch.inference_mode():
-                return pool_patch_scores(tokens, grid, msm.r_list, interval=msm.interval).numpy()
-
+        night = SyntheticPools(Path(tmp), args, (side, side), msm)
         started = time.perf_counter()
         with dask_client(n_workers=args.workers) as client:
             cluster_seconds = time.perf_counter() - started
             client.run(_warm_worker)
-            times: dict[str, list[float]] = {"engine": [], "stage in process": [], "stage on Dask": []}
-            expected = engine()  # warm-up, and the scores every run must equal
-            for repeat in range(args.repeats):
-                started = time.perf_counter()
-                engine()
-                times["engine"].append(time.perf_counter() - started)
-
-                job = job_in(f"serial-{repeat}")
-                started = time.perf_counter()
-                stage_in_process(job)
-                times["stage in process"].append(time.perf_counter() - started)
-                serial = open_pool_store(Path(job.pool_path))["patch_scores"][:]
-
-                job = job_in(f"dask-{repeat}")
-                started = time.perf_counter()
-                score_pools_with_dask([job], client)
-                times["stage on Dask"].append(time.perf_counter() - started)
-                distributed = open_pool_store(Path(job.pool_path))["patch_scores"][:]
-                for name, got in (("in process", serial), ("on Dask", distributed)):
-                    if not np.allclose(got, expected, atol=1e-6, rtol=0):
-                        raise SystemExit(
-                            f"stage {name}: scores differ from the engine by {np.abs(got - expected).max()}"
-                        )
+            times = timed_repeats(night, client, args.repeats)
         if args.profile:
             profile = cProfile.Profile()
-            job = job_in("profiled")
-            profile.runcall(stage_in_process, job)
+            profile.runcall(stage_in_process_finished, night.jobs_in("profiled"))
+        layout = night.jobs_in("layout")[0].layout
 
     engine_median = statistics.median(times["engine"])
     print(
-        f"pool N={args.n}, L={args.length}, C={args.channels}, {args.layers} layers x r {tuple(args.r)}, "
-        f"task blocks of {job.layout.task_images} images ({job.layout.n_blocks} blocks); "
-        f"{args.workers} workers / threads; LocalCluster start {cluster_seconds:.1f} s"
+        f"{args.pools} pool(s) of N={args.n}, L={args.length}, C={args.channels}, {args.layers} layers x r "
+        f"{tuple(args.r)}, task blocks of {layout.task_images} images ({layout.n_blocks} blocks); "
+        f"{args.workers} workers / threads; LocalCluster start {cluster_seconds:.1f} s; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     print()
     print("| run | median s | all repeats s | vs engine |")
@@ -142,7 +179,7 @@ def main() -> None:
         print(f"| {name} | {median:.2f} | {shown} | {median / engine_median:.2f}x |")
     if args.profile:
         print()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(20)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "seconds": times}))
