@@ -16,6 +16,7 @@ Stage seconds come from the run's own `runs` table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -92,11 +93,15 @@ def tiny_backbone_args(image_size: int) -> list[str]:
     ]
 
 
-def run_musc_score(command: list[str], out_dir: Path, prefect_api: str | None = None) -> dict:
-    """Run one `musc score` command in a fresh Prefect home; wall and CPU seconds, peak memory, the run row.
+def run_musc_score(
+    command: list[str], out_dir: Path, prefect_api: str | None = None, prefect_home: Path | None = None
+) -> dict:
+    """Run one `musc score` command; wall and CPU seconds, peak memory, the run row.
 
     The run row's stage seconds are the work; the wall time also holds the fixed start
     (Prefect's ephemeral server unless ``prefect_api`` names a running one, the Dask cluster).
+    ``prefect_home`` is the Prefect home to run in (default: a fresh one, whose ephemeral server
+    first creates and migrates its database: about 30 s on this machine, once per home).
     """
     env = dict(
         os.environ,
@@ -109,8 +114,9 @@ def run_musc_score(command: list[str], out_dir: Path, prefect_api: str | None = 
     env.pop("PREFECT_API_URL", None)
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
-    with tempfile.TemporaryDirectory(prefix="musc-benchmark-home-") as home:
-        env["PREFECT_HOME"] = home
+    with contextlib.ExitStack() as cleanup:
+        home = prefect_home or cleanup.enter_context(tempfile.TemporaryDirectory(prefix="musc-benchmark-home-"))
+        env["PREFECT_HOME"] = str(home)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
