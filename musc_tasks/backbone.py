@@ -6,6 +6,9 @@ DINO and DINOv2, built with timm in `timm_backbone`), so the pipeline stages nev
 CLIP: the architecture comes from open_clip's config registry; weights are a separate step so
 the positional embedding can be resized exactly as the reference does (MUSC_SPEC §2:
 bicubic, align_corners=False, antialias=False; open_clip's own loader uses antialias=True).
+open_clip is imported where a model is built or its weights are found, not with this module:
+its import pulls torchvision and torch._dynamo (seconds), and the flow's process, which only
+needs a patch size (`patch_size`: the config's JSON file), does without it.
 """
 
 from __future__ import annotations
@@ -19,15 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.factory import load_state_dict as _open_clip_load_state_dict
-from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 from PIL import Image
 from torch import Tensor, nn
 
-from .config import BackboneSpec, backbone_family
+from .config import BackboneSpec, backbone_family, open_clip_model_config
 from .preprocess import Squash
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def register_model_config(path: Path) -> str:
     """Register an open_clip model config JSON; its file stem becomes the model name."""
+    import open_clip
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config {path} does not exist")
@@ -141,6 +143,8 @@ def register_model_config(path: Path) -> str:
 
 def build_vit(spec: BackboneSpec, *, quick_gelu: bool = False) -> nn.Module:
     """The randomly initialised vision tower of ``spec.name`` at ``spec.image_size``."""
+    import open_clip
+
     if spec.model_config_path is not None:
         register_model_config(spec.model_config_path)
     if spec.name not in open_clip.list_models():
@@ -197,7 +201,9 @@ def resize_pos_embed_exact(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
 
 def read_state_dict(checkpoint_path: Path) -> dict[str, Tensor]:
     """The vision-tower weights of an open_clip or OpenAI checkpoint, keys without ``visual.``."""
-    state = _open_clip_load_state_dict(str(checkpoint_path), weights_only=False)
+    from open_clip.factory import load_state_dict
+
+    state = load_state_dict(str(checkpoint_path), weights_only=False)
     visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
         raise ValueError(f"{checkpoint_path}: no 'visual.*' weights; is it an open_clip CLIP checkpoint?")
@@ -219,6 +225,9 @@ def resolve_checkpoint(spec: BackboneSpec, *, cache_dir: str | None = None) -> P
         return None
     if (local := local_checkpoint(spec.pretrained)) is not None:
         return local
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
     tag_cfg = get_pretrained_cfg(spec.name, spec.pretrained)
     if not tag_cfg:
         tags = list_pretrained_tags_by_model(spec.name)
@@ -248,6 +257,9 @@ def load_backbone(spec: BackboneSpec, *, device: str = "auto", cache_dir: str | 
         from .timm_backbone import load_timm_backbone
 
         return load_timm_backbone(spec, device=device, cache_dir=cache_dir)
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
     checkpoint = resolve_checkpoint(spec, cache_dir=cache_dir)
     quick_gelu = bool(get_pretrained_cfg(spec.name, spec.pretrained or "").get("quick_gelu", False))
     visual = build_vit(spec, quick_gelu=quick_gelu)
@@ -341,9 +353,7 @@ def native_geometry(name: str, model_config_path: Path | None = None) -> tuple[i
         from .timm_backbone import timm_native_geometry
 
         return timm_native_geometry(name, model_config_path)
-    if model_config_path is not None:
-        register_model_config(model_config_path)
-    config = open_clip.get_model_config(name)
+    config = clip_model_config(name, model_config_path)
     if config is None:
         raise ValueError(f"unknown open_clip model {name!r}; pass --model-config JSON to register it")
     vision = config["vision_cfg"]
@@ -357,12 +367,27 @@ def patch_size(spec: BackboneSpec) -> int:
         from .timm_backbone import timm_patch_size
 
         return timm_patch_size(spec.name, spec.model_config_path)
-    if spec.model_config_path is not None:
-        register_model_config(spec.model_config_path)
-    config = open_clip.get_model_config(spec.name)
+    config = clip_model_config(spec.name, spec.model_config_path)
     if config is None:
         raise ValueError(f"unknown open_clip model {spec.name!r}; pass --model-config JSON to register it")
     return int(config["vision_cfg"]["patch_size"])
+
+
+def clip_model_config(name: str, model_config_path: Path | None = None) -> dict | None:
+    """open_clip's config of model ``name`` once ``model_config_path`` (if any) is registered; None if unknown.
+
+    Read from the JSON file when one registers the name (`config.open_clip_model_config`,
+    no open_clip import); open_clip itself answers for the names it resolves elsewhere
+    (``hf-hub:``, ``local-dir:``) and for unknown names.
+    """
+    config = open_clip_model_config(name, model_config_path)
+    if config is not None:
+        return config
+    import open_clip
+
+    if model_config_path is not None:
+        register_model_config(model_config_path)
+    return open_clip.get_model_config(name)
 
 
 def default_pretrained(name: str, model_config_path: Path | None = None) -> str | None:

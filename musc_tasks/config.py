@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -211,6 +212,34 @@ def backbone_family(name: str, model_config_path: Path | None = None) -> str:
                 raise ValueError(f"{model_config_path}: family must be one of {FAMILIES[1:]}, got {family!r}")
             return family
     return "clip"
+
+
+def open_clip_config_dir() -> Path | None:
+    """open_clip's shipped model config folder, found without importing open_clip."""
+    found = importlib.util.find_spec("open_clip")
+    if found is None or not found.submodule_search_locations:
+        return None
+    return Path(next(iter(found.submodule_search_locations))) / "model_configs"
+
+
+def open_clip_model_config(name: str, model_config_path: Path | None = None) -> dict | None:
+    """The open_clip config of model ``name`` read from its JSON file; None when no file registers that name.
+
+    As open_clip's registry reads the files, without importing open_clip (its import pulls
+    torchvision and torch._dynamo: seconds): ``model_config_path`` registers its file stem and
+    wins over the JSON open_clip ships for that name, and a file counts only with
+    ``embed_dim``, ``vision_cfg`` and ``text_cfg``. Names open_clip resolves elsewhere
+    (``hf-hub:``, ``local-dir:``) get None here.
+    """
+    shipped = open_clip_config_dir()
+    candidates = [Path(model_config_path)] if model_config_path is not None else []
+    candidates += [shipped / f"{name}.json"] if shipped is not None else []
+    for path in candidates:
+        if path.stem == name and path.is_file():
+            config = json.loads(path.read_text())
+            if all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+                return config
+    return None
 
 
 PRESETS: dict[str, BackboneSpec] = {

@@ -10,7 +10,6 @@ things again with the real libraries; these checks only make the common mistakes
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,14 @@ from datetime import date
 from pathlib import Path
 
 from .catalog import IMAGE_SUFFIXES
-from .config import AUTHORS_TIMM_MODELS, TIMM_PREFIX, BackboneSpec, backbone_family
+from .config import (
+    AUTHORS_TIMM_MODELS,
+    TIMM_PREFIX,
+    BackboneSpec,
+    backbone_family,
+    open_clip_config_dir,
+    open_clip_model_config,
+)
 from .datasets import train_good_images
 
 __all__ = [
@@ -65,14 +71,6 @@ def check_pool_size(pool_size: int | None, option: str = "--pool-size") -> None:
         raise UsageError(f"{option} {pool_size}: a pool needs at least 2 images (each is scored against the others)")
 
 
-def _open_clip_configs() -> Path | None:
-    """open_clip's shipped model config folder, found without importing open_clip."""
-    found = importlib.util.find_spec("open_clip")
-    if found is None or not found.submodule_search_locations:
-        return None
-    return Path(next(iter(found.submodule_search_locations))) / "model_configs"
-
-
 def light_patch_size(spec: BackboneSpec) -> int | None:
     """The patch side of ``spec``'s ViT from config files and names alone; None when unknown here.
 
@@ -81,15 +79,9 @@ def light_patch_size(spec: BackboneSpec) -> int | None:
     name spells it.
     """
     if spec.family == "clip":
-        candidates = [Path(spec.model_config_path)] if spec.model_config_path else []
-        shipped = _open_clip_configs()
-        if shipped is not None:
-            candidates.append(shipped / f"{spec.name}.json")
-        for path in candidates:
-            if path.is_file() and path.stem == spec.name:
-                patch = json.loads(path.read_text()).get("vision_cfg", {}).get("patch_size")
-                return patch if isinstance(patch, int) else None
-        return None
+        config = open_clip_model_config(spec.name, spec.model_config_path)
+        patch = (config or {}).get("vision_cfg", {}).get("patch_size")
+        return patch if isinstance(patch, int) else None
     name = spec.name
     if spec.model_config_path is not None and Path(spec.model_config_path).is_file():
         name = json.loads(Path(spec.model_config_path).read_text()).get("timm_model", name)
@@ -125,7 +117,7 @@ def check_backbone_name(name: str, model_config_path: str | os.PathLike | None =
         return
     if family in ("dinov2", "dino") and name in AUTHORS_TIMM_MODELS:
         return
-    shipped = _open_clip_configs()
+    shipped = open_clip_config_dir()
     clip_names = sorted(p.stem for p in shipped.glob("*.json")) if shipped is not None else []
     if family == "clip" and name in clip_names:
         return

@@ -107,3 +107,27 @@ def test_bad_specs_are_clear_errors(tmp_path):
         load_backbone(
             BackboneSpec(name="ViT-B-16-plus-240", pretrained=str(tmp_path / "x.pt"), image_size=240, layers=(1,))
         )
+
+
+def test_model_configs_read_from_their_files_are_open_clips(tmp_path):
+    """The patch size and geometry come from the JSON files without open_clip: the configs its registry holds."""
+    import json
+
+    import open_clip
+
+    from musc_tasks.backbone import clip_model_config, register_model_config
+    from musc_tasks.config import open_clip_config_dir, open_clip_model_config
+
+    shipped = sorted(path.stem for path in open_clip_config_dir().glob("*.json"))
+    assert "ViT-L-14-336" in shipped
+    for name in shipped:
+        assert open_clip_model_config(name) == open_clip.get_model_config(name), name
+    register_model_config(TINY_CONFIG)
+    assert open_clip_model_config("musc-tiny-vit", TINY_CONFIG) == open_clip.get_model_config("musc-tiny-vit")
+    assert open_clip_model_config("musc-tiny-vit") is None  # only a --model-config registers it
+    # a config file registers its own name, and only with the keys open_clip requires
+    assert open_clip_model_config("ViT-B-16", TINY_CONFIG) == open_clip.get_model_config("ViT-B-16")
+    partial = tmp_path / "musc-partial-vit.json"
+    partial.write_text(json.dumps({"vision_cfg": {"patch_size": 16}}))
+    assert open_clip_model_config("musc-partial-vit", partial) is None
+    assert clip_model_config("musc-partial-vit", partial) is None
