@@ -216,7 +216,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         outputs = outputs_from_args(args)
     except ValueError as error:
         raise UsageError(_first_line(error)) from None
-    from flows.score import score_captures
+    from flows.server import server_starting
+
+    with server_starting():  # the temporary Prefect server starts while the flows import
+        from flows.score import score_captures
 
     summary = score_captures(
         input_dir=args.input if "{date}" in args.input else str(Path(args.input).resolve()),
@@ -268,20 +271,24 @@ def print_summary(summary) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``musc demo``: a synthetic day with planted defects, scored (offline: tiny random ViT)."""
-    from flows.score import score_captures
+    from flows.server import server_starting
 
-    from .backbone import WeightsUnavailable, resolve_checkpoint
     from .demo import make_bad_night, make_demo_day
 
     out = Path(args.out).resolve()
-    if args.bad_night:
-        day = make_bad_night(out / "bad-night-input", seed=args.seed)
-        print(
-            f"bad night: {sum(i.is_defective for i in day.images)} of {len(day.images)} {day.product} parts carry "
-            f"the same defect at the same place; known-good references in {day.golden_dir}"
-        )
-    else:
-        day = make_demo_day(out / "demo-input", seed=args.seed)
+    with server_starting():  # the temporary Prefect server starts while the flows import and the day is drawn
+        from flows.score import score_captures
+
+        from .backbone import WeightsUnavailable, resolve_checkpoint
+
+        if args.bad_night:
+            day = make_bad_night(out / "bad-night-input", seed=args.seed)
+            print(
+                f"bad night: {sum(i.is_defective for i in day.images)} of {len(day.images)} {day.product} parts "
+                f"carry the same defect at the same place; known-good references in {day.golden_dir}"
+            )
+        else:
+            day = make_demo_day(out / "demo-input", seed=args.seed)
     backbone = PRESETS["fast"]
     try:
         resolve_checkpoint(backbone)
@@ -323,7 +330,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     categories = args.categories.split(",") if args.categories else found
     preflight.check_shots(root, args.layout, categories, args.shots, args.references, args.reference_mode)
     backbone = validate_scoring(args)
-    from flows.evaluate import evaluate_dataset
+    from flows.server import server_starting
+
+    with server_starting():  # the temporary Prefect server starts while the flows import
+        from flows.evaluate import evaluate_dataset
 
     scoring = scoring_from_args(
         args, rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout], pool_size=args.pool_size or 100_000
@@ -376,7 +386,10 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if "{date}" not in args.input_root:
         raise UsageError(f"--input-root {args.input_root!r} has no {{date}}: e.g. /data/captures/{{date}}")
     backbone = validate_scoring(args)
-    from flows.backfill import backfill_days
+    from flows.server import server_starting
+
+    with server_starting():  # the temporary Prefect server starts while the flows import
+        from flows.backfill import backfill_days
 
     if args.command == "rescore":
         print(
