@@ -1,4 +1,4 @@
-"""Stage 4: masks, heatmaps and the score, region and run tables of a day, published atomically."""
+"""Stage 4: masks, heatmaps, region crops and the score, region and run tables of a day, published atomically."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ from .manifests import CatalogRef, ImageRecord, ProductScoresRef, RunSummary, To
 from .maps import upsample_map
 from .render import (
     HEATMAP_FORMATS,
+    crop_box,
     empty_mask_png,
+    encode_crop,
     encode_image,
     heatmap_legend,
     heatmap_overlay,
@@ -260,7 +262,11 @@ def printable(path: str) -> str:
 def output_relpath(
     kind: str, run_date: str, product: str, backbone_key: str, relpath: str, *, keep_suffix: bool, suffix: str = ".png"
 ) -> str:
-    """Where a product image's mask or heatmap goes, relative to OUT; never outside it."""
+    """Where a product image's mask, heatmap or folder of region crops goes, relative to OUT; never outside it.
+
+    The file (or folder, ``suffix=""``) is named by the image's relative path without its
+    suffix, or with it (``keep_suffix``) when two images of the product share that stem.
+    """
     source = PurePosixPath(printable(relpath))
     if source.is_absolute() or ".." in source.parts:
         raise ValueError(f"relpath {relpath!r} must stay inside its product folder")
@@ -381,14 +387,16 @@ def finish_product(plan: ProductPlan, blocks: Sequence[BlockRows]) -> ProductRow
 
 
 def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
-    """Masks and heatmaps of records ``[start, stop)`` of a product, and their rows.
+    """Masks, heatmaps and region crops of records ``[start, stop)`` of a product, and their rows.
 
     Duplicates (same content) share their original's scores and rank; every path gets its
-    own row, mask and heatmap. Files that could not be read get a row with their reason:
+    own row, mask, heatmap and crops. Files that could not be read get a row with their reason:
     at cataloguing (the record's), at extraction (``failed_at_extraction``, image id ->
     reason) or here. Each capture is decoded once. Masks and regions come from the float16
     patch-grid map that the maps store keeps, upsampled to the capture's size, so a stored
     map reproduces them exactly: only a flagged image has a mask, cut by ``render.image_mask``.
+    Each region gets a crop of the decoded capture (``render.crop_box``); crops a previous run
+    of the image left beyond its current regions are removed.
     """
     out_dir, run_date, product, backbone_key, run_id = (
         plan.out_dir,
@@ -433,6 +441,9 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
         heat_rel = output_relpath(
             "heatmaps", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix, suffix=heat_suffix
         )
+        crops_rel = output_relpath(
+            "crops", run_date, product, backbone_key, record.relpath, keep_suffix=keep_suffix, suffix=""
+        )
         flagged = scored.score > scores.image_threshold
         full_size = flagged or ranks[record.image_id] <= outputs.full_resolution_top
         try:
@@ -463,17 +474,24 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
         )
         write_atomic(_inside(out_dir, heat_rel), encode_image(overlay, outputs.heatmap_format, outputs.heatmap_quality))
         sizes.append((index, height, width))
+        crops = {}
         for index in range(len(regions["region"])):
+            region = {name: values[index].item() for name, values in regions.items()}
+            bbox = (region["bbox_x0"], region["bbox_y0"], region["bbox_x1"], region["bbox_y1"])
+            # the capture decoded above, at full size since a flagged image's heatmap is
+            crops[region["region"]] = encode_crop(np.asarray(image.crop(crop_box(bbox, capture_size))))
             region_rows_out.append(
                 {
                     "image_id": record.image_id,
                     "path": printable(record.path),
-                    **{name: values[index].item() for name, values in regions.items()},
+                    **region,
                     "region_rule": rule,
                     "backbone_key": backbone_key,
                     "run_id": run_id,
+                    "crop_path": printable(str(Path(out_dir).absolute() / crops_rel / f"{region['region']}.jpg")),
                 }
             )
+        _replace_crops(_inside(out_dir, crops_rel), crops)
         score_rows.append(
             {
                 **row,
@@ -498,6 +516,29 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
             }
         )
     return BlockRows(scores=score_rows, regions=region_rows_out, sizes=sizes)
+
+
+def _replace_crops(folder: Path, crops: Mapping[int, bytes]) -> None:
+    """Write an image's crops (region number -> JPEG) and remove the region crops a previous run left beyond them.
+
+    A re-run can find fewer regions in an image (another night's threshold) or none (no longer
+    flagged); its crop folder then keeps only the current regions' files. Other entries (a
+    subfolder holding the crops of an image in a folder of the same name) are left alone.
+    """
+    for region, data in crops.items():
+        write_atomic(folder / f"{region}.jpg", data)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        stem, _, suffix = entry.name.partition(".")
+        if suffix == "jpg" and stem.isascii() and stem.isdigit() and int(stem) not in crops and entry.is_file():
+            os.unlink(entry.path)
+            logger.info("removed stale crop %s", entry.path)
+    if not crops:
+        with contextlib.suppress(OSError):  # not empty: it holds another image's crop folder
+            folder.rmdir()
 
 
 def _patch_maps(pool_paths: Sequence[Path]) -> dict[str, np.ndarray]:

@@ -15,7 +15,10 @@ from skimage.measure import label, regionprops, regionprops_table
 from .atomic import write_atomic
 
 __all__ = [
+    "CROP_QUALITY",
     "HEATMAP_FORMATS",
+    "crop_box",
+    "encode_crop",
     "empty_mask_png",
     "encode_image",
     "heatmap_legend",
@@ -379,7 +382,7 @@ def heatmap_legend(floor: float, vmax: float, *, width: int = 480, height: int =
 HEATMAP_FORMATS = {"jpeg": ".jpg", "webp": ".webp", "png": ".png"}
 
 
-def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
+def encode_image(pixels: np.ndarray, image_format: str, quality: int, *, subsampling: str = "4:2:0") -> bytes:
     """Encode an RGB image; identical pixels and settings give identical bytes.
 
     Parameters
@@ -389,6 +392,8 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
         ``png`` and ``webp`` at quality 100 are lossless.
     quality : int
         1-100 for JPEG and WebP (ignored for PNG).
+    subsampling : {"4:2:0", "4:4:4"}
+        JPEG chroma subsampling (ignored otherwise): ``4:4:4`` keeps colour at every pixel.
 
     Returns
     -------
@@ -397,7 +402,7 @@ def encode_image(pixels: np.ndarray, image_format: str, quality: int) -> bytes:
     image = Image.fromarray(np.ascontiguousarray(pixels))
     buffer = io.BytesIO()
     if image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=quality, optimize=True, subsampling="4:2:0")
+        image.save(buffer, format="JPEG", quality=quality, optimize=True, subsampling=subsampling)
     elif image_format == "webp":
         image.save(buffer, format="WEBP", quality=quality, lossless=quality >= 100, method=4, exact=False)
     elif image_format == "png":
@@ -446,3 +451,59 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
+
+
+# Region crops (README "Outputs"): the capture itself around each region, at full resolution.
+# Context on each side of a region: a quarter of its side, at least CROP_MARGIN_PX; and at
+# least CROP_MIN_SIDE pixels a side, so a defect of a few pixels is shown with the part around it.
+CROP_MARGIN_PX = 32
+CROP_MIN_SIDE = 256
+# A crop is looked at closely, zoomed: near-lossless and with colour at every pixel (a stain of
+# a few pixels keeps its hue), unlike a heatmap's q85 4:2:0. They are few (flagged images only),
+# so this costs little space (docs/performance.md).
+CROP_QUALITY = 95
+
+
+def _crop_span(low: int, high: int, length: int) -> tuple[int, int]:
+    """One axis of ``crop_box``: ``[start, stop)`` around ``[low, high)`` within ``[0, length)``."""
+    side = high - low
+    want = max(CROP_MIN_SIDE, side + 2 * max(CROP_MARGIN_PX, -(-side // 4)))
+    start = (low + high - want) // 2  # centred; want > side, so start <= low and start + want >= high
+    stop = start + want
+    if start < 0:  # moved inside the image rather than cut, so the minimum size holds where it fits
+        start, stop = 0, stop - start
+    if stop > length:
+        start, stop = start - (stop - length), length
+    return max(0, start), stop
+
+
+def crop_box(bbox: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The part of a capture shown as a region's crop.
+
+    Parameters
+    ----------
+    bbox : (x0, y0, x1, y1) ints
+        The region's box in the capture's pixels, x1 and y1 exclusive (the ``regions`` table's).
+    size : (width, height)
+        The capture's upright size; the box lies inside it.
+
+    Returns
+    -------
+    box : (x0, y0, x1, y1) ints
+        Contains ``bbox``, inside the capture; on each axis the region's side plus a quarter
+        of it (at least ``CROP_MARGIN_PX``) on both sides and at least ``CROP_MIN_SIDE``,
+        centred on the region and moved inside the capture near an edge, so it is smaller
+        only where the capture is.
+    """
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    width, height = size
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"bbox {bbox} must be a non-empty box inside the {width} x {height} capture")
+    left, right = _crop_span(x0, x1, width)
+    top, bottom = _crop_span(y0, y1, height)
+    return left, top, right, bottom
+
+
+def encode_crop(pixels: np.ndarray) -> bytes:
+    """A region crop as JPEG at ``CROP_QUALITY`` with 4:4:4 chroma; identical pixels give identical bytes."""
+    return encode_image(pixels, "jpeg", CROP_QUALITY, subsampling="4:4:4")

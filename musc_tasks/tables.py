@@ -19,7 +19,7 @@ Partition values (and stems) are percent-encoded: every byte of the UTF-8 encodi
 escapes when it writes, which is harmless because decoding is the same.
 
 Every path in the tables is absolute (``path``, ``mask_path``, ``heatmap_path``,
-``input_dir``): what a query returns opens as it is, on any machine that mounts OUT and the
+``crop_path``, ``input_dir``): what a query returns opens as it is, on any machine that mounts OUT and the
 input at the same paths.
 
 Partition columns have one type in every reader: ``date`` is a date (Arrow ``date32``,
@@ -139,6 +139,8 @@ REGIONS_SCHEMA = pa.schema(
         _optional("region_rule", pa.string()),  # pixel_threshold | peak (render.MASK_RULES)
         _required("backbone_key", pa.string()),
         _required("run_id", pa.string()),
+        # Absolute path of the region's JPEG crop of the capture; null in nights published before crops.
+        _optional("crop_path", pa.string()),
     ]
 )
 

@@ -32,3 +32,17 @@ def test_query_views_type_date_as_a_date(tmp_path, capsys):
     )
     assert main(["query", sql, "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == ["DATE", "VARCHAR", "2"]
+
+
+def test_query_unites_nights_published_before_a_column_existed(tmp_path, capsys):
+    """`crop_path` (regions) came later: the regions view still has it, null on the older night."""
+    for day, extra in (("2026-11-21", {}), ("2026-11-22", {"crop_path": ["/out/crops/a/1.jpg"]})):
+        folder = tmp_path / "tables" / "regions" / f"date={day}" / "product=p"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"path": ["/in/a.png"], "region": [1], **extra}).to_parquet(folder / "key.parquet")
+    sql = "SELECT date, coalesce(crop_path, '-') c FROM regions ORDER BY date"
+    assert main(["query", sql, "--out", str(tmp_path)]) == 0
+    assert [line.split() for line in capsys.readouterr().out.splitlines()[1:]] == [
+        ["2026-11-21", "-"],
+        ["2026-11-22", "/out/crops/a/1.jpg"],
+    ]

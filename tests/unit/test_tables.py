@@ -259,3 +259,40 @@ def test_date_is_a_date_in_every_reader(tmp_path):
     assert types == ("DATE", "VARCHAR")
     in_range = duckdb.sql(f"SELECT count(*) FROM {sql} WHERE date BETWEEN '2026-11-01' AND '2026-11-30'").fetchall()
     assert in_range == [(4,)]
+
+
+def test_regions_published_before_crops_read_with_a_null_crop_path(tmp_path):
+    """A night published before ``crop_path`` existed still reads beside newer ones, the column null."""
+    regions_dir = tmp_path / "tables" / "regions"
+    before = pa.schema([field for field in REGIONS_SCHEMA if field.name != "crop_path"])
+    row = {
+        "image_id": "0" * 64,
+        "path": "/in/p/a.png",
+        "region": 1,
+        **dict(zip(("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"), (3, 4, 9, 8))),
+        "area_px": 20,
+        "area_fraction": 0.01,
+        "max_score": 0.9,
+        "mean_score": 0.5,
+        "centroid_x": 5.5,
+        "centroid_y": 6.0,
+        "region_rule": "pixel_threshold",
+        "backbone_key": "vit-a",
+        "run_id": "run-1",
+    }
+    crop = "/out/crops/2026-11-22/p/vit-a/a/1.jpg"
+    publish_partition(regions_dir, {"date": "2026-11-21", "product": "p"}, "vit-a", to_table([row], before), before)
+    new = to_table([{**row, "crop_path": crop}], REGIONS_SCHEMA)
+    publish_partition(regions_dir, {"date": "2026-11-22", "product": "p"}, "vit-a", new, REGIONS_SCHEMA)
+
+    frame = read_table(regions_dir).sort_values("date")
+    assert frame["crop_path"].isna().tolist() == [True, False] and frame["crop_path"].iloc[1] == crop
+    hive = partitioning(("date", "product"))
+    plain = pd.read_parquet(regions_dir, partitioning=hive, schema=pa.unify_schemas([REGIONS_SCHEMA, hive.schema]))
+    assert plain.sort_values("date")["crop_path"].isna().tolist() == [True, False]
+    # DuckDB takes the first file's columns unless told to unite them by name (as `musc query` does)
+    sql = (
+        f"SELECT date::VARCHAR, crop_path FROM read_parquet('{regions_dir}/**/*.parquet', hive_partitioning = true, "
+        f"hive_types = {duckdb_hive_types(('date', 'product'))}, union_by_name = true) ORDER BY date"
+    )
+    assert duckdb.sql(sql).fetchall() == [("2026-11-21", None), ("2026-11-22", crop)]
