@@ -8,7 +8,8 @@ Layout under a results root ``OUT``::
     OUT/reports/<date>/summary.json             the day's headline, read by the days index
     OUT/reports/<date>/assets/                  thumbnails (JPEG) and charts (SVG)
 
-Everything comes from ``OUT``: the Parquet tables (scores, regions, runs) and the heatmap PNGs.
+Everything comes from ``OUT``: the Parquet tables (scores, regions, runs), the heatmaps and the
+region crops (a flagged part's card shows its strongest regions' crops, shrunk).
 The captures themselves are only read for their thumbnails; a thumbnail already written is
 kept (it is named by the image's content hash), and a capture no longer on disk is shown by
 its heatmap alone. Links are relative and nothing is fetched from the network, so the folder
@@ -42,7 +43,7 @@ from .identity import params_key
 from .imageio import ImageReadError, bounded_size, read_rgb_reduced
 from .layout import reports_dir
 from .locks import exclusive_lock
-from .render import BOX_RGB, heatmap_legend
+from .render import BOX_RGB, crop_box, heatmap_legend
 
 __all__ = [
     "TREND_NIGHTS",
@@ -68,6 +69,10 @@ THUMB_SIDE = 320
 JPEG_QUALITY = 82
 # Region boxes drawn on an overlay, strongest first.
 BOXES_DRAWN = 10
+# Region crops shown in a flagged part's card, strongest first, and their thumbnails' longest side
+# (the regions list links every listed region's crop at full resolution).
+CROPS_SHOWN = 4
+CROP_THUMB_SIDE = 160
 # Okabe-Ito colours: told apart with any of the common colour-vision deficiencies.
 BLUE, VERMILLION, BLACK = "#0072B2", "#D55E00", "#000000"
 
@@ -510,6 +515,7 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
             drawn = boxes.head(BOXES_DRAWN)
             box_list = list(zip(drawn["bbox_x0"], drawn["bbox_y0"], drawn["bbox_x1"], drawn["bbox_y1"]))
             _write_if_changed(overlay_file, _jpeg(draw_boxes(small, box_list, small.shape[1] / full_width)))
+    crops = _crop_thumbnails(out_dir, day_dir, assets, row, boxes.head(BOXES_DRAWN))
     capture = Path(row.path)
     inside = capture.is_absolute() and capture.resolve().is_relative_to(out_dir.resolve())
     up = "../../"  # from OUT/reports/<date>/ back to OUT
@@ -530,11 +536,55 @@ def _gallery_item(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.Dat
         "height": int(row.height),
         "anomalous_percent": 100.0 * float(row.anomalous_fraction),
         "regions": [
-            {"x0": r.bbox_x0, "y0": r.bbox_y0, "x1": r.bbox_x1, "y1": r.bbox_y1, "area": r.area_px, "max": r.max_score}
-            for r in boxes.head(BOXES_DRAWN).itertuples()
+            {
+                "x0": r.bbox_x0,
+                "y0": r.bbox_y0,
+                "x1": r.bbox_x1,
+                "y1": r.bbox_y1,
+                "area": r.area_px,
+                "max": r.max_score,
+                "crop_href": crop["href"] if crop else None,
+            }
+            for r, crop in zip(boxes.head(BOXES_DRAWN).itertuples(), crops)
         ],
+        "crops": [crop for crop in crops[:CROPS_SHOWN] if crop and crop["thumbnail"]],
         "n_regions": len(boxes),
     }
+
+
+def _crop_thumbnails(out_dir: Path, day_dir: Path, assets: Path, row, boxes: pd.DataFrame) -> list[dict | None]:
+    """Each region's crop link, and for the first ``CROPS_SHOWN`` a thumbnail with the region boxed.
+
+    None for a region without a crop (nights published before crops). A thumbnail is named by
+    the run and the crop's path, like the overlay, and kept on rebuilds.
+    """
+    crops: list[dict | None] = []
+    for index, region in enumerate(boxes.itertuples()):
+        stored = _text(getattr(region, "crop_path", None))
+        if not stored:
+            crops.append(None)
+            continue
+        crop_rel = out_relative(stored, out_dir, "crops", day_dir.name)
+        crop = {"region": int(region.region), "href": "../../" + _href(crop_rel), "thumbnail": None}
+        crops.append(crop)
+        if index >= CROPS_SHOWN:
+            continue
+        thumb_file = assets / f"{params_key([row.run_id, crop_rel], length=20)}-crop.jpg"
+        if not thumb_file.exists():
+            bbox = (region.bbox_x0, region.bbox_y0, region.bbox_x1, region.bbox_y1)
+            left, top, right, bottom = crop_box(bbox, (int(row.width), int(row.height)))
+            try:
+                with Image.open(out_dir / crop_rel) as image:
+                    small = thumbnail(image.convert("RGB"), CROP_THUMB_SIDE)
+                    same_box = image.size == (right - left, bottom - top)
+            except OSError as error:
+                logger.warning("report: no thumbnail of crop %s (%s)", crop_rel, error)
+                continue
+            # the region boxed where the crop is the one crop_box gives (so its place in the crop is known)
+            boxed = [(bbox[0] - left, bbox[1] - top, bbox[2] - left, bbox[3] - top)] if same_box else []
+            _write_if_changed(thumb_file, _jpeg(draw_boxes(small, boxed, small.shape[1] / (right - left))))
+        crop["thumbnail"] = thumb_file.relative_to(day_dir).as_posix()
+    return crops
 
 
 def _run_facts(runs: pd.DataFrame) -> dict | None:

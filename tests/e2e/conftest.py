@@ -87,7 +87,8 @@ def local_cli_run(demo_day, prefect_api, tmp_path_factory):
 
 def assert_flags_masks_and_margins_agree(out_dir) -> int:
     """The README's rule on a published OUT: a flagged image has a non-empty mask PNG and a region,
-    an image that is not flagged has neither, and the margin is positive exactly on flagged images.
+    an image that is not flagged has neither, the margin is positive exactly on flagged images,
+    and OUT/crops holds one JPEG per region row.
 
     Returns the number of flagged images checked.
     """
@@ -110,4 +111,10 @@ def assert_flags_masks_and_margins_agree(out_dir) -> int:
             assert row.anomalous_fraction == mask.mean() and not np.isnan(row.mask_level)
         else:
             assert not mask.any() and mine.empty, f"{row.path} is not flagged but has a mask or a region"
+    # a crop for each region row, and no other crop
+    crops = sorted(str(p) for p in (out_dir / "crops").rglob("*") if p.is_file())
+    assert crops == sorted(regions["crop_path"]), "the crops folder must hold exactly the regions' crops"
+    for path in regions["crop_path"]:
+        with Image.open(path) as crop:
+            assert crop.format == "JPEG" and min(crop.size) > 0
     return int(scores["flagged"].sum())

@@ -28,7 +28,7 @@ from musc_tasks import tables
 from musc_tasks.cli import main
 from musc_tasks.config import ScoringParams
 from musc_tasks.references import list_reference_sets
-from musc_tasks.report import TREND_NIGHTS, build_day_report
+from musc_tasks.report import CROPS_SHOWN, TREND_NIGHTS, build_day_report
 
 from .browser import chromium, static_server
 from .conftest import subprocess_env
@@ -202,6 +202,20 @@ def test_report_in_a_real_browser(nights, tmp_path):
         heatmaps = {url for url in full_res if "/heatmaps/" in url}
         in_out = [os.path.relpath(p, out_dir) for p in table["heatmap_path"].dropna()]
         assert {urljoin(base + "/", urllib.request.pathname2url(p)) for p in in_out} >= heatmaps
+
+        # a flagged part's card shows its strongest regions' crops, each opening the crop file
+        regions = tables.read_table(out_dir / "tables" / "regions", filters=[("date", "=", night)])
+        cards = driver.execute_script(
+            "return [...document.querySelectorAll('.gallery > li')].map(li => [li.querySelector('.path code')"
+            ".textContent, [...li.querySelectorAll('.crops a')].map(a => a.href)])"
+        )
+        shown = 0
+        for path, links in cards:
+            mine = regions[regions["path"] == path].sort_values("region").head(CROPS_SHOWN)
+            crop_files = [os.path.relpath(p, out_dir) for p in mine["crop_path"]]
+            assert links == [urljoin(base + "/", urllib.request.pathname2url(p)) for p in crop_files], path
+            shown += len(links)
+        assert shown >= table["flagged"].fillna(False).astype(bool).sum() > 0
 
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert not errors, errors

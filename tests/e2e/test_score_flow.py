@@ -58,7 +58,7 @@ def query(out_dir, sql):
 def comparable(out_dir, table):
     """The table without its run ids and with its OUT paths relative, to compare two OUTs."""
     frame = tables.read_table(Path(out_dir) / "tables" / table).drop(columns=["run_id"])
-    for column in {"mask_path", "heatmap_path"} & set(frame.columns):
+    for column in {"mask_path", "heatmap_path", "crop_path"} & set(frame.columns):
         assert frame[column].dropna().map(lambda p: Path(p).is_relative_to(out_dir)).all(), "not absolute in OUT"
         frame[column] = frame[column].str.removeprefix(f"{out_dir}/")
     return frame.sort_values(list(frame.columns[:3])).reset_index(drop=True)
@@ -191,6 +191,7 @@ def test_serial_publish_writes_what_the_dask_tasks_wrote(first_run, tiny_backbon
     serial_dir = tmp_path / "serial"
     (catalog_file,) = (out_dir / "cache" / "catalogs").rglob("*.json")
     published = tables.read_table(out_dir / "tables" / "scores")
+    regions = tables.read_table(out_dir / "tables" / "regions")
     for product, raw_records in json.loads(catalog_file.read_text()).items():
         pools = pool_stores_dir(str(out_dir), tiny_backbone.key, product)
         (scores_file,) = pools.glob("scores-*.json")
@@ -213,6 +214,10 @@ def test_serial_publish_writes_what_the_dask_tasks_wrote(first_run, tiny_backbon
                 r[column].replace(str(serial_dir), str(out_dir)) if "_path" in column else r[column] for r in ours
             ]
             assert list(theirs[column]) == in_out, column
+        theirs = regions[regions["product"] == product]
+        assert sorted(theirs["crop_path"]) == sorted(
+            r["crop_path"].replace(str(serial_dir), str(out_dir)) for r in rows.regions
+        )
     written = sorted(p.relative_to(serial_dir) for p in serial_dir.rglob("*") if p.is_file())
     assert written and all((serial_dir / p).read_bytes() == (out_dir / p).read_bytes() for p in written)
 
@@ -220,7 +225,7 @@ def test_serial_publish_writes_what_the_dask_tasks_wrote(first_run, tiny_backbon
 def test_second_run_is_served_from_cache_and_identical(first_run, demo_day, tiny_backbone, dask_address):
     out_dir, _ = first_run
     before = {name: comparable(out_dir, name) for name in ("scores", "regions")}
-    published = ("masks", "heatmaps", "maps")
+    published = ("masks", "heatmaps", "crops", "maps")
     files_before = {p: p.read_bytes() for kind in published for p in sorted((out_dir / kind).rglob("*")) if p.is_file()}
     summary = run_flow(demo_day.input_dir, out_dir, tiny_backbone, dask_address)
     assert summary.images_extracted == 0 and summary.pairs_computed == 0
