@@ -13,7 +13,9 @@ the product's task blocks serially with one thread (as a Dask worker of the loca
 runs; in a fresh process per repeat when comparing with a baseline), the default `OutputPolicy`
 (full-size heatmaps for flagged images and the top 10 ranks, long side 1024 for the rest; JPEG
 q85), and prints wall and CPU seconds per image. CPU seconds per image is publish's cost per
-image per core (issue 12's target: at most 0.3 s at 2448 x 2048).
+image per core (issue 12's target: at most 0.3 s at 2448 x 2048). It also prints the bytes
+written under each output folder (masks, heatmaps, crops, maps) against the input's bytes
+(each image's file counted once per image, as a night of distinct files would hold them).
 
 ``--baseline SRC`` (the repository at another commit, e.g. ``git worktree add /tmp/before
 main``) alternates repeats between that code and this one and prints their ratio; both must
@@ -119,10 +121,14 @@ def measure(spec_path: Path, profile: bool) -> dict:
         if profiler:
             profiler.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        written = {
+            kind.name: sum(p.stat().st_size for p in kind.rglob("*") if p.is_file()) for kind in Path(out).iterdir()
+        }
     if profiler:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(20)
     n = len(records)
-    return {"wall_per_image": wall / n, "cpu_per_image": cpu / n}
+    input_bytes = sum(Path(r.path).stat().st_size for r in records)
+    return {"wall_per_image": wall / n, "cpu_per_image": cpu / n, "bytes": written, "input_bytes": input_bytes}
 
 
 def bounded_overlay_psnr(spec_path: Path, n_captures: int) -> list[float]:
@@ -203,6 +209,12 @@ def main() -> None:
             wall = statistic(r["wall_per_image"] for r in runs)
             cpu = statistic(r["cpu_per_image"] for r in runs)
             print(f"| {name} | {statistic.__name__} | {wall:.3f} | {cpu:.3f} |")
+    for name, runs in results.items():
+        written, input_bytes = runs[-1]["bytes"], runs[-1]["input_bytes"]
+        kinds = ", ".join(
+            f"{kind} {size / 2**20:.2f} MiB ({size / input_bytes:.2%})" for kind, size in sorted(written.items())
+        )
+        print(f"{name}: input {input_bytes / 2**20:.1f} MiB; written {kinds}")
     if args.baseline is not None:
         ratios = [t["cpu_per_image"] / b["cpu_per_image"] for t, b in zip(results["this"], results["baseline"])]
         print()
