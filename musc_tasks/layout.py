@@ -5,7 +5,7 @@ OUT/cache/tokens/<backbone_key>/<product>.zarr  token store, shared by every day
 OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr, scores-<key>.json
 OUT/cache/references/<backbone_key>/<product>/<name>.json  known-good reference sets
 OUT/maps/<date>/<product>/<backbone_key>.zarr   raw patch-grid anomaly maps of a day
-OUT/tables/, OUT/masks/, OUT/heatmaps/          the published results
+OUT/tables/, OUT/masks/, OUT/heatmaps/, OUT/crops/  the published results
 OUT/reports/index.html, OUT/reports/<date>/     the morning reports
 OUT/evaluation/                                 `musc evaluate`'s own tree, laid out like OUT
 """

@@ -92,6 +92,7 @@ def test_publish_night_benchmark():
     # 12 images: the top 10 drawn at full size, 2 bounded (long side 2048 -> 1024, decoded at 1/2)
     out = run("publish_night.py", "--images", "12", "--captures", "2", "--resolution", "2048x256", "--repeats", "1")
     assert "| this | median |" in out and "PSNR dB over 2 captures" in out, out
+    assert "written crops" in out, out  # image 0 is flagged: its regions' crops are counted
 
 
 def test_bad_night_signals_benchmark():
