@@ -122,7 +122,7 @@ def measure(spec_path: Path, profile: bool) -> dict:
             profiler.disable()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         written = {
-            kind.name: sum(p.stat().st_size for p in kind.rglob("*") if p.is_file()) for kind in Path(out).iterdir()
+            kind.name: [p.stat().st_size for p in kind.rglob("*") if p.is_file()] for kind in Path(out).iterdir()
         }
     if profiler:
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(20)
@@ -212,7 +212,8 @@ def main() -> None:
     for name, runs in results.items():
         written, input_bytes = runs[-1]["bytes"], runs[-1]["input_bytes"]
         kinds = ", ".join(
-            f"{kind} {size / 2**20:.2f} MiB ({size / input_bytes:.2%})" for kind, size in sorted(written.items())
+            f"{kind} {len(sizes)} files {sum(sizes) / 2**20:.2f} MiB ({sum(sizes) / input_bytes:.2%})"
+            for kind, sizes in sorted(written.items())
         )
         print(f"{name}: input {input_bytes / 2**20:.1f} MiB; written {kinds}")
     if args.baseline is not None:

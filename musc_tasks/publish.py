@@ -93,7 +93,7 @@ def publish_day(
     on_progress: Callable[[int, int], None] | None = None,
     log: logging.Logger = logger,
 ) -> tuple[RunSummary, list[dict]]:
-    """Publish every product's rows, masks, heatmaps and maps, then the run's row and the report.
+    """Publish every product's rows, masks, heatmaps, crops and maps, then the run's row and the report.
 
     Images are published in blocks of ``PUBLISH_TASK_IMAGES`` as Dask tasks on the cluster
     at ``dask_address`` (None: a local one; False: in this process, one block after the
