@@ -33,7 +33,7 @@ from day_scale import STAGES, add_prefect_api_option, run_musc_score, tiny_backb
 from musc_tasks import tables  # noqa: E402
 from musc_tasks.demo import make_demo_day  # noqa: E402
 
-OUTPUT_KINDS = ("tables", "masks", "heatmaps", "maps")
+OUTPUT_KINDS = ("tables", "masks", "heatmaps", "crops", "maps")
 
 
 def make_night(

@@ -100,6 +100,7 @@ def test_a_full_results_disk_fails_in_one_line_and_a_rerun_completes_identically
     assert rerun.equals(expected.reset_index(drop=True))
     assert files_under(out / "heatmaps") == reference
     assert files_under(out / "masks") == reference_masks
+    assert files_under(out / "crops") == files_under(local_cli_run / "crops")
 
 
 def test_local_workers_exit_when_the_run_ends_without_being_killed(local_cli_run):
