@@ -478,7 +478,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
         for index in range(len(regions["region"])):
             region = {name: values[index].item() for name, values in regions.items()}
             bbox = (region["bbox_x0"], region["bbox_y0"], region["bbox_x1"], region["bbox_y1"])
-            # the capture decoded above, at full size since a flagged image's heatmap is
+            # cut from the capture decoded above: at full size, as a flagged image's heatmap is
             crops[region["region"]] = encode_crop(np.asarray(image.crop(crop_box(bbox, capture_size))))
             region_rows_out.append(
                 {

@@ -15,6 +15,8 @@ from skimage.measure import label, regionprops, regionprops_table
 from .atomic import write_atomic
 
 __all__ = [
+    "CROP_MARGIN_PX",
+    "CROP_MIN_SIDE",
     "CROP_QUALITY",
     "HEATMAP_FORMATS",
     "crop_box",

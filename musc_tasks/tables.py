@@ -19,8 +19,8 @@ Partition values (and stems) are percent-encoded: every byte of the UTF-8 encodi
 escapes when it writes, which is harmless because decoding is the same.
 
 Every path in the tables is absolute (``path``, ``mask_path``, ``heatmap_path``,
-``crop_path``, ``input_dir``): what a query returns opens as it is, on any machine that mounts OUT and the
-input at the same paths.
+``crop_path``, ``input_dir``): what a query returns opens as it is, on any machine that
+mounts OUT and the input at the same paths.
 
 Partition columns have one type in every reader: ``date`` is a date (Arrow ``date32``,
 DuckDB ``DATE``, pandas ``datetime64``), every other key a string. Left to infer, pandas reads
