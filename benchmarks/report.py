@@ -1,11 +1,12 @@
 """The morning report of a large night with a long history: build time, memory, thumbnail sizes.
 
 Usage (from the repository root):
-    .venv/bin/python benchmarks/report.py [--images 1000] [--products 3] [--nights 90] [--side 2048]
+    .venv/bin/python benchmarks/report.py [--images 1000] [--products 3] [--nights 90] [--side 2048] [--no-crops]
     .venv/bin/python benchmarks/report.py --smoke        # 40 images, 2 products, 3 nights, 256 px (CI)
 
 It writes a results folder as the pipeline would leave it: score and run tables for every
-night, and for the last night region rows, heatmap PNGs and captures of the parts the gallery
+night, and for the last night region rows, heatmap PNGs, region crops (none with
+``--no-crops``, as in nights published before crops) and captures of the parts the gallery
 shows (photos cut from scikit-image's bundled images, so they compress like photos, not like
 noise). Then it builds the last night's report twice, each in a fresh process: cold (every
 thumbnail and chart made) and warm (a rebuild, thumbnails reused), and reports seconds, the
@@ -28,7 +29,8 @@ from PIL import Image
 from skimage import data as skdata
 
 from musc_tasks import tables
-from musc_tasks.render import heatmap_overlay, write_png
+from musc_tasks.atomic import write_atomic
+from musc_tasks.render import crop_box, encode_crop, heatmap_overlay, write_png
 from musc_tasks.report import GALLERY_MAX, GALLERY_TOP, build_day_report
 
 LAST_NIGHT = date(2026, 11, 22)
@@ -49,7 +51,7 @@ def photo(rng: np.random.Generator, side: int) -> np.ndarray:
     return np.ascontiguousarray(big[top : top + height, left : left + side])
 
 
-def write_out(out: Path, images: int, products: int, nights: int, side: int, seed: int = 0) -> None:
+def write_out(out: Path, images: int, products: int, nights: int, side: int, seed: int = 0, crops: bool = True) -> None:
     rng = np.random.default_rng(seed)
     backbone, run_id = "bench-backbone", "bench-run"
     for back in range(nights - 1, -1, -1):
@@ -76,15 +78,17 @@ def write_out(out: Path, images: int, products: int, nights: int, side: int, see
                     write_png(out / heat, heatmap_overlay(capture, score_map, floor=0.8, vmax=1.0))
                     for region in range(1, int(rng.integers(1, 4)) + 1):
                         x0, y0 = (int(v) for v in rng.integers(0, side // 2, 2))
+                        bbox = (x0, y0, x0 + side // 10, y0 + side // 12)
+                        crop_rel = f"crops/{night}/{product}/{backbone}/{i:05d}/{region}.jpg"
+                        if crops:
+                            left, top, right, bottom = crop_box(bbox, (capture.shape[1], capture.shape[0]))
+                            write_atomic(out / crop_rel, encode_crop(capture[top:bottom, left:right]))
                         regions.append(
                             {
                                 "image_id": image_id(night, product, i),
                                 "path": str(path),
                                 "region": region,
-                                "bbox_x0": x0,
-                                "bbox_y0": y0,
-                                "bbox_x1": x0 + side // 10,
-                                "bbox_y1": y0 + side // 12,
+                                **dict(zip(("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"), bbox)),
                                 "area_px": side * side // 120,
                                 "area_fraction": 1 / 120,
                                 "max_score": 0.9,
@@ -93,6 +97,7 @@ def write_out(out: Path, images: int, products: int, nights: int, side: int, see
                                 "centroid_y": float(y0 + side // 24),
                                 "backbone_key": backbone,
                                 "run_id": run_id,
+                                "crop_path": str(out / crop_rel) if crops else None,
                             }
                         )
                 rows.append(
@@ -195,6 +200,7 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=3)
     parser.add_argument("--nights", type=int, default=90, help="nights of history in the tables")
     parser.add_argument("--side", type=int, default=2048, help="width of the captures of the last night")
+    parser.add_argument("--no-crops", action="store_true", help="no region crops, as nights published before them")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -203,14 +209,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="musc-report-bench-") as tmp:
         out = Path(tmp)
         began = time.perf_counter()
-        write_out(out, args.images, args.products, args.nights, args.side)
+        write_out(out, args.images, args.products, args.nights, args.side, crops=not args.no_crops)
         setup = time.perf_counter() - began
         # Each build in a fresh process, so its peak memory is its own, not the setup's.
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             cold, peak_mib, report_path = pool.apply(timed_build, (out,))
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             warm, _, _ = pool.apply(timed_build, (out,))
-        thumbs = sorted(p.stat().st_size for p in report_path.parent.rglob("*.jpg"))
+        jpegs = list(report_path.parent.rglob("*.jpg"))
+        thumbs = sorted(p.stat().st_size for p in jpegs if not p.name.endswith("-crop.jpg"))  # capture, overlay
+        crop_thumbs = sum(1 for p in jpegs if p.name.endswith("-crop.jpg"))
         folder = sum(p.stat().st_size for p in report_path.parent.rglob("*") if p.is_file())
         result = {
             "images_per_product": args.images,
@@ -218,6 +226,7 @@ def main() -> None:
             "nights": args.nights,
             "capture_side": args.side,
             "gallery_parts": len(thumbs) // 2,
+            "crop_thumbnails": crop_thumbs,
             "setup_s": round(setup, 1),
             "cold_s": round(cold, 2),
             "warm_s": round(warm, 2),
@@ -227,12 +236,13 @@ def main() -> None:
             "report_folder_kb": round(folder / 1024),
         }
     print(
-        "| images x products | nights | capture px | gallery parts | cold s | rebuild s | peak MiB "
+        "| images x products | nights | capture px | gallery parts | crop thumbnails | cold s | rebuild s | peak MiB "
         "| thumbnail KB (median, max) | report folder KB |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {args.images} x {args.products} | {args.nights} | {args.side} | {result['gallery_parts']} | "
+        f"{crop_thumbs} | "
         f"{result['cold_s']} | {result['warm_s']} | {result['peak_rss_mib']} | "
         f"{result['thumb_kb_median']}, {result['thumb_kb_max']} | {result['report_folder_kb']} |"
     )
