@@ -9,10 +9,12 @@ from prefect import flow
 
 from flows.score import score_catalog, token_geometry
 from flows.stages import Stages
+from musc_tasks.cluster import run_cluster
 from musc_tasks.config import PRESETS, BackboneSpec, ReferenceMode, ScoringParams
 from musc_tasks.datasets import DEFAULT_RSCIN_K
 from musc_tasks.layout import evaluation_dir
 from musc_tasks.locks import run_lock
+from musc_tasks.preflight import holds_image
 from musc_tasks.tasks import catalog_dataset, evaluate_metrics, shot_references
 
 
@@ -51,7 +53,9 @@ def evaluate_dataset(
     out_dir = str(evaluation_dir(Path(out_dir).resolve()))  # never in the production nights' tables
     day = (run_date or date.today()).isoformat()
     stages = Stages(refresh, out_dir=out_dir)
-    with run_lock(out_dir, day, backbone.key):
+    # A local cluster starts and warms its workers while the dataset is catalogued.
+    warm_for = backbone if holds_image(root) else None
+    with run_lock(out_dir, day, backbone.key), run_cluster(dask_address, warm_for=warm_for, device=device) as cluster:
         catalog, labels_path = stages.run(
             "catalog",
             catalog_dataset,
@@ -81,7 +85,7 @@ def evaluate_dataset(
             scoring,
             out_dir,
             device,
-            dask_address,
+            cluster.address(),
             stages,
             references=references,
             reference_mode=reference_mode,

@@ -10,11 +10,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import Stages
 from musc_tasks.backbone import patch_size
-from musc_tasks.cluster import check_scheduler, dask_cluster
+from musc_tasks.cluster import run_cluster
 from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry
+from musc_tasks.preflight import holds_image
 from musc_tasks.publish import record_no_input
 from musc_tasks.tasks import (
     catalog_images,
@@ -58,8 +59,9 @@ def score_captures(
     input_dir, out_dir = str(Path(day_input(input_dir, day)).resolve()), str(Path(out_dir).resolve())
     geometry = token_geometry(backbone)
     stages = Stages(refresh, out_dir=out_dir)
-    with run_lock(out_dir, day, backbone.key):
-        check_scheduler(dask_address)  # before any work: an unreachable scheduler fails in seconds
+    # A local cluster starts and warms its workers while the catalog runs, if INPUT holds an image file.
+    warm_for = backbone if holds_image(input_dir) else None
+    with run_lock(out_dir, day, backbone.key), run_cluster(dask_address, warm_for=warm_for, device=device) as cluster:
         catalog = stages.run(
             "catalog",
             catalog_images,
@@ -72,7 +74,6 @@ def score_captures(
             # A night without images is an alarm (a failed upload), not a quiet success.
             record_no_input(catalog, backbone, scoring, out_dir, stages.info((), ()))
             raise FileNotFoundError(f"no image in {catalog.input_dir}: nothing to score for {day} (runs row no_input)")
-        # one Dask cluster for the stages, started once there is something to score
         summary, _ = score_catalog(
             catalog,
             backbone,
@@ -80,7 +81,7 @@ def score_captures(
             scoring,
             out_dir,
             device,
-            dask_address,
+            cluster.address(),
             stages,
             outputs=outputs,
             references=references,
@@ -96,7 +97,7 @@ def score_catalog(
     scoring: ScoringParams,
     out_dir: str,
     device: str,
-    dask_address: str | None,
+    dask_address: str,
     stages: Stages,
     *,
     outputs: OutputPolicy = OutputPolicy(),
@@ -105,65 +106,64 @@ def score_catalog(
 ) -> tuple[RunSummary, tuple[ProductScoresRef, ...]]:
     """The stages after the catalog, shared by the nightly and the evaluation flows.
 
-    ``dask_address`` None starts one local cluster for these stages, after the catalog found work.
+    ``dask_address``: the run's scheduler (`run_cluster`), which every stage uses.
     """
-    with dask_cluster(dask_address) as cluster:
-        tokens = stages.run(
-            "extract",
-            extract_tokens,
-            catalog=catalog,
-            backbone=backbone,
-            geometry=geometry,
-            out_dir=out_dir,
-            device=device,
-            dask_address=cluster,
-        )
+    tokens = stages.run(
+        "extract",
+        extract_tokens,
+        catalog=catalog,
+        backbone=backbone,
+        geometry=geometry,
+        out_dir=out_dir,
+        device=device,
+        dask_address=dask_address,
+    )
+    pools = stages.run(
+        "score",
+        score_pools,
+        tokens=tokens,
+        scoring=scoring,
+        backbone_key=backbone.key,
+        out_dir=out_dir,
+        dask_address=dask_address,
+        device=device,
+    )
+    if references:
         pools = stages.run(
-            "score",
-            score_pools,
-            tokens=tokens,
+            "references",
+            score_references,
+            pools=pools,
+            references=references,
+            reference_mode=reference_mode,
             scoring=scoring,
-            backbone_key=backbone.key,
+            backbone=backbone,
             out_dir=out_dir,
-            dask_address=cluster,
+            dask_address=dask_address,
             device=device,
         )
-        if references:
-            pools = stages.run(
-                "references",
-                score_references,
-                pools=pools,
-                references=references,
-                reference_mode=reference_mode,
-                scoring=scoring,
-                backbone=backbone,
-                out_dir=out_dir,
-                dask_address=cluster,
-                device=device,
-            )
-        scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
-        run = stages.info(tokens, pools)
-        # The night's signals first, so the report that publish writes can show them.
-        alerts = publish_days(
-            pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=run.run_id
-        )
-        summary = publish_results(
-            catalog=catalog,
-            tokens=tokens,
-            scored=scored,
-            backbone=backbone,
-            scoring=scoring,
-            out_dir=out_dir,
-            run=run,
-            outputs=outputs,
-            dask_address=cluster,
-        )
-        summary = summary.model_copy(update={"alerts": alerts})
-        create_markdown_artifact(
-            key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
-        )
-        get_run_logger().info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
-        return summary, scored
+    scored = stages.run("rscin", rscin_scores, pools=pools, params=scoring.rscin)
+    run = stages.info(tokens, pools)
+    # The night's signals first, so the report that publish writes can show them.
+    alerts = publish_days(
+        pools=pools, run_date=catalog.run_date, backbone_key=backbone.key, out_dir=out_dir, run_id=run.run_id
+    )
+    summary = publish_results(
+        catalog=catalog,
+        tokens=tokens,
+        scored=scored,
+        backbone=backbone,
+        scoring=scoring,
+        out_dir=out_dir,
+        run=run,
+        outputs=outputs,
+        dask_address=dask_address,
+    )
+    summary = summary.model_copy(update={"alerts": alerts})
+    create_markdown_artifact(
+        key="score-summary", markdown=summary.as_markdown(), description=f"MuSc run {catalog.run_date}"
+    )
+    get_run_logger().info("%d scored, %d flagged, %d failed", summary.n_scored, summary.n_flagged, summary.n_failed)
+    return summary, scored
 
 
 def token_geometry(backbone: BackboneSpec) -> TokenGeometry:

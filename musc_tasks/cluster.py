@@ -1,8 +1,9 @@
 """The run's one Dask cluster: an existing scheduler checked within seconds, or a LocalCluster for the run.
 
 Kept apart from the stages and light on imports (no torch): the local workers unpickle
-`ExitAfterClose` when the cluster starts, and importing it must not make every worker load
-torch before the run's first task does.
+`ExitAfterClose` when the cluster starts, and `warm_worker` when the run warms them; importing
+either must not make a worker load torch in its event loop (the warm-up imports it in the
+worker's task thread).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
-from distributed import Client, LocalCluster, WorkerPlugin
+from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.core import Status
+
+from .config import BackboneSpec
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10  # an unreachable scheduler fails the run within this, not after Dask's own 30 s
 
@@ -65,16 +71,127 @@ def dask_cluster(address: str | None = None, *, n_workers: int | None = None) ->
         check_scheduler(address)
         yield address
         return
+    with start_local_cluster(n_workers) as cluster:
+        yield cluster.scheduler_address
+
+
+def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
+    """The run's kind of LocalCluster, started, its workers ending at once when closed (`ExitAfterClose`)."""
     workers = n_workers or local_worker_count()
     # A task's error reaches the client, which reports it: the workers' own "Compute Failed"
     # records would print it again, so a quiet console (Dask's loggers above INFO) drops them.
     silence = logging.ERROR if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.CRITICAL
-    with LocalCluster(
+    cluster = LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=silence
-    ) as cluster:
-        with Client(cluster) as client:
+    )
+    try:
+        with Client(cluster, set_as_default=False) as client:
             client.register_plugin(ExitAfterClose(), name="musc-exit-after-close")
-        yield cluster.scheduler_address
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+class RunCluster:
+    """The one Dask cluster of a run (`run_cluster`): its scheduler's address once a stage needs it."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self._address = address
+        self._cluster: LocalCluster | None = None
+        self._client: Client | None = None
+        self._warming: list[Future] = []  # held until the run ends: a released future's task may be dropped
+        self._error: BaseException | None = None
+        self._starting: threading.Thread | None = None
+
+    def start_warm(self, backbone: BackboneSpec, device: str) -> None:
+        """Start the local cluster in a background thread and give each worker `warm_worker` as its first task."""
+        self._starting = threading.Thread(
+            target=self._start, args=(backbone, device), name="musc-cluster-start", daemon=True
+        )
+        self._starting.start()
+
+    def _start(self, backbone: BackboneSpec | None = None, device: str = "auto") -> None:
+        try:
+            self._cluster = start_local_cluster()
+            if backbone is not None:
+                self._client = Client(self._cluster, set_as_default=False)
+                self._warming = [
+                    self._client.submit(
+                        warm_worker, backbone, device, workers=[worker], allow_other_workers=False, pure=False
+                    )
+                    for worker in self._client.scheduler_info()["workers"]
+                ]
+        except BaseException as error:  # raised where a stage asks for the address
+            self._error = error
+
+    def address(self) -> str:
+        """The scheduler's address: waits for the local cluster's start (raising its error), or starts it now."""
+        if self._address is None:
+            if self._starting is None:
+                self._start()
+            else:
+                self._starting.join()
+            if self._error is not None:
+                raise self._error
+            self._address = self._cluster.scheduler_address
+        return self._address
+
+    def close(self) -> None:
+        """Close a local cluster (waiting for its start first); an external scheduler is left as it is."""
+        if self._starting is not None:
+            self._starting.join()
+            if self._error is not None and self._address is None:
+                log.warning("the run's local Dask cluster did not start: %s", self._error)
+        try:
+            if self._client is not None:
+                self._client.close()  # releases the warm-up futures
+        finally:
+            if self._cluster is not None:
+                self._cluster.close()
+            self._client = self._cluster = None
+            self._warming = []
+
+
+@contextlib.contextmanager
+def run_cluster(
+    address: str | None, *, warm_for: BackboneSpec | None = None, device: str = "auto"
+) -> Iterator[RunCluster]:
+    """The run's one Dask cluster, for the whole flow body; stages get its address from `RunCluster.address`.
+
+    ``address``: that scheduler, checked now, before any work (an unreachable one fails the
+    run within seconds); its workers are used as they are. None: a LocalCluster. With
+    ``warm_for`` (the caller saw image files in the input) it starts now in the background,
+    and each worker's first task imports torch and the backbone's library and builds the
+    model into the worker's model cache (`warm_worker`), while the catalog runs; without it
+    the cluster starts when a stage first asks for the address, so a night without images
+    starts none.
+    """
+    cluster = RunCluster(address)
+    if address:
+        check_scheduler(address)
+    elif warm_for is not None:
+        cluster.start_warm(warm_for, device)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def warm_worker(backbone: BackboneSpec, device: str) -> None:
+    """Dask task: load the backbone into this worker's model cache before the first extraction block needs it.
+
+    The cache is `extract.worker_backbone`, keyed by the same spec and device string the
+    extraction tasks pass, so their first block finds the model loaded, on the device it
+    resolves there, and nothing is loaded twice. A failure (weights missing, no download
+    source) is not cached: the first block tries again and raises it with its own message.
+    """
+    from .extract import worker_backbone  # torch, zarr and the backbone's library, in this task's thread
+
+    try:
+        worker_backbone(backbone, device)
+    except Exception as error:
+        log.debug("warming the backbone failed; the first extraction block will retry: %s", error)
 
 
 class ExitAfterClose(WorkerPlugin):

@@ -36,6 +36,7 @@ __all__ = [
     "check_backbone_name",
     "check_checkpoint",
     "light_patch_size",
+    "holds_image",
     "require_images",
     "check_shots",
 ]
@@ -166,13 +167,24 @@ def require_images(input_dir: str | os.PathLike, what: str = "input folder") -> 
     symlinked folders are not entered, as the catalog does not enter them either.
     """
     folder = existing_dir(input_dir, what)
-    for _, _, files in os.walk(folder):
-        if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files):
-            return
+    if holds_image(folder):
+        return
     raise UsageError(
         f"{what} {folder} holds no image ({', '.join(IMAGE_SUFFIXES)}): "
         "is the upload missing or the date wrong? Expected INPUT/<product>/**/<image>"
     )
+
+
+def holds_image(folder: str | os.PathLike) -> bool:
+    """Whether an image-like file lies below ``folder``, looking only at names, up to the first one.
+
+    Symlinked folders are not entered (nor by the catalog); a missing folder holds none.
+    The nightly flow asks this before it starts its local Dask cluster ahead of the catalog.
+    """
+    for _, _, files in os.walk(folder):
+        if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in files):
+            return True
+    return False
 
 
 def check_shots(
