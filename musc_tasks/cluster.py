@@ -15,11 +15,13 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.core import Status
 
-from .config import BackboneSpec
+if TYPE_CHECKING:  # pydantic and the config stay out of what a worker imports to unpickle the plugin
+    from .config import BackboneSpec
 
 log = logging.getLogger(__name__)
 
