@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.core import Status
 
@@ -83,9 +84,11 @@ def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
     # A task's error reaches the client, which reports it: the workers' own "Compute Failed"
     # records would print it again, so a quiet console (Dask's loggers above INFO) drops them.
     silence = logging.ERROR if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.CRITICAL
-    cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=silence
-    )
+    # Read by each nanny when it is created, and kept for the restarts of its worker.
+    with dask.config.set(KEEP_GLIBC_MALLOC):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=silence
+        )
     try:
         with Client(cluster, set_as_default=False) as client:
             client.register_plugin(ExitAfterClose(), name="musc-exit-after-close")
@@ -217,6 +220,14 @@ def _exit_if_closed(worker) -> None:
                 stream.flush()
         os._exit(0)
 
+
+# Dask starts its workers with MALLOC_TRIM_THRESHOLD_=65536, and any such variable turns off glibc's
+# adaptive thresholds: every freed block over 128 KiB goes back to the kernel and the next one is
+# page-faulted in again. A pair task allocates a product of tens of MB per GEMM tile, so its workers
+# spent a third of their CPU time in the kernel (sys 22 s of 56 s, 12 M page faults, on 3 maps of the
+# issue's shape; 1.5 s and 0.4 M without it): the stage on Dask took 1.35x as long as without
+# (docs/performance.md). The local workers keep glibc's defaults, as the engine's process has them.
+KEEP_GLIBC_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 LOCAL_WORKER_MEMORY = 6 * 2**30  # ViT-L weights, a block's activations and a pool task's blocks, with room
 
