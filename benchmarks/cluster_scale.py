@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from musc_tasks import tables
-from musc_tasks.cluster import dask_cluster
+from musc_tasks.cluster import start_local_cluster
 from musc_tasks.demo import make_demo_day
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.dask_address:
             results["cluster"] = run_night(day.input_dir, root / "out-cluster", args.dask_address, backbone_args)
         for workers in [] if args.dask_address else args.workers:
-            with dask_cluster(n_workers=workers) as address:  # the run's own kind of local cluster
-                results[workers] = run_night(day.input_dir, root / f"out-{workers}", address, backbone_args)
+            with start_local_cluster(n_workers=workers) as cluster:  # the run's own kind of local cluster
+                results[workers] = run_night(
+                    day.input_dir, root / f"out-{workers}", cluster.scheduler_address, backbone_args
+                )
     first = next(iter(results.values()))
     n_images = len(first["scores"])
     print(f"{n_images} images, {len(products)} products; seconds from the runs table (Prefect start-up excluded)")

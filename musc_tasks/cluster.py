@@ -51,7 +51,7 @@ def dask_client(address: str | None = None, *, n_workers: int | None = None) -> 
         with client:
             yield client
         return
-    with dask_cluster(None, n_workers=n_workers) as local, Client(local) as client:
+    with start_local_cluster(n_workers) as local, Client(local) as client:
         yield client
 
 
@@ -62,24 +62,12 @@ def check_scheduler(address: str | None) -> None:
             pass
 
 
-@contextlib.contextmanager
-def dask_cluster(address: str | None = None, *, n_workers: int | None = None) -> Iterator[str]:
-    """The scheduler address one run shares across its stages: ``address`` once it answers, or a LocalCluster's.
-
-    The local cluster has one single-threaded worker process per core, at most 8, and no
-    more than the memory allows for one backbone each (`LOCAL_WORKER_MEMORY`): every
-    extraction worker keeps its model loaded.
-    """
-    if address:
-        check_scheduler(address)
-        yield address
-        return
-    with start_local_cluster(n_workers) as cluster:
-        yield cluster.scheduler_address
-
-
 def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
-    """The run's kind of LocalCluster, started, its workers ending at once when closed (`ExitAfterClose`)."""
+    """The run's kind of LocalCluster, started, its workers ending at once when closed (`ExitAfterClose`).
+
+    One single-threaded worker process per core, at most 8, and no more than the memory allows
+    for one backbone each (`LOCAL_WORKER_MEMORY`): every extraction worker keeps its model loaded.
+    """
     workers = n_workers or local_worker_count()
     # A task's error reaches the client, which reports it: the workers' own "Compute Failed"
     # records would print it again, so a quiet console (Dask's loggers above INFO) drops them.
