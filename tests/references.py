@@ -9,6 +9,7 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from musc_tasks import identity, imageio
+from musc_tasks.manifests import ImageRecord
 
 
 def sklearn_metrics(scores, labels):
@@ -39,3 +40,18 @@ def unreadable(path):
             yield path
     finally:
         path.chmod(0o644)
+
+
+def catalogued(path, relpath, size):
+    """The catalog's record of a readable image at ``path`` of upright ``size`` (width, height)."""
+    return ImageRecord(
+        image_id=f"id-{relpath}",
+        path=str(path),
+        relpath=relpath,
+        width=size[0],
+        height=size[1],
+        status="ok",
+        reason=None,
+        notes=(),
+        duplicate_of=None,
+    )

@@ -14,11 +14,12 @@ from PIL import Image
 
 from musc_tasks.config import OutputPolicy
 from musc_tasks.imageio import read_rgb
-from musc_tasks.manifests import ImageRecord
 from musc_tasks.publish import ProductPlan, finish_product, output_relpath, publish_block
 from musc_tasks.render import CROP_MARGIN_PX, CROP_MIN_SIDE, crop_box
 from musc_tasks.rscin import ImageScore, ProductScores
 from musc_tasks.store import PoolLayout, create_pool_store, open_pool_store
+
+from ..references import catalogued
 
 DATE, PRODUCT, BACKBONE = "2026-11-22", "part", "tiny"
 GRID = (8, 8)
@@ -96,19 +97,7 @@ def _night(root: Path, scores_by_name: dict[str, float]):
             patch_map[patch] += 3.0
         maps.append(patch_map.astype(np.float16))
         upright = (HEIGHT, WIDTH) if orientation == 6 else (WIDTH, HEIGHT)
-        records.append(
-            ImageRecord(
-                image_id=f"id-{name}",
-                path=str(path),
-                relpath=name,
-                width=upright[0],
-                height=upright[1],
-                status="ok",
-                reason=None,
-                notes=(),
-                duplicate_of=None,
-            )
-        )
+        records.append(catalogued(path, name, upright))
         score = scores_by_name[name]
         images.append(ImageScore(f"id-{name}", index, len(CAPTURES), score, score))
     pool = root / "pool.zarr"

@@ -15,12 +15,13 @@ from PIL import Image
 
 from musc_tasks.config import OutputPolicy
 from musc_tasks.imageio import bounded_size, read_rgb
-from musc_tasks.manifests import ImageRecord
 from musc_tasks.maps import read_map, upsample_map
 from musc_tasks.publish import ProductPlan, _overlay, _patch_maps, finish_product, publish_block
 from musc_tasks.render import encode_image, image_mask, region_rows, write_png
 from musc_tasks.rscin import ImageScore, ProductScores
 from musc_tasks.store import PoolLayout, create_pool_store, open_pool_store
+
+from ..references import catalogued
 
 DATE, PRODUCT, BACKBONE = "2026-11-22", "part", "tiny"
 GRID = (8, 8)
@@ -64,21 +65,8 @@ def night(tmp_path_factory):
         patch_map[6, 1] += 1.8 if name == "b.jpg" else 0.0  # a second region of b
         maps.append(patch_map.astype(np.float16))
         upright = (240, 320) if orientation == 6 else (320, 240)
-        image_id = f"id-{name}"
-        records.append(
-            ImageRecord(
-                image_id=image_id,
-                path=str(path),
-                relpath=name,
-                width=upright[0],
-                height=upright[1],
-                status="ok",
-                reason=None,
-                notes=(),
-                duplicate_of=None,
-            )
-        )
-        images.append(ImageScore(image_id, index, len(CAPTURES), score, score))
+        records.append(catalogued(path, name, upright))
+        images.append(ImageScore(f"id-{name}", index, len(CAPTURES), score, score))
     pool = root / "pool.zarr"
     create_pool_store(pool, PoolLayout(tuple(r.image_id for r in records), GRID, 1, 4), {})
     open_pool_store(pool, "r+")["patch_scores"][:] = np.stack(maps).reshape(len(maps), -1).astype(np.float32)
