@@ -18,6 +18,8 @@ multiplied in float32 and the result rounded the same way: the same numbers as o
 to summation order, and no speed-up. Speeds and measured errors: docs/performance.md.
 """
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -111,8 +113,8 @@ def nearest_similarities(
         accumulation error (u = 2^-8 bf16, 2^-11 fp16). Meant for CUDA.
     tile : int, optional
         Images per GEMM tile; default `auto_tile_images`. Bounds the product held in memory
-        at (tile * L)^2 values, so blocks can be as large as the caller likes. Any value
-        gives the same result.
+        at (tile * L)^2 values (a CPU holds a few MiB of it at a time: `_tile_similarities`),
+        so blocks can be as large as the caller likes. Any value gives the same result.
 
     Returns
     -------
@@ -146,7 +148,36 @@ def nearest_similarities(
     return a_to_b, b_to_a
 
 
+# A CPU multiplies a float32 tile in strips of rows of block a, each strip's product about 4 MiB
+# per torch thread (a few times a core's L2, well inside L3), into one buffer reused for every
+# strip: both maxima then read the product while it is in cache, where the whole tile's tens of
+# megabytes were re-read from memory twice and, above glibc's mmap threshold, mapped and
+# page-faulted in for every tile. MKL's float32 GEMM gave the same entries for any row count of 16
+# or more (K = 128-1024, 196-2738 columns) but not always below (or against 1-3 columns), so a
+# strip has at least 64 rows and a tile at least 64 columns, else the tile is one GEMM as before;
+# its float64 GEMM's entries change with the row count up to about 128 rows, so float64 keeps one
+# GEMM per tile. Measurements: docs/performance.md (*Tiles in cache-sized strips*).
+_STRIP_BYTES = 4 << 20
+_MIN_STRIP_ROWS = 64
+
+
 def _tile_similarities(block_a: Tensor, block_b: Tensor, compute_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """`nearest_similarities` of two blocks: one GEMM on a GPU, cache-sized row strips on a CPU."""
+    n_rows = block_a.shape[0] * block_a.shape[1]
+    n_columns = block_b.shape[0] * block_b.shape[1]
+    float32_gemm = compute_dtype in (*_LOW_PRECISION, torch.float32) or (
+        compute_dtype is None and block_a.dtype == torch.float32
+    )
+    budget = max(_MIN_STRIP_ROWS, _STRIP_BYTES * torch.get_num_threads() // (4 * n_columns))
+    n_strips = min(-(-n_rows // budget), n_rows // _MIN_STRIP_ROWS)
+    if block_a.device.type != "cpu" or not float32_gemm or n_columns < _MIN_STRIP_ROWS or n_strips < 2:
+        return _whole_tile_similarities(block_a, block_b, compute_dtype)
+    return _strip_similarities(block_a, block_b, compute_dtype, n_strips=n_strips)
+
+
+def _whole_tile_similarities(
+    block_a: Tensor, block_b: Tensor, compute_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
     """`nearest_similarities` of two blocks in one GEMM."""
     n_a, length, channels = block_a.shape
     n_b = block_b.shape[0]
@@ -163,6 +194,50 @@ def _tile_similarities(block_a: Tensor, block_b: Tensor, compute_dtype: torch.dt
     products = (rows_a @ rows_b.T).view(n_a, length, n_b, length)  # (Ba, L, Bb, L)
     a_to_b = products.amax(dim=3)  # (Ba, L, Bb)
     b_to_a = products.amax(dim=1).permute(1, 2, 0)  # (Bb, L, Ba)
+    return a_to_b, b_to_a
+
+
+def _strip_similarities(
+    block_a: Tensor, block_b: Tensor, compute_dtype: torch.dtype | None, *, n_strips: int
+) -> tuple[Tensor, Tensor]:
+    """`_whole_tile_similarities` with block a's rows in ``n_strips`` near-equal strips, on a CPU.
+
+    A strip's product is those rows of the whole tile's (where the GEMM's entries do not depend
+    on its row count: see `_tile_similarities`), its row maxima are final, and an image's column
+    maxima are a running maximum over the parts of strips that hold its rows, so the result is
+    the whole tile's.
+    """
+    n_a, length, channels = block_a.shape
+    n_b = block_b.shape[0]
+    low = compute_dtype in _LOW_PRECISION
+    if low:  # as `_shifted_products` on a CPU: the rounded tokens multiplied in float32
+        block_a, block_b = block_a.to(compute_dtype).float(), block_b.to(compute_dtype).float()
+    elif compute_dtype is not None:
+        block_a, block_b = block_a.to(compute_dtype), block_b.to(compute_dtype)
+    rows_a = block_a.reshape(n_a * length, channels)
+    columns = block_b.reshape(n_b * length, channels).T  # (C, Bb L)
+    kept = compute_dtype if low else block_a.dtype  # dtype of the maxima
+    a_to_b = torch.empty(n_a * length, n_b, dtype=kept)
+    b_to_a = torch.empty(n_a, n_b * length, dtype=kept)  # column maxima per image of a
+    bounds = [s * n_a * length // n_strips for s in range(n_strips + 1)]
+    product = torch.empty(-(-n_a * length // n_strips) * n_b * length, dtype=block_a.dtype)  # for every strip
+    for start, stop in itertools.pairwise(bounds):
+        strip = product[: (stop - start) * n_b * length].view(stop - start, n_b * length)
+        torch.mm(rows_a[start:stop], columns, out=strip)
+        if low:
+            strip = strip.sub_(1.0).to(compute_dtype)  # s - 1, rounded once
+        torch.amax(strip.view(stop - start, n_b, length), dim=2, out=a_to_b[start:stop])
+        for image in range(start // length, -(-stop // length)):  # images of a with rows in the strip
+            first, last = max(start, image * length), min(stop, (image + 1) * length)
+            maxima = strip[first - start : last - start]
+            if first == image * length:
+                torch.amax(maxima, dim=0, out=b_to_a[image])
+            else:
+                torch.maximum(b_to_a[image], maxima.amax(dim=0), out=b_to_a[image])
+    a_to_b = a_to_b.view(n_a, length, n_b)
+    b_to_a = b_to_a.view(n_a, n_b, length).permute(1, 2, 0)  # (Bb, L, Ba)
+    if low:
+        return a_to_b.float() + 1.0, b_to_a.float() + 1.0
     return a_to_b, b_to_a
 
 

@@ -1,0 +1,68 @@
+"""Property tests for musc_tasks.core._msm: a CPU's strips of a tile equal its one GEMM to the bit."""
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from musc_tasks.core import _msm, nearest_similarities
+
+SETTINGS = settings(max_examples=60, deadline=None)
+COMPUTE_DTYPES = st.sampled_from([None, torch.float64, torch.bfloat16, torch.float16])
+
+
+def unit_tokens(n, length, channels, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, length, channels, generator=generator), dim=-1)
+
+
+def assert_equal(got, expected):
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert torch.equal(g, e), f"max difference {(g.double() - e.double()).abs().max().item()}"
+
+
+@SETTINGS
+@given(
+    st.integers(1, 4), st.integers(1, 4), st.integers(16, 90), st.integers(1, 12), st.data(),
+    COMPUTE_DTYPES.filter(lambda dtype: dtype is not torch.float64), st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_strips_equal_the_whole_tile(n_a, n_b, length, channels, data, compute_dtype, seed):
+    """Strips of at least 64 rows and tiles of at least 64 columns: the float32 GEMMs the CPU splits."""
+    n_rows = n_a * length
+    assume(n_rows >= 2 * 64 and n_b * length >= 64)
+    n_strips = data.draw(st.integers(2, n_rows // 64))
+    tokens = unit_tokens(n_a + n_b, length, channels, seed)
+    a, b = tokens[:n_a], tokens[n_a:]
+    expected = _msm._whole_tile_similarities(a, b, compute_dtype)
+    assert_equal(_msm._strip_similarities(a, b, compute_dtype, n_strips=n_strips), expected)
+
+
+@SETTINGS
+@given(
+    st.integers(1, 7), st.integers(1, 5), st.integers(1, 80), st.integers(1, 12), st.integers(1, 6),
+    st.integers(1, 1 << 16), st.booleans(), COMPUTE_DTYPES, st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_tiles_in_strips_equal_tiles_in_one_gemm(n_a, n_b, length, channels, tile, strip_bytes, same, dtype, seed):
+    """Tiles that do not divide the blocks, one-image sides, the same block's upper triangle, strips of any size."""
+    tokens = unit_tokens(n_a + n_b, length, channels, seed)
+    a = tokens[:n_a]
+    b = a if same else tokens[n_a:]
+    with mock.patch.object(_msm, "_tile_similarities", _msm._whole_tile_similarities):
+        expected = nearest_similarities(a, b, compute_dtype=dtype, tile=tile)
+    with mock.patch.object(_msm, "_STRIP_BYTES", strip_bytes):
+        got = nearest_similarities(a, b, compute_dtype=dtype, tile=tile)
+    assert_equal(got, expected)
+
+
+@pytest.mark.parametrize("length, channels", [(196, 768), (1024, 128), (1369, 128)])
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_default_strips_equal_one_gemm_at_real_shapes(length, channels, compute_dtype):
+    tokens = unit_tokens(5, length, channels, seed=length)
+    a, b = tokens[:3], tokens[3:]
+    for tile in (None, 2):
+        with mock.patch.object(_msm, "_tile_similarities", _msm._whole_tile_similarities):
+            expected = nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile)
+        assert_equal(nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile), expected)
