@@ -1,5 +1,6 @@
 """Property tests for musc_tasks.core._msm: a CPU's strips of a tile equal its one GEMM to the bit."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -16,6 +17,17 @@ COMPUTE_DTYPES = st.sampled_from([None, torch.float64, torch.bfloat16, torch.flo
 def unit_tokens(n, length, channels, seed):
     generator = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(n, length, channels, generator=generator), dim=-1)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Strips are taken on one CPU thread (as in a Dask worker); a tile on several stays one GEMM."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_equal(got, expected):
@@ -52,17 +64,32 @@ def test_tiles_in_strips_equal_tiles_in_one_gemm(n_a, n_b, length, channels, til
     b = a if same else tokens[n_a:]
     with mock.patch.object(_msm, "_tile_similarities", _msm._whole_tile_similarities):
         expected = nearest_similarities(a, b, compute_dtype=dtype, tile=tile)
-    with mock.patch.object(_msm, "_STRIP_BYTES", strip_bytes):
+    with mock.patch.object(_msm, "_STRIP_BYTES", strip_bytes), one_thread():
         got = nearest_similarities(a, b, compute_dtype=dtype, tile=tile)
     assert_equal(got, expected)
 
 
-@pytest.mark.parametrize("length, channels", [(196, 768), (1024, 128), (1369, 128)])
+@pytest.mark.parametrize("length, channels, n_a, n_b", [(196, 768, 20, 12), (1024, 128, 3, 2), (1369, 128, 3, 2)])
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
-def test_default_strips_equal_one_gemm_at_real_shapes(length, channels, compute_dtype):
-    tokens = unit_tokens(5, length, channels, seed=length)
-    a, b = tokens[:3], tokens[3:]
-    for tile in (None, 2):
+def test_default_strips_equal_one_gemm_at_real_shapes(length, channels, n_a, n_b, compute_dtype):
+    tokens = unit_tokens(n_a + n_b, length, channels, seed=length)
+    a, b = tokens[:n_a], tokens[n_a:]
+    for tile in (None, 7):
         with mock.patch.object(_msm, "_tile_similarities", _msm._whole_tile_similarities):
             expected = nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile)
-        assert_equal(nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile), expected)
+        strips = mock.patch.object(_msm, "_strip_similarities", wraps=_msm._strip_similarities)
+        with one_thread(), strips as called:
+            assert_equal(nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile), expected)
+        assert called.call_count > 0
+
+
+def test_several_threads_keep_one_gemm_per_tile():
+    tokens = unit_tokens(4, 1369, 16, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with mock.patch.object(_msm, "_strip_similarities") as called:
+            nearest_similarities(tokens[:2], tokens[2:])
+    finally:
+        torch.set_num_threads(threads)
+    called.assert_not_called()
