@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -197,6 +198,23 @@ def placement_from_args(args: argparse.Namespace) -> dict:
     return {"device": args.device, "dask_address": args.dask_address}
 
 
+def local_cluster_starting(
+    args: argparse.Namespace, backbone: BackboneSpec, images: str | os.PathLike | None = None
+) -> contextlib.AbstractContextManager:
+    """The block in which the command calls its flow: the run's local Dask cluster starts and warms at once.
+
+    Its workers' imports and model build then overlap the Prefect server's start and the
+    flows' imports, and the flow's `run_cluster` takes it over (`cluster.local_cluster_starting`).
+    Nothing starts with ``--dask-address``, nor when ``images`` (a folder the flow reads) holds no
+    image file: the flow's own guard, so a night without images starts no cluster.
+    """
+    if args.dask_address or (images is not None and not preflight.holds_image(images)):
+        return contextlib.nullcontext()
+    from .cluster import local_cluster_starting as starting  # Dask, not torch
+
+    return starting(backbone, args.device)
+
+
 def references_from_args(args: argparse.Namespace) -> dict:
     """``references`` and ``reference_mode``: the known-good images the nights are also scored against, and how."""
     return {"references": args.references, "reference_mode": args.reference_mode}
@@ -215,25 +233,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     preflight.require_images(day_input(args.input, run_date.isoformat()), "input folder")
     backbone = validate_scoring(args)
     try:
-        outputs = outputs_from_args(args)
+        outputs, scoring = outputs_from_args(args), scoring_from_args(args)
     except ValueError as error:
         raise UsageError(_first_line(error)) from None
     from flows.server import server_starting
 
-    with server_starting():  # the temporary Prefect server starts while the flows import
-        from flows.score import score_captures
+    with local_cluster_starting(args, backbone):  # INPUT holds an image: checked above
+        with server_starting():  # the temporary Prefect server starts while the flows import
+            from flows.score import score_captures
 
-    summary = score_captures(
-        input_dir=args.input if "{date}" in args.input else str(Path(args.input).resolve()),
-        out_dir=str(Path(args.out).resolve()),
-        run_date=run_date,
-        backbone=backbone,
-        scoring=scoring_from_args(args),
-        refresh=args.refresh,
-        outputs=outputs,
-        **placement_from_args(args),
-        **references_from_args(args),
-    )
+        summary = score_captures(
+            input_dir=args.input if "{date}" in args.input else str(Path(args.input).resolve()),
+            out_dir=str(Path(args.out).resolve()),
+            run_date=run_date,
+            backbone=backbone,
+            scoring=scoring,
+            refresh=args.refresh,
+            outputs=outputs,
+            **placement_from_args(args),
+            **references_from_args(args),
+        )
     print_summary(summary)
     return 0
 
@@ -332,28 +351,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     categories = args.categories.split(",") if args.categories else found
     preflight.check_shots(root, args.layout, categories, args.shots, args.references, args.reference_mode)
     backbone = validate_scoring(args)
-    from flows.server import server_starting
-
-    with server_starting():  # the temporary Prefect server starts while the flows import
-        from flows.evaluate import evaluate_dataset
-
     scoring = scoring_from_args(
         args, rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout], pool_size=args.pool_size or 100_000
     )
-    rows = evaluate_dataset(
-        root=str(Path(args.root).resolve()),
-        layout=args.layout,
-        out_dir=str(Path(args.out).resolve()),
-        categories=tuple(args.categories.split(",")) if args.categories else None,
-        divide_num=args.divide_num,
-        backbone=backbone,
-        scoring=scoring,
-        mask_mode=args.mask_mode,
-        **placement_from_args(args),
-        shots=args.shots,
-        seed=args.shot_seed,
-        reference_mode=args.reference_mode,
-    )
+    from flows.server import server_starting
+
+    with local_cluster_starting(args, backbone, root):
+        with server_starting():  # the temporary Prefect server starts while the flows import
+            from flows.evaluate import evaluate_dataset
+
+        rows = evaluate_dataset(
+            root=str(Path(args.root).resolve()),
+            layout=args.layout,
+            out_dir=str(Path(args.out).resolve()),
+            categories=tuple(args.categories.split(",")) if args.categories else None,
+            divide_num=args.divide_num,
+            backbone=backbone,
+            scoring=scoring,
+            mask_mode=args.mask_mode,
+            **placement_from_args(args),
+            shots=args.shots,
+            seed=args.shot_seed,
+            reference_mode=args.reference_mode,
+        )
     print(metrics_table(rows))
     if args.shots:
         print(f"few-shot: {args.shots} train images per category (seed {args.shot_seed}), mode {args.reference_mode}")

@@ -131,9 +131,14 @@ class RunCluster:
         return self._address
 
     def close(self) -> None:
-        """Close a local cluster (waiting for its start first); an external scheduler is left as it is."""
+        """Close a local cluster (waiting for its start first); an external scheduler is left as it is.
+
+        Closing again does nothing: a command's cluster is closed by the flow that used it and
+        again when the command's block ends (`local_cluster_starting`).
+        """
         if self._starting is not None:
             self._starting.join()
+            self._starting = None
             if self._error is not None and self._address is None:
                 log.warning("the run's local Dask cluster did not start: %s", self._error)
         try:
@@ -144,6 +149,34 @@ class RunCluster:
                 self._cluster.close()
             self._client = self._cluster = None
             self._warming = []
+
+
+# The local cluster a `musc` command started as it began, until its flow's `run_cluster` takes it over.
+_started_by_command: RunCluster | None = None
+
+
+@contextlib.contextmanager
+def local_cluster_starting(backbone: BackboneSpec, device: str) -> Iterator[None]:
+    """Start the run's local cluster and warm its workers now, for the flow the block calls; closed when it ends.
+
+    For a `musc` command whose flow will use a local cluster on input it has seen images in:
+    the workers' imports and model build (seconds of each worker's core) then overlap the
+    command's own start (the Prefect server's, the flows' imports) instead of following the
+    flow's. The first ``run_cluster(None, ...)`` in the block takes the cluster over and closes
+    it when its flow body ends, as it closes its own; the block's end closes it in any case
+    (a flow that failed before taking it, an error, Ctrl-C). ``backbone`` and ``device`` are
+    the flow's: its extraction finds the model in each worker's cache.
+    """
+    global _started_by_command
+    cluster = RunCluster()
+    log.info("starting the run's local Dask cluster with the command")
+    cluster.start_warm(backbone, device)
+    _started_by_command = cluster
+    try:
+        yield
+    finally:
+        _started_by_command = None
+        cluster.close()
 
 
 @contextlib.contextmanager
@@ -158,13 +191,19 @@ def run_cluster(
     and each worker's first task imports torch and the backbone's library and builds the
     model into the worker's model cache (`warm_worker`), while the catalog runs; without it
     the cluster starts when a stage first asks for the address, so a night without images
-    starts none.
+    starts none. Within a `musc` command's `local_cluster_starting` block the local cluster is
+    the one the command already started (the first `run_cluster` of the block takes it over).
     """
-    cluster = RunCluster(address)
-    if address:
-        check_scheduler(address)
-    elif warm_for is not None:
-        cluster.start_warm(warm_for, device)
+    global _started_by_command
+    if address is None and _started_by_command is not None:
+        cluster, _started_by_command = _started_by_command, None
+        log.info("the run uses the local Dask cluster its command started")
+    else:
+        cluster = RunCluster(address)
+        if address:
+            check_scheduler(address)
+        elif warm_for is not None:
+            cluster.start_warm(warm_for, device)
     try:
         yield cluster
     finally:
