@@ -203,10 +203,13 @@ def local_cluster_starting(
 ) -> contextlib.AbstractContextManager:
     """The block in which the command calls its flow: the run's local Dask cluster starts and warms at once.
 
-    Its workers' imports and model build then overlap the Prefect server's start and the
-    flows' imports, and the flow's `run_cluster` takes it over (`cluster.local_cluster_starting`).
-    Nothing starts with ``--dask-address``, nor when ``images`` (a folder the flow reads) holds no
-    image file: the flow's own guard, so a night without images starts no cluster.
+    Its workers' imports and model build then overlap the flows' imports and the Prefect
+    server's start, and the flow's `run_cluster` takes it over (`cluster.local_cluster_starting`).
+    Entered after the server's start began: the flow waits for the server, and starting the
+    cluster first (its scheduler and nannies run in this process) delayed that start by 4-8 s on
+    2 busy cores (docs/performance.md). Nothing starts with ``--dask-address``, nor when
+    ``images`` (a folder the flow reads) holds no image file: the flow's own guard, so a night
+    without images starts no cluster.
     """
     if args.dask_address or (images is not None and not preflight.holds_image(images)):
         return contextlib.nullcontext()
@@ -238,8 +241,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise UsageError(_first_line(error)) from None
     from flows.server import server_starting
 
-    with local_cluster_starting(args, backbone):  # INPUT holds an image: checked above
+    with contextlib.ExitStack() as run:
         with server_starting():  # the temporary Prefect server starts while the flows import
+            run.enter_context(local_cluster_starting(args, backbone))  # INPUT holds an image: checked above
             from flows.score import score_captures
 
         summary = score_captures(
@@ -356,8 +360,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from flows.server import server_starting
 
-    with local_cluster_starting(args, backbone, root):
+    with contextlib.ExitStack() as run:
         with server_starting():  # the temporary Prefect server starts while the flows import
+            run.enter_context(local_cluster_starting(args, backbone, root))
             from flows.evaluate import evaluate_dataset
 
         rows = evaluate_dataset(

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # pydantic and the config stay out of what a worker imports t
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10  # an unreachable scheduler fails the run within this, not after Dask's own 30 s
+WARM_UP_GRACE_S = 60  # a closing run waits this long for its workers' warm-up (imports, weights from the disk)
 
 
 class SchedulerUnreachable(RuntimeError):
@@ -137,12 +139,19 @@ class RunCluster:
         again when the command's block ends (`local_cluster_starting`).
         """
         if self._starting is not None:
-            self._starting.join()
+            with contextlib.suppress(RuntimeError):  # a Ctrl-C in Thread.start before the thread began
+                self._starting.join()
             self._starting = None
             if self._error is not None and self._address is None:
                 log.warning("the run's local Dask cluster did not start: %s", self._error)
         try:
             if self._client is not None:
+                # A worker closes only after its running task: one still warming (a run that failed
+                # or was interrupted early) would be killed with a warning after the nanny's 4 s.
+                deadline = time.monotonic() + WARM_UP_GRACE_S
+                for warming in self._warming:
+                    with contextlib.suppress(Exception):  # late or lost: the nanny kills it
+                        warming.result(timeout=max(0.0, deadline - time.monotonic()))
                 self._client.close()  # releases the warm-up futures
         finally:
             if self._cluster is not None:
@@ -168,11 +177,10 @@ def local_cluster_starting(backbone: BackboneSpec, device: str) -> Iterator[None
     the flow's: its extraction finds the model in each worker's cache.
     """
     global _started_by_command
-    cluster = RunCluster()
-    log.info("starting the run's local Dask cluster with the command")
-    cluster.start_warm(backbone, device)
-    _started_by_command = cluster
-    try:
+    cluster = _started_by_command = RunCluster()
+    try:  # from here: a Ctrl-C may come while the start's thread starts
+        cluster.start_warm(backbone, device)
+        log.info("starting the run's local Dask cluster with the command")
         yield
     finally:
         _started_by_command = None

@@ -1,10 +1,17 @@
-"""The run's local cluster starts while the catalog runs and warms its workers, but only for a night with images."""
+"""The run's local cluster starts early and warms its workers, but only for a night with images.
 
+A flow starts it while the catalog runs; `musc score` as the command starts, and its flow takes it over.
+"""
+
+import signal
 import subprocess
 import sys
+import uuid
 from datetime import date
+from functools import partial
 from pathlib import Path
 
+import psutil
 import pytest
 from distributed import Client
 
@@ -14,6 +21,7 @@ from musc_tasks import tables
 from musc_tasks.cluster import run_cluster
 from musc_tasks.config import BackboneSpec
 
+from ..conftest import TINY_SPEC, backbone_options
 from .conftest import subprocess_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
@@ -101,4 +109,88 @@ def test_missing_weights_end_the_command_with_their_own_message(demo_day, prefec
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("musc: error: no weights for ViT-B-16 / openai in the local cache"), done.stderr[-3000:]
-    assert "HF_HUB_OFFLINE is set" in last and "warm" not in done.stderr.lower()
+    assert "HF_HUB_OFFLINE is set" in last and "warming" not in done.stderr.lower()  # not "warm": paths may hold it
+
+
+STARTED = "starting the run's local Dask cluster with the command"
+
+
+def _verbose_score(demo_day, out_dir, prefect_api, marker: str) -> tuple[list[str], dict[str, str]]:
+    """`musc -v score` of the demo day with the tiny backbone; Dask's INFO records on; ``marker`` in its environment."""
+    env = subprocess_env(prefect_api)
+    # MUSC_RUN_MARKER: inherited by the run's worker processes, so the test can find any left behind
+    env.update(PYTHONPATH=str(REPO), DASK_LOGGING__DISTRIBUTED="info", MUSC_RUN_MARKER=marker)
+    command = [sys.executable, "-m", "musc_tasks.cli", "-v", "score", str(demo_day.input_dir), "--out", str(out_dir)]
+    return [*command, "--date", "2026-11-22", *backbone_options(TINY_SPEC)], env
+
+
+def _workers_left(marker: str) -> list[str]:
+    """Command lines of live Dask worker processes (multiprocessing's spawned children) started under ``marker``."""
+    left = []
+    for process in psutil.process_iter(["cmdline", "environ"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if (process.info["environ"] or {}).get("MUSC_RUN_MARKER") == marker and "spawn_main" in cmdline:
+            left.append(cmdline)
+    return left
+
+
+def _first(lines: list[str], text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def _closed_before_the_traceback(lines: list[str]) -> bool:
+    """The cluster was closed by the command, before its error's traceback, not by Dask's exit handler after it."""
+    traceback = max(i for i, line in enumerate(lines) if line.startswith("Traceback"))
+    dask_records = [i for i, line in enumerate(lines) if " distributed." in line]
+    return any("Closing Nanny" in lines[i] for i in dask_records) and max(dask_records) < traceback
+
+
+def test_the_command_starts_the_cluster_before_its_flow_and_the_flow_takes_it_over(demo_day, prefect_api, tmp_path):
+    command, env = _verbose_score(demo_day, tmp_path / "out", prefect_api, marker=str(uuid.uuid4()))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    begun = _first(lines, "Beginning flow run")
+    assert _first(lines, STARTED) < begun < _first(lines, "the run uses the local Dask cluster its command started")
+    # one scheduler in the whole command: the flow started no cluster of its own
+    assert sum("Scheduler at:" in line for line in lines) == 1, done.stderr[-3000:]
+    assert "still alive" not in done.stderr
+    runs = tables.read_table(tmp_path / "out" / "tables" / "runs")
+    assert list(runs["status"]) == ["completed"]
+
+
+def test_a_flow_failing_before_it_takes_the_cluster_over_closes_it_before_the_command_ends(
+    demo_day, prefect_api, tmp_path
+):
+    (tmp_path / "a-file").write_text("")  # OUT below a file: the flow's run lock cannot create it
+    marker = str(uuid.uuid4())
+    command, env = _verbose_score(demo_day, tmp_path / "a-file" / "out", prefect_api, marker)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 1 and "is not writable" in done.stderr, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    assert _first(lines, STARTED) < _first(lines, "Beginning flow run")
+    assert _closed_before_the_traceback(lines), done.stderr[-3000:]
+    assert "still alive" not in done.stderr
+    assert _workers_left(marker) == []
+
+
+def test_ctrl_c_during_the_start_closes_the_cluster(demo_day, prefect_api, tmp_path):
+    marker = str(uuid.uuid4())
+    command, env = _verbose_score(demo_day, tmp_path / "out", prefect_api, marker)
+    # SIGINT as a terminal sends it, even where this test runs with it ignored (a background job)
+    restore = partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=restore
+    )
+    seen = []
+    for line in process.stderr:  # Ctrl-C as soon as the cluster is starting
+        seen.append(line)
+        if STARTED in line:
+            process.send_signal(signal.SIGINT)
+            break
+    stderr = "".join(seen) + process.stderr.read()
+    process.wait(timeout=60)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-3000:]
+    assert _closed_before_the_traceback(stderr.splitlines()), stderr[-3000:]
+    assert "still alive" not in stderr
+    assert _workers_left(marker) == []
