@@ -3,6 +3,7 @@
 A flow starts it while the catalog runs; `musc score` as the command starts, and its flow takes it over.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -194,3 +195,34 @@ def test_ctrl_c_during_the_start_closes_the_cluster(demo_day, prefect_api, tmp_p
     assert _closed_before_the_traceback(stderr.splitlines()), stderr[-3000:]
     assert "still alive" not in stderr
     assert _workers_left(marker) == []
+
+
+def test_the_command_process_keeps_torch_threads_when_its_cluster_starts_first(tiny_backbone):
+    """The nannies set OMP_NUM_THREADS=1 in the process that spawns them; the command's torch must not take it."""
+    started = (
+        "import sys\n"
+        "import musc_tasks.cluster as c\n"
+        "from musc_tasks.config import BackboneSpec\n"
+        "with c.local_cluster_starting(BackboneSpec.model_validate_json(sys.argv[1]), 'cpu'):\n"
+        "    c._started_by_command._starting.join()  # the nannies have spawned their workers\n"
+        "    import torch  # as the command's flows import it\n"
+        "    print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    plain = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", started, tiny_backbone.model_dump_json()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == plain.stdout.split()
