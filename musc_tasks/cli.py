@@ -841,8 +841,6 @@ def quiet_console(verbose: bool) -> None:
     if not verbose:
         handler.addFilter(_not_reported_by_main)
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-        # The local cluster's HTTP server moves to a free port when 8787 is taken: not news.
-        warnings.filterwarnings("ignore", message="Port .* is already in use")
 
 
 def _not_reported_by_main(record: logging.LogRecord) -> bool:

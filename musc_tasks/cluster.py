@@ -77,7 +77,14 @@ def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
     # Read by each nanny when it is created, and kept for the restarts of its worker.
     with dask.config.set(KEEP_GLIBC_MALLOC):
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=silence
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=silence,
+            # Without a dashboard the scheduler still serves HTTP (health, metrics), on port 8787 by
+            # default, moving with a warning when another cluster holds it: a free loopback port.
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         )
     try:
         with Client(cluster, set_as_default=False) as client:

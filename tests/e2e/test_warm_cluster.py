@@ -3,11 +3,14 @@
 A flow starts it while the catalog runs; `musc score` as the command starts, and its flow takes it over.
 """
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
+import warnings
 from datetime import date
 from functools import partial
 from pathlib import Path
@@ -19,7 +22,7 @@ from distributed import Client
 import musc_tasks.cluster
 from flows.score import score_captures
 from musc_tasks import tables
-from musc_tasks.cluster import run_cluster
+from musc_tasks.cluster import run_cluster, start_local_cluster
 from musc_tasks.config import BackboneSpec
 
 from ..conftest import TINY_SPEC, backbone_options
@@ -195,6 +198,21 @@ def test_ctrl_c_during_the_start_closes_the_cluster(demo_day, prefect_api, tmp_p
     assert _closed_before_the_traceback(stderr.splitlines()), stderr[-3000:]
     assert "still alive" not in stderr
     assert _workers_left(marker) == []
+
+
+def test_a_local_cluster_serves_http_on_a_free_port_without_a_warning():
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # another cluster may hold it already: as good
+            held.bind(("127.0.0.1", 8787))
+            held.listen()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cluster = start_local_cluster(1)
+            try:
+                port = cluster.scheduler.http_server.port
+            finally:
+                cluster.close()
+    assert port != 8787 and not [w for w in caught if "already in use" in str(w.message)]
 
 
 def test_the_command_process_keeps_torch_threads_when_its_cluster_starts_first(tiny_backbone):
