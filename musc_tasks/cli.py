@@ -213,7 +213,7 @@ def local_cluster_starting(
     """
     if args.dask_address or (images is not None and not preflight.holds_image(images)):
         return contextlib.nullcontext()
-    from .cluster import local_cluster_starting as starting  # Dask, not torch
+    from .cluster import local_cluster_starting as starting
 
     return starting(backbone, args.device)
 

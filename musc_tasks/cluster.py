@@ -186,6 +186,7 @@ def local_cluster_starting(backbone: BackboneSpec, device: str) -> Iterator[None
     # Each nanny sets OMP_NUM_THREADS=1 (and MKL's, OpenBLAS's) in this process's own environment as it
     # spawns its worker (Dask's pre-spawn-environ): torch loaded after that ran this process's work
     # (publish, the report) on one thread, 0.9 s longer for 90 images on 2 cores. Loaded first, it keeps its own.
+    # (Only the command's process runs this: the module itself stays free of torch for the workers.)
     import torch  # noqa: F401
 
     global _started_by_command
