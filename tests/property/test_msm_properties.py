@@ -30,10 +30,38 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def assert_equal(got, expected):
+def blas_splits_rows_exactly() -> bool:
+    """Whether this CPU's float32 GEMM gives a row the same bits in a strip of >= 64 rows as in the whole.
+
+    The strips' equality to one GEMM rests on it (`_msm._tile_similarities`): MKL on the CPUs
+    measured does, over the shapes the tests draw; a BLAS that does not still gets the same
+    maxima up to float32 rounding, which is what the tests then hold it to.
+    """
+    generator = torch.Generator().manual_seed(0)
+    for channels in (1, 2, 3, 5, 8, 12, 128, 768):
+        rows = torch.randn(400, channels, generator=generator)
+        for n_columns in (64, 90, 196, 360, 1369):
+            columns = torch.randn(channels, n_columns, generator=generator)
+            whole = rows @ columns
+            for start, stop in ((0, 64), (64, 129), (129, 200), (200, 328), (328, 400)):
+                if not torch.equal(rows[start:stop] @ columns, whole[start:stop]):
+                    return False
+    return True
+
+
+EXACT = blas_splits_rows_exactly()
+
+
+def assert_equal(got, expected, compute_dtype):
+    # without EXACT, a float32 product one rounding apart can round to the neighbouring bf16 or fp16
+    tolerance = 2**-7 if compute_dtype in (torch.bfloat16, torch.float16) else 1e-5
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape and g.dtype == e.dtype
-        assert torch.equal(g, e), f"max difference {(g.double() - e.double()).abs().max().item()}"
+        difference = (g.double() - e.double()).abs().max().item() if g.numel() else 0.0
+        if EXACT:
+            assert torch.equal(g, e), f"max difference {difference}"
+        else:  # a BLAS whose entries depend on the row count: equal up to the GEMM's rounding
+            assert difference <= tolerance, f"max difference {difference}"
 
 
 @SETTINGS
@@ -49,7 +77,7 @@ def test_strips_equal_the_whole_tile(n_a, n_b, length, channels, data, compute_d
     tokens = unit_tokens(n_a + n_b, length, channels, seed)
     a, b = tokens[:n_a], tokens[n_a:]
     expected = _msm._whole_tile_similarities(a, b, compute_dtype)
-    assert_equal(_msm._strip_similarities(a, b, compute_dtype, n_strips=n_strips), expected)
+    assert_equal(_msm._strip_similarities(a, b, compute_dtype, n_strips=n_strips), expected, compute_dtype)
 
 
 @SETTINGS
@@ -66,7 +94,7 @@ def test_tiles_in_strips_equal_tiles_in_one_gemm(n_a, n_b, length, channels, til
         expected = nearest_similarities(a, b, compute_dtype=dtype, tile=tile)
     with mock.patch.object(_msm, "_STRIP_BYTES", strip_bytes), one_thread():
         got = nearest_similarities(a, b, compute_dtype=dtype, tile=tile)
-    assert_equal(got, expected)
+    assert_equal(got, expected, dtype)
 
 
 @pytest.mark.parametrize("length, channels, n_a, n_b", [(196, 768, 20, 12), (1024, 128, 3, 2), (1369, 128, 3, 2)])
@@ -79,7 +107,7 @@ def test_default_strips_equal_one_gemm_at_real_shapes(length, channels, n_a, n_b
             expected = nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile)
         strips = mock.patch.object(_msm, "_strip_similarities", wraps=_msm._strip_similarities)
         with one_thread(), strips as called:
-            assert_equal(nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile), expected)
+            assert_equal(nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile), expected, compute_dtype)
         assert called.call_count > 0
 
 
