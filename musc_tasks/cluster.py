@@ -80,6 +80,7 @@ def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
+            preload=["musc_tasks.worker_imports"],  # every import in one thread, before any task or data
             dashboard_address=None,
             silence_logs=silence,
             # Without a dashboard the scheduler still serves HTTP (health, metrics), on port 8787 by

@@ -26,7 +26,11 @@ def prefect_api():
 def dask_address():
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # an existing cluster's workers as README starts them: the stages imported as each starts
+    preload = ["musc_tasks.worker_imports"]
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, preload=preload
+    ) as cluster:
         yield cluster.scheduler_address
 
 

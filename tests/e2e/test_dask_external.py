@@ -33,6 +33,7 @@ def external_cluster(tmp_path):
     port = address.rsplit(":", 1)[1]
     scheduler = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"]
     worker = [str(BIN / "dask"), "worker", address, "--nworkers", "2", "--nthreads", "1", "--no-dashboard"]
+    worker += ["--preload", "musc_tasks.worker_imports"]  # as README says
     logs = [scheduler_log, worker_log]
     kills = tmp_path / "kills"
     kills.mkdir()

@@ -1,6 +1,7 @@
 """The run's local Dask cluster."""
 
 import os
+import sys
 
 from musc_tasks.cluster import dask_client
 
@@ -12,3 +13,15 @@ def test_local_workers_keep_glibc_malloc_thresholds(monkeypatch):
         trim, threads = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_"), client.run(os.getenv, "OMP_NUM_THREADS")
     assert list(trim.values()) == [None]
     assert list(threads.values()) == ["1"]  # Dask's other variables are kept: one thread per worker
+
+
+def _imported(*names):
+    return [name for name in names if name in sys.modules]
+
+
+def test_local_workers_import_the_stages_before_any_task():
+    """In each worker's main thread as it starts, so no import of a task overlaps an unpickling (cpython#106905)."""
+    stages = ("torch", "skimage.measure", "musc_tasks.extract", "musc_tasks.publish", "musc_tasks.scoring")
+    with dask_client(n_workers=1) as client:
+        imported = client.run(_imported, *stages)  # runs in the event loop: no task has run
+    assert list(imported.values()) == [list(stages)]
