@@ -1,9 +1,10 @@
 """The run's one Dask cluster: an existing scheduler checked within seconds, or a LocalCluster for the run.
 
-Kept apart from the stages and light on imports (no torch): the local workers unpickle
-`ExitAfterClose` when the cluster starts, and `warm_worker` when the run warms them; importing
-either must not make a worker load torch in its event loop (the warm-up imports it in the
-worker's task thread).
+Kept apart from the stages and light on imports (no torch): the workers unpickle
+`ExitAfterClose` and `warm_worker` in their event loop, which must not import the stages there
+while a task thread imports (python/cpython#106905). The local workers import torch and the
+stages once, as they start (`worker_imports`, Dask's preload); workers started by hand without it
+import them with their first task.
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ def run_cluster(
     ``address``: that scheduler, checked now, before any work (an unreachable one fails the
     run within seconds); its workers are used as they are. None: a LocalCluster. With
     ``warm_for`` (the caller saw image files in the input) it starts now in the background,
-    and each worker's first task imports torch and the backbone's library and builds the
-    model into the worker's model cache (`warm_worker`), while the catalog runs; without it
+    and each worker's first task imports the backbone's library and builds the model into
+    the worker's model cache (`warm_worker`), while the catalog runs; without it
     the cluster starts when a stage first asks for the address, so a night without images
     starts none. Within a `musc` command's `local_cluster_starting` block the local cluster is
     the one the command already started (the first `run_cluster` of the block takes it over).
@@ -240,7 +241,7 @@ def warm_worker(backbone: BackboneSpec, device: str) -> None:
     resolves there, and nothing is loaded twice. A failure (weights missing, no download
     source) is not cached: the first block tries again and raises it with its own message.
     """
-    from .extract import worker_backbone  # torch, zarr and the backbone's library, in this task's thread
+    from .extract import worker_backbone  # in this task's thread: preloaded by local workers, not by all
 
     try:
         worker_backbone(backbone, device)
