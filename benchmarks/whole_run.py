@@ -4,6 +4,7 @@ Usage (from the repository root):
     .venv/bin/python benchmarks/whole_run.py [--products 3 --images-per-product 30] [--repeats 3] [--json out.json]
     .venv/bin/python benchmarks/whole_run.py --products 3 --images-per-product 334 --resolution 2448x2048
     .venv/bin/python benchmarks/whole_run.py --backbone ViT-B-16 -- --pretrained none --image-size 224
+    .venv/bin/python benchmarks/whole_run.py --site --repeats 3     # against a running Prefect server and Dask cluster
 
 It writes a night (the demo's photos with planted defects at their own 224 px, or enlarged to
 ``--resolution`` as camera JPEGs by `factory_night.make_night`), runs `musc score` once into a
@@ -31,11 +32,19 @@ publish (tables, masks, heatmaps, maps: work the engine does not do) and for the
 stages alone. The engine is timed after this process imported torch and open_clip; the
 seconds a fresh interpreter needs for those imports are printed apart (the pipeline's
 start-up pays them). Extra `musc score` options go after ``--``.
+
+``--site`` runs every `musc score` as a site that keeps its services running does: against one
+`prefect server start` (``PREFECT_API_URL``) and one Dask cluster (`dask scheduler` and a
+2-process `dask worker --nthreads 1 --preload musc_tasks.worker_imports`, ``--dask-address``),
+both started before the first run and stopped after the last. The first run then finds the
+workers cold (each loads the backbone with its first block); the repeats find the model in the
+workers' cache, as every later night of a site does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -50,8 +59,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
+from distributed import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from day_scale import run_musc_score  # noqa: E402
@@ -222,10 +233,12 @@ def pipeline_breakdown(started_at: float, seconds: float, run) -> dict[str, floa
     }
 
 
-def run_pipeline(command: list[str], out_dir: Path, prefect_home: Path) -> tuple[dict, object]:
+def run_pipeline(
+    command: list[str], out_dir: Path, prefect_home: Path, prefect_api: str | None = None
+) -> tuple[dict, object]:
     """One `musc score` (a fresh process) in ``prefect_home``; its measurements, breakdown and score rows."""
     started_at = time.time()
-    result = run_musc_score(command, out_dir, prefect_home=prefect_home)
+    result = run_musc_score(command, out_dir, prefect_api=prefect_api, prefect_home=prefect_home)
     run = tables.read_table(out_dir / "tables" / "runs").iloc[-1]
     result["breakdown"] = pipeline_breakdown(started_at, result["seconds"], run)
     result["parameters"] = json.loads(run["parameters"])
@@ -239,6 +252,81 @@ def import_seconds() -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def site_services(home: Path, logs: Path):
+    """(Prefect API URL, Dask scheduler address) of a `prefect server start` and a 2-worker Dask cluster.
+
+    Started as a site starts them, each its own process from the shell's commands, before the
+    block; stopped after it. The server's database is in ``home``.
+    """
+    bin_dir = Path(sys.executable).parent
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        DO_NOT_TRACK="1",
+        NO_PROXY="127.0.0.1,localhost",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    scheduler_file = logs / "scheduler.json"
+    commands = {
+        "prefect-server": [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        "dask-scheduler": [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--no-dashboard"]
+        + ["--scheduler-file", str(scheduler_file)],
+        "dask-worker": [str(bin_dir / "dask"), "worker", "--scheduler-file", str(scheduler_file)]
+        + ["--nworkers", "2", "--nthreads", "1", "--no-dashboard", "--preload", "musc_tasks.worker_imports"],
+    }
+    processes = []
+    try:
+        for name, command in commands.items():
+            with open(logs / f"{name}.log", "w") as log:
+                processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+            if name == "dask-scheduler":
+                wait_until(lambda: scheduler_file.exists(), "the Dask scheduler", processes)
+        api = f"http://127.0.0.1:{port}/api"
+        wait_until(lambda: healthy(api), "the Prefect server", processes)
+        address = json.loads(scheduler_file.read_text())["address"]
+        with Client(address, timeout=120) as client:
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, "two Dask workers", processes)
+        yield api, address
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in reversed(processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def healthy(api: str) -> bool:
+    try:
+        return httpx.get(f"{api}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(ready, what: str, processes: list[subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        exited = [p.args[1] for p in processes if p.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not start ({'exited: ' + ', '.join(exited) if exited else 'timed out'})")
+        time.sleep(0.2)
 
 
 def make_input(root: Path, args: argparse.Namespace) -> tuple[Path, int]:
@@ -269,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=1, help="pipeline and engine, alternating")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--site", action="store_true", help="against one running Prefect server and Dask cluster")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -278,24 +367,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_before = os.getloadavg()
 
     pipeline_runs, engine_runs, checks = [], [], []
-    with tempfile.TemporaryDirectory(prefix="musc-whole-run-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="musc-whole-run-") as tmp, contextlib.ExitStack() as services:
         input_dir, input_bytes = make_input(Path(tmp), args)
         n_images = sum(1 for p in input_dir.rglob("*") if p.is_file())
+        prefect_home = Path(tmp) / "prefect-home"
+        prefect_home.mkdir()
+        api, address = services.enter_context(site_services(prefect_home, Path(tmp))) if args.site else (None, None)
 
         def command(out_dir: Path) -> list[str]:
-            return score_command(input_dir, out_dir, args) + extra
+            return score_command(input_dir, out_dir, args) + extra + (["--dask-address", address] if address else [])
 
         parsed = build_parser().parse_args(command(Path(tmp) / "out")[1:])  # what `musc score` will run with
         spec, scoring = backbone_from_args(parsed), scoring_from_args(parsed)
         imports = import_seconds()
         expected = {"backbone": spec.model_dump(mode="json"), "scoring": scoring.model_dump(mode="json")}
-        prefect_home = Path(tmp) / "prefect-home"
-        prefect_home.mkdir()
-        # The first run creates the home's database; the repeats find it, as every later night does.
-        first, first_rows = run_pipeline(command(Path(tmp) / "out-first"), Path(tmp) / "out-first", prefect_home)
+        # The first run creates the home's database (or, with --site, finds the workers cold);
+        # the repeats find it, as every later night does.
+        out_dir = Path(tmp) / "out-first"
+        first, first_rows = run_pipeline(command(out_dir), out_dir, prefect_home, api)
         for repeat in range(args.repeats):
             out_dir = Path(tmp) / f"out-{repeat}"
-            result, rows = run_pipeline(command(out_dir), out_dir, prefect_home)
+            result, rows = run_pipeline(command(out_dir), out_dir, prefect_home, api)
             engine = run_engine(input_dir, spec, scoring, parsed.device)
             checks.append(score_differences(rows, engine))
             pipeline_runs.append(result)
@@ -309,12 +401,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["first_run_s"] = first["seconds"]
     report["first_run_breakdown_s"] = first["breakdown"]
     report["first_run_ratio"] = first["seconds"] / report["engine_s"]
+    report["site"] = args.site
     print(
         f"{n_images} images ({args.products} x {args.images_per_product} per product, "
         f"{args.resolution or 'demo 224 px'}, {input_bytes / 2**20:.1f} MiB), {spec.name} at {spec.image_size} px "
         f"on {parsed.device}; {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
         f"load average before {' '.join(f'{v:.1f}' for v in load_before)}, after "
         f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}"
+        + ("; against a running Prefect server and a 2-worker Dask cluster (--site)" if args.site else "")
     )
     print_report(report, imports)
     if args.json:
@@ -367,7 +461,8 @@ def summarise(pipeline_runs: list[dict], engine_runs: list[EngineRun], checks: l
 
 def print_report(report: dict, imports: float) -> None:
     print()
-    print("| pipeline (`musc score`, Prefect database there) | s | engine (one process, in memory) | s |")
+    services = "a running server and cluster, workers warm" if report["site"] else "Prefect database there"
+    print(f"| pipeline (`musc score`, {services}) | s | engine (one process, in memory) | s |")
     print("| --- | --- | --- | --- |")
     left = list(report["pipeline_breakdown_s"].items())
     right = list(report["engine_breakdown_s"].items())
@@ -381,10 +476,16 @@ def print_report(report: dict, imports: float) -> None:
     print(f"repeats, engine s:   {' '.join(f'{s:.2f}' for s in report['engine_repeats_s'])}")
     print(f"a fresh interpreter's imports of torch, open_clip and the core (not in the engine's time): {imports:.2f} s")
     first = report["first_run_breakdown_s"]
+    first_run = (
+        "first run, cold workers (each loads the backbone with its first block; not in the medians)"
+        if report["site"]
+        else "first run, fresh PREFECT_HOME (Prefect creates and migrates its database; once per home, not in the "
+        "medians)"
+    )
     print(
-        f"first run, fresh PREFECT_HOME (Prefect creates and migrates its database; once per home, not in the "
-        f"medians): {report['first_run_s']:.2f} s, {report['first_run_ratio']:.2f}x the engine; start-up "
-        f"{first['start-up']:.2f} s against {report['pipeline_breakdown_s']['start-up']:.2f} s with the database there"
+        f"{first_run}: {report['first_run_s']:.2f} s, {report['first_run_ratio']:.2f}x the engine; start-up "
+        f"{first['start-up']:.2f} s against {report['pipeline_breakdown_s']['start-up']:.2f} s in the repeats; "
+        f"extract {first['extract']:.2f} s against {report['pipeline_breakdown_s']['extract']:.2f} s"
     )
     print()
     print(f"pipeline / engine, whole run:                  {report['ratio']:.2f}x")
