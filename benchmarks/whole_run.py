@@ -31,7 +31,8 @@ Printed: both times, each one's breakdown, and the ratio pipeline / engine with 
 publish (tables, masks, heatmaps, maps: work the engine does not do) and for the three work
 stages alone. The engine is timed after this process imported torch and open_clip; the
 seconds a fresh interpreter needs for those imports are printed apart (the pipeline's
-start-up pays them). Extra `musc score` options go after ``--``.
+start-up pays them), and a last ratio compares the run with the engine as a script started
+from the shell would take (the engine's time plus those imports). Extra `musc score` options go after ``--``.
 
 ``--site`` runs every `musc score` as a site that keeps its services running does: against one
 `prefect server start` (``PREFECT_API_URL``) and one Dask cluster (`dask scheduler` and a
@@ -402,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["first_run_breakdown_s"] = first["breakdown"]
     report["first_run_ratio"] = first["seconds"] / report["engine_s"]
     report["site"] = args.site
+    report["ratio_vs_script"] = report["pipeline_s"] / (report["engine_s"] + imports)
     print(
         f"{n_images} images ({args.products} x {args.images_per_product} per product, "
         f"{args.resolution or 'demo 224 px'}, {input_bytes / 2**20:.1f} MiB), {spec.name} at {spec.image_size} px "
@@ -491,6 +493,7 @@ def print_report(report: dict, imports: float) -> None:
     print(f"pipeline / engine, whole run:                  {report['ratio']:.2f}x")
     print(f"pipeline / engine, whole run without publish:  {report['ratio_without_publish']:.2f}x")
     print(f"pipeline / engine, extract + score + rescore:  {report['ratio_work_stages']:.2f}x (engine without listing)")
+    print(f"pipeline / engine as a script (with its imports): {report['ratio_vs_script']:.2f}x")
     print(
         f"scores equal: max |final difference| {report['max_abs_diff_score']:.2g}, "
         f"max |raw difference| {report['max_abs_diff_raw']:.2g}, "
