@@ -109,6 +109,16 @@ def test_local_workers_exit_when_the_run_ends_without_being_killed(local_cli_run
     assert "still alive after" not in stderr, stderr[-3000:]
 
 
+def test_a_run_logged_to_a_file_shows_its_progress_in_short_lines(local_cli_run, demo_day):
+    # stderr was a pipe, as in a night's log file: no bar's carriage returns, a line per quarter done
+    stderr = (local_cli_run.parent / "stderr.txt").read_text()
+    assert "\r" not in stderr and "\x1b[" not in stderr, stderr[-3000:]
+    done = {line.split(" (100 %)")[0] for line in stderr.splitlines() if " (100 %) after " in line}
+    products = sorted({image.product for image in demo_day.images})
+    assert {f"tokens {product}: 10/10" for product in products} <= done, stderr[-3000:]
+    assert any(line.startswith("mutual scoring: ") for line in done), stderr[-3000:]
+
+
 @contextmanager
 def prefect_server(home: Path, port: int, log: Path):
     """`prefect server start` on ``port`` with its database in ``home``, until the block ends."""
