@@ -1,5 +1,6 @@
 """The benchmark scripts still run (tiny shapes, no timing asserted): README's commands stay true."""
 
+import json
 import subprocess
 import sys
 
@@ -104,3 +105,13 @@ def test_bad_night_signals_benchmark():
     assert rows["| bad (5 of 12 repeated)"].endswith("| 1 of 1 |"), out  # the flag fires (README: seed 0)
     assert rows["| ordinary (3 of 12, each its own)"].endswith("| 0 of 1 |"), out
     assert "combined max" in out, out
+
+
+def test_whole_run_benchmark_against_a_running_server_and_cluster(tmp_path):
+    # the runs' scores are checked against the in-memory engine's (the script exits 1 when they differ)
+    options = ["--site", "--products", "1", "--images-per-product", "6", "--json", str(tmp_path / "run.json")]
+    out = run("whole_run.py", *options)
+    assert "against a running Prefect server and a 2-worker Dask cluster (--site)" in out, out
+    assert "pipeline / engine as a script (with its imports):" in out, out
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["site"] and report["max_abs_diff_score"] <= 1e-5 and len(report["pipeline_runs"]) == 1
