@@ -93,6 +93,21 @@ def tiny_backbone_args(image_size: int) -> list[str]:
     ]
 
 
+def offline_env(**more: str) -> dict[str, str]:
+    """The environment for a `musc` or `prefect` command: this one's, offline, no analytics, no UI, no API URL."""
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        DO_NOT_TRACK="1",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        NO_PROXY="127.0.0.1,localhost",
+        **more,
+    )
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def run_musc_score(
     command: list[str], out_dir: Path, prefect_api: str | None = None, prefect_home: Path | None = None
 ) -> dict:
@@ -103,15 +118,7 @@ def run_musc_score(
     ``prefect_home`` is the Prefect home to run in (default: a fresh one, whose ephemeral server
     first creates and migrates its database: about 30 s on this machine, once per home).
     """
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        DO_NOT_TRACK="1",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        NO_PROXY="127.0.0.1,localhost",
-    )
-    env.pop("PREFECT_API_URL", None)
+    env = offline_env()
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
     with contextlib.ExitStack() as cleanup:

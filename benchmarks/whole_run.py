@@ -66,7 +66,7 @@ import torch
 from distributed import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from day_scale import run_musc_score  # noqa: E402
+from day_scale import offline_env, run_musc_score  # noqa: E402
 from factory_night import make_night, score_command  # noqa: E402
 
 from musc_tasks import tables  # noqa: E402
@@ -263,17 +263,7 @@ def site_services(home: Path, logs: Path):
     block; stopped after it. The server's database is in ``home``.
     """
     bin_dir = Path(sys.executable).parent
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        DO_NOT_TRACK="1",
-        NO_PROXY="127.0.0.1,localhost",
-        HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("PREFECT_API_URL", None)
+    env = offline_env(PREFECT_HOME=str(home), PYTHONUNBUFFERED="1")
     port = free_port()
     scheduler_file = logs / "scheduler.json"
     commands = {
