@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import date, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.score import score_captures
 from musc_tasks import tables
+from musc_tasks.cluster import run_cluster
 from musc_tasks.config import PRESETS, BackboneSpec, ReferenceMode, ScoringParams
 from musc_tasks.layout import day_input, reference_set_path
 from musc_tasks.references import read_reference_set, reference_set_name
@@ -49,20 +51,29 @@ def backfill_days(
     log = get_run_logger()
     outcome = {}
     day = date_from
-    while day <= date_to:
-        iso = day.isoformat()
-        input_dir = day_input(input_pattern, iso)
-        if not Path(input_dir).is_dir():
-            outcome[iso] = f"no input folder {input_dir}"
-        elif not force and _already_scored(Path(out_dir), iso, input_dir=input_dir, **settings):
-            outcome[iso] = "already scored with this backbone" + (" and these references" if references else "")
-        else:
-            summary = score_captures(
-                input_dir=input_dir, out_dir=out_dir, run_date=day, device=device, dask_address=dask_address, **settings
-            )
-            outcome[iso] = f"scored {summary.n_scored}, flagged {summary.n_flagged}"
-        log.info("%s: %s", iso, outcome[iso])
-        day += timedelta(days=1)
+    # One local cluster for the whole range, not one per day: the first day that scores images
+    # starts it warm (or the command already did), every day's flow runs on it, and it closes here.
+    # With dask_address each day's flow checks that scheduler and uses it as it is.
+    with run_cluster(None, shared=True) if dask_address is None else contextlib.nullcontext():
+        while day <= date_to:
+            iso = day.isoformat()
+            input_dir = day_input(input_pattern, iso)
+            if not Path(input_dir).is_dir():
+                outcome[iso] = f"no input folder {input_dir}"
+            elif not force and _already_scored(Path(out_dir), iso, input_dir=input_dir, **settings):
+                outcome[iso] = "already scored with this backbone" + (" and these references" if references else "")
+            else:
+                summary = score_captures(
+                    input_dir=input_dir,
+                    out_dir=out_dir,
+                    run_date=day,
+                    device=device,
+                    dask_address=dask_address,
+                    **settings,
+                )
+                outcome[iso] = f"scored {summary.n_scored}, flagged {summary.n_flagged}"
+            log.info("%s: %s", iso, outcome[iso])
+            day += timedelta(days=1)
     return outcome
 
 

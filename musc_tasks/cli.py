@@ -10,7 +10,8 @@ import os
 import sys
 import threading
 import warnings
-from datetime import date
+from collections.abc import Iterable
+from datetime import date, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -199,7 +200,10 @@ def placement_from_args(args: argparse.Namespace) -> dict:
 
 
 def local_cluster_starting(
-    args: argparse.Namespace, backbone: BackboneSpec, images: str | os.PathLike | None = None
+    backbone: BackboneSpec,
+    device: str,
+    dask_address: str | None = None,
+    inputs: Iterable[str | os.PathLike] | None = None,
 ) -> contextlib.AbstractContextManager:
     """The block in which the command calls its flow: the run's local Dask cluster starts and warms at once.
 
@@ -207,15 +211,15 @@ def local_cluster_starting(
     server's start, and the flow's `run_cluster` takes it over (`cluster.local_cluster_starting`).
     Entered after the server's start began: the flow waits for the server, and starting the
     cluster first (its scheduler and nannies run in this process) delayed that start by 4-8 s on
-    2 busy cores (docs/performance.md). Nothing starts with ``--dask-address``, nor when
-    ``images`` (a folder the flow reads) holds no image file: the flow's own guard, so a night
-    without images starts no cluster.
+    2 busy cores (docs/performance.md). Nothing starts with ``dask_address``, nor when none of
+    ``inputs`` (the folders the flow reads; None: input known to hold images) holds an image
+    file: the flow's own guard, so a night without images starts no cluster.
     """
-    if args.dask_address or (images is not None and not preflight.holds_image(images)):
+    if dask_address or (inputs is not None and not any(preflight.holds_image(folder) for folder in inputs)):
         return contextlib.nullcontext()
     from .cluster import local_cluster_starting as starting
 
-    return starting(backbone, args.device)
+    return starting(backbone, device)
 
 
 def references_from_args(args: argparse.Namespace) -> dict:
@@ -243,7 +247,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as run:
         with server_starting():  # the temporary Prefect server starts while the flows import
-            run.enter_context(local_cluster_starting(args, backbone))  # INPUT holds an image: checked above
+            # INPUT holds an image: checked above
+            run.enter_context(local_cluster_starting(backbone, args.device, args.dask_address))
             from flows.score import score_captures
 
         summary = score_captures(
@@ -362,7 +367,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as run:
         with server_starting():  # the temporary Prefect server starts while the flows import
-            run.enter_context(local_cluster_starting(args, backbone, root))
+            run.enter_context(local_cluster_starting(backbone, args.device, args.dask_address, [root]))
             from flows.evaluate import evaluate_dataset
 
         rows = evaluate_dataset(
@@ -413,27 +418,32 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if "{date}" not in args.input_root:
         raise UsageError(f"--input-root {args.input_root!r} has no {{date}}: e.g. /data/captures/{{date}}")
     backbone = validate_scoring(args)
+    days = [date_from + timedelta(days=n) for n in range((date_to - date_from).days + 1)]
+    inputs = [day_input(args.input_root, day.isoformat()) for day in days]
     from flows.server import server_starting
 
-    with server_starting():  # the temporary Prefect server starts while the flows import
-        from flows.backfill import backfill_days
+    with contextlib.ExitStack() as run:
+        with server_starting():  # the temporary Prefect server starts while the flows import
+            # The range's one cluster, for every day's flow (`backfill_days`), if some day holds an image.
+            run.enter_context(local_cluster_starting(backbone, args.device, args.dask_address, inputs))
+            from flows.backfill import backfill_days
 
-    if args.command == "rescore":
-        print(
-            "musc: 'rescore' is deprecated and will be removed in the next release; use 'musc backfill'",
-            file=sys.stderr,
+        if args.command == "rescore":
+            print(
+                "musc: 'rescore' is deprecated and will be removed in the next release; use 'musc backfill'",
+                file=sys.stderr,
+            )
+        outcome = backfill_days(
+            date_from=date_from,
+            date_to=date_to,
+            input_pattern=args.input_root,
+            out_dir=str(Path(args.out).resolve()),
+            backbone=backbone,
+            scoring=scoring_from_args(args),
+            force=args.force,
+            **placement_from_args(args),
+            **references_from_args(args),
         )
-    outcome = backfill_days(
-        date_from=date_from,
-        date_to=date_to,
-        input_pattern=args.input_root,
-        out_dir=str(Path(args.out).resolve()),
-        backbone=backbone,
-        scoring=scoring_from_args(args),
-        force=args.force,
-        **placement_from_args(args),
-        **references_from_args(args),
-    )
     for day, what in outcome.items():
         print(f"{day}  {what}")
     return 0

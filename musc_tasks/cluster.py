@@ -109,7 +109,13 @@ class RunCluster:
         self._starting: threading.Thread | None = None
 
     def start_warm(self, backbone: BackboneSpec, device: str) -> None:
-        """Start the local cluster in a background thread and give each worker `warm_worker` as its first task."""
+        """Start the local cluster in a background thread and give each worker `warm_worker` as its first task.
+
+        Nothing happens once the cluster is starting or started, or for an external scheduler: a
+        backfill's days call it on the range's one cluster, which the first day with images starts.
+        """
+        if self._address is not None or self._starting is not None or self._cluster is not None:
+            return
         self._starting = threading.Thread(
             target=self._start, args=(backbone, device), name="musc-cluster-start", daemon=True
         )
@@ -171,6 +177,9 @@ class RunCluster:
 
 # The local cluster a `musc` command started as it began, until its flow's `run_cluster` takes it over.
 _started_by_command: RunCluster | None = None
+# The local cluster of a `run_cluster(None, shared=True)` block (a backfill's): the runs nested in it use it
+# as theirs and leave it open, so a range of days starts one cluster, not one per day.
+_shared: RunCluster | None = None
 
 
 @contextlib.contextmanager
@@ -204,7 +213,7 @@ def local_cluster_starting(backbone: BackboneSpec, device: str) -> Iterator[None
 
 @contextlib.contextmanager
 def run_cluster(
-    address: str | None, *, warm_for: BackboneSpec | None = None, device: str = "auto"
+    address: str | None, *, warm_for: BackboneSpec | None = None, device: str = "auto", shared: bool = False
 ) -> Iterator[RunCluster]:
     """The run's one Dask cluster, for the whole flow body; stages get its address from `RunCluster.address`.
 
@@ -216,8 +225,19 @@ def run_cluster(
     the cluster starts when a stage first asks for the address, so a night without images
     starts none. Within a `musc` command's `local_cluster_starting` block the local cluster is
     the one the command already started (the first `run_cluster` of the block takes it over).
+
+    ``shared`` (a flow that runs other flows, the backfill): every ``run_cluster(None, ...)``
+    nested in the block gets this local cluster and leaves it open; the block closes it. The
+    first nested run with ``warm_for`` starts it warm if nothing has started it yet, and the
+    nested runs' warm-up is this one's: they score with the same backbone on the same device.
     """
-    global _started_by_command
+    global _started_by_command, _shared
+    if address is None and _shared is not None:
+        log.info("the run uses the local Dask cluster of the run it is nested in")
+        if warm_for is not None:
+            _shared.start_warm(warm_for, device)
+        yield _shared
+        return
     if address is None and _started_by_command is not None:
         cluster, _started_by_command = _started_by_command, None
         log.info("the run uses the local Dask cluster its command started")
@@ -227,9 +247,13 @@ def run_cluster(
             check_scheduler(address)
         elif warm_for is not None:
             cluster.start_warm(warm_for, device)
+    if shared and address is None:
+        _shared = cluster
     try:
         yield cluster
     finally:
+        if _shared is cluster:
+            _shared = None
         cluster.close()
 
 

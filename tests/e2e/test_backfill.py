@@ -1,7 +1,14 @@
-"""Two days scored with backbone A, re-scored with backbone B; both coexist; compare reports."""
+"""Two days scored with backbone A, re-scored with backbone B; both coexist; compare reports.
+
+A backfill on the local cluster starts one for the whole range, and its days equal each day scored alone.
+"""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from flows.backfill import _already_scored
@@ -10,6 +17,9 @@ from musc_tasks.cli import backbone_from_args, build_parser, main, scoring_from_
 from musc_tasks.references import list_reference_sets
 
 from ..conftest import TINY_CONFIG, TINY_CONFIG_B
+from .conftest import subprocess_env
+from .test_score_flow import comparable
+from .test_warm_cluster import STARTED, _first
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
 COMMON = ["--pretrained", "none", "--image-size", "224", "--device", "cpu", "--pool-size", "200"]
@@ -90,3 +100,30 @@ def test_backfill_with_another_backbone_coexists_and_compares(
     assert _already_scored(*args, str(golden), "plus")
     assert not _already_scored(*args, str(golden), "combined")
     assert not _already_scored(*args, None)
+
+
+def test_a_backfill_scores_its_days_on_one_local_cluster_as_each_day_alone(
+    prefect_api, dask_address, two_days, tmp_path
+):
+    """`musc backfill` without --dask-address: one LocalCluster, started with the command, for every day."""
+    out, alone = tmp_path / "backfill", tmp_path / "alone"
+    env = subprocess_env(prefect_api)
+    env.update(PYTHONPATH=str(Path(__file__).parents[2]), DASK_LOGGING__DISTRIBUTED="info")  # the scheduler's records
+    backfill = ["backfill", "--from", DAYS[0], "--to", DAYS[1], "--input-root", str(two_days / "{date}")]
+    command = [sys.executable, "-m", "musc_tasks.cli", "-v", *backfill, "--out", str(out), *BACKBONE_A]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count(", flagged ") == len(DAYS), done.stdout
+    lines = done.stderr.splitlines()
+    # every LocalCluster's scheduler logs its address as it starts: one for the whole range
+    assert sum("Scheduler at:" in line for line in lines) == 1, done.stderr[-3000:]
+    assert _first(lines, STARTED) < _first(lines, "Beginning flow run")
+    assert sum("the run uses the local Dask cluster of the run it is nested in" in line for line in lines) == len(DAYS)
+    assert "still alive" not in done.stderr
+
+    for day in DAYS:  # each day on its own, on another cluster
+        score = ["score", str(two_days / day), "--out", str(alone), "--date", day, *BACKBONE_A]
+        assert main([*score, "--dask-address", dask_address]) == 0
+    for table in ("scores", "regions"):
+        pd.testing.assert_frame_equal(comparable(out, table), comparable(alone, table))
+    assert sorted(tables.read_table(out / "tables" / "scores")["date"].astype(str).unique()) == list(DAYS)

@@ -72,6 +72,24 @@ def test_a_failed_warm_up_leaves_the_first_block_its_own_error(monkeypatch, tmp_
     assert len(found) >= 1 and all(message.startswith(expected) for message in found), found
 
 
+def test_runs_nested_in_a_shared_cluster_run_on_it_and_leave_it_open(tiny_backbone):
+    """A backfill's days: the first one with images starts the one cluster warm, the block's end closes it."""
+    with pytest.raises(KeyError), run_cluster(None, shared=True) as shared:
+        for _ in range(2):
+            with run_cluster(None, warm_for=tiny_backbone, device="cpu") as nested:
+                assert nested is shared
+                address = nested.address()
+        with Client(address, set_as_default=False, timeout=10) as client:  # still open after the nested runs
+            assert client.scheduler_info()["workers"]
+        # each worker built the model once, in the one warm-up, and the block found it there
+        found = _on_every_worker(shared, tiny_backbone)
+        assert found == [(1, 1)] * len(found) and len(found) >= 1
+        raise KeyError("a day failed")  # the block closes the cluster on the way out
+    assert musc_tasks.cluster._shared is None
+    with pytest.raises(OSError):
+        Client(address, set_as_default=False, timeout=3)
+
+
 @pytest.mark.parametrize("night", ["empty product folder", "no image file", "missing"])
 def test_a_night_without_images_starts_no_cluster(night, prefect_api, tiny_backbone, tmp_path, monkeypatch):
     started = []
