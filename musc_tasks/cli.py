@@ -303,22 +303,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``musc demo``: a synthetic day with planted defects, scored (offline: tiny random ViT)."""
     from flows.server import server_starting
 
-    from .demo import make_bad_night, make_demo_day
-
     out = Path(args.out).resolve()
-    with server_starting():  # the temporary Prefect server starts while the flows import and the day is drawn
-        from flows.score import score_captures
+    with contextlib.ExitStack() as run:
+        with server_starting():  # the temporary Prefect server starts while the flows import and the day is drawn
+            backbone = demo_backbone()
+            # The day is drawn below, so it holds images: the workers warm while the flows import and it is drawn.
+            run.enter_context(local_cluster_starting(backbone, args.device))
+            from flows.score import score_captures
 
-        from .backbone import WeightsUnavailable, resolve_checkpoint
+            from .demo import make_bad_night, make_demo_day
 
-        if args.bad_night:
-            day = make_bad_night(out / "bad-night-input", seed=args.seed)
-            print(
-                f"bad night: {sum(i.is_defective for i in day.images)} of {len(day.images)} {day.product} parts "
-                f"carry the same defect at the same place; known-good references in {day.golden_dir}"
-            )
-        else:
-            day = make_demo_day(out / "demo-input", seed=args.seed)
+            if args.bad_night:
+                day = make_bad_night(out / "bad-night-input", seed=args.seed)
+                print(
+                    f"bad night: {sum(i.is_defective for i in day.images)} of {len(day.images)} {day.product} parts "
+                    f"carry the same defect at the same place; known-good references in {day.golden_dir}"
+                )
+            else:
+                day = make_demo_day(out / "demo-input", seed=args.seed)
+        summary = score_captures(
+            input_dir=str(day.input_dir),
+            out_dir=str(out),
+            run_date=date.today(),
+            backbone=backbone,
+            scoring=ScoringParams(),
+            device=args.device,
+            references=str(day.golden_dir) if args.bad_night else None,
+        )
+    print_summary(summary)
+    print(f"  planted ground truth: {day.ground_truth_dir}")
+    return 0
+
+
+def demo_backbone() -> BackboneSpec:
+    """The demo's backbone: the fast preset where its weights are cached or downloadable, else the tiny random ViT."""
+    from .backbone import WeightsUnavailable, resolve_checkpoint
+
     backbone = PRESETS["fast"]
     try:
         resolve_checkpoint(backbone)
@@ -332,18 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backbone = BackboneSpec(
             name="musc-tiny-vit", pretrained=None, image_size=224, layers=(1, 2, 3), model_config_path=TINY_CONFIG
         )
-    summary = score_captures(
-        input_dir=str(day.input_dir),
-        out_dir=str(out),
-        run_date=date.today(),
-        backbone=backbone,
-        scoring=ScoringParams(),
-        device=args.device,
-        references=str(day.golden_dir) if args.bad_night else None,
-    )
-    print_summary(summary)
-    print(f"  planted ground truth: {day.ground_truth_dir}")
-    return 0
+    return backbone
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

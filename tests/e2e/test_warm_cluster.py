@@ -181,6 +181,20 @@ def test_the_command_starts_the_cluster_before_its_flow_and_the_flow_takes_it_ov
     assert list(runs["status"]) == ["completed"]
 
 
+def test_the_demo_starts_its_cluster_with_the_command(prefect_api, tmp_path):
+    env = subprocess_env(prefect_api)
+    env.update(PYTHONPATH=str(REPO), DASK_LOGGING__DISTRIBUTED="info")
+    command = [sys.executable, "-m", "musc_tasks.cli", "-v", "demo", "--bad-night", "--out", str(tmp_path / "out")]
+    done = subprocess.run([*command, "--device", "cpu"], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    begun = _first(lines, "Beginning flow run")
+    assert _first(lines, STARTED) < begun < _first(lines, "the run uses the local Dask cluster its command started")
+    assert sum("Scheduler at:" in line for line in lines) == 1, done.stderr[-3000:]
+    runs = tables.read_table(tmp_path / "out" / "tables" / "runs")
+    assert list(runs["status"]) == ["completed"]
+
+
 def test_a_flow_failing_before_it_takes_the_cluster_over_closes_it_before_the_command_ends(
     demo_day, prefect_api, tmp_path
 ):
