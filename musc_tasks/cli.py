@@ -11,7 +11,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterable
-from datetime import date, timedelta
+from datetime import date
 from functools import partial
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -427,32 +427,33 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if "{date}" not in args.input_root:
         raise UsageError(f"--input-root {args.input_root!r} has no {{date}}: e.g. /data/captures/{{date}}")
     backbone = validate_scoring(args)
-    days = [date_from + timedelta(days=n) for n in range((date_to - date_from).days + 1)]
-    inputs = [day_input(args.input_root, day.isoformat()) for day in days]
+    backfill = {
+        "date_from": date_from,
+        "date_to": date_to,
+        "input_pattern": args.input_root,
+        "out_dir": str(Path(args.out).resolve()),
+        "backbone": backbone,
+        "scoring": scoring_from_args(args),
+        "force": args.force,
+        **references_from_args(args),
+    }
     from flows.server import server_starting
 
     with contextlib.ExitStack() as run:
         with server_starting():  # the temporary Prefect server starts while the flows import
-            # The range's one cluster, for every day's flow (`backfill_days`), if some day holds an image.
+            from flows.backfill import backfill_days, inputs_to_score
+
+            # The range's one cluster, for every day's flow, if a day it will score holds an image:
+            # started after the flows' import, which tells which days are done already.
+            inputs = inputs_to_score(**backfill)
             run.enter_context(local_cluster_starting(backbone, args.device, args.dask_address, inputs))
-            from flows.backfill import backfill_days
 
         if args.command == "rescore":
             print(
                 "musc: 'rescore' is deprecated and will be removed in the next release; use 'musc backfill'",
                 file=sys.stderr,
             )
-        outcome = backfill_days(
-            date_from=date_from,
-            date_to=date_to,
-            input_pattern=args.input_root,
-            out_dir=str(Path(args.out).resolve()),
-            backbone=backbone,
-            scoring=scoring_from_args(args),
-            force=args.force,
-            **placement_from_args(args),
-            **references_from_args(args),
-        )
+        outcome = backfill_days(**backfill, **placement_from_args(args))
     for day, what in outcome.items():
         print(f"{day}  {what}")
     return 0

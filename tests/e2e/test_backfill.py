@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import musc_tasks.cluster
 from flows.backfill import _already_scored
 from musc_tasks import tables
 from musc_tasks.cli import backbone_from_args, build_parser, main, scoring_from_args
@@ -103,7 +104,7 @@ def test_backfill_with_another_backbone_coexists_and_compares(
 
 
 def test_a_backfill_scores_its_days_on_one_local_cluster_as_each_day_alone(
-    prefect_api, dask_address, two_days, tmp_path
+    prefect_api, dask_address, two_days, tmp_path, monkeypatch, capsys
 ):
     """`musc backfill` without --dask-address: one LocalCluster, started with the command, for every day."""
     out, alone = tmp_path / "backfill", tmp_path / "alone"
@@ -127,3 +128,16 @@ def test_a_backfill_scores_its_days_on_one_local_cluster_as_each_day_alone(
     for table in ("scores", "regions"):
         pd.testing.assert_frame_equal(comparable(out, table), comparable(alone, table))
     assert sorted(tables.read_table(out / "tables" / "scores")["date"].astype(str).unique()) == list(DAYS)
+
+    # Run again: every day is done, so neither the command nor the flow starts a cluster.
+    started = []
+
+    def no_cluster(*args, **kwargs):
+        started.append(args)
+        raise RuntimeError("a backfill with nothing to score started a cluster")
+
+    monkeypatch.setattr(musc_tasks.cluster, "start_local_cluster", no_cluster)
+    capsys.readouterr()
+    assert main([*backfill, "--out", str(out), *BACKBONE_A]) == 0
+    assert capsys.readouterr().out.count("already scored with this backbone") == len(DAYS)
+    assert started == []
