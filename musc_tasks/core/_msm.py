@@ -148,32 +148,37 @@ def nearest_similarities(
     return a_to_b, b_to_a
 
 
-# On a CPU a float32 tile is multiplied in strips of rows of block a, each strip's product about
-# 4 MiB per torch thread (a few times a core's L2, well inside L3), into one buffer reused for every
-# strip: both maxima then read the product while it is in cache, where the whole tile's tens of
-# megabytes were re-read from memory twice and, above glibc's mmap threshold, mapped and
-# page-faulted in for every tile. On 2 idle threads 4 MiB strips were slower than one GEMM at
-# C = 128 (more, smaller parallel regions), 4 MiB per thread as fast or faster at every shape
-# measured (2.5x at L = 196, C = 64). MKL's float32 GEMM gave the same entries for any row count of
-# 16 or more (K = 128-1024, 196-2738 columns, on 1 and 2 threads) but not always below (or against
-# 1-3 columns), so a strip has at least 64 rows and a tile at least 64 columns, else the tile is one
-# GEMM as before; its float64 GEMM's entries change with the row count up to about 128 rows, so
-# float64 keeps one GEMM per tile, as CUDA does. Measurements: docs/performance.md (*Tiles in
-# cache-sized strips*).
+# On one CPU thread (each Dask worker's) a float32 tile is multiplied in strips of rows of block a,
+# each strip's product about 4 MiB (a few times a core's L2, well inside L3), into one buffer reused
+# for every strip: both maxima then read the product while it is in cache, where the whole tile's
+# tens of megabytes were re-read from memory twice and, above glibc's mmap threshold, mapped and
+# page-faulted in for every tile. On several threads the strips hold 4 MiB per thread, and only a
+# tile whose whole product is over glibc's largest mmap threshold (32 MiB) is split: on 2 idle
+# threads the strips took 0.40x of one GEMM's time for pools of L = 196 (a 61 MB product per tile)
+# but 1.10x at L = 1369, C = 128 (30 MB), where one GEMM's product stays in the heap. MKL's float32
+# GEMM gave the same entries for any row count of 16 or more (K = 128-1024, 196-2738 columns, on 1
+# and 2 threads) but not always below (or against 1-3 columns), so a strip has at least 64 rows and
+# a tile at least 64 columns, else the tile is one GEMM as before; its float64 GEMM's entries change
+# with the row count up to about 128 rows, so float64 keeps one GEMM per tile, as CUDA does.
+# Measurements: docs/performance.md (*Tiles in cache-sized strips*, *Strips on several threads*).
 _STRIP_BYTES = 4 << 20
 _MIN_STRIP_ROWS = 64
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 
 
 def _tile_similarities(block_a: Tensor, block_b: Tensor, compute_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """`nearest_similarities` of two blocks: cache-sized row strips of a float32 GEMM on a CPU, else one GEMM."""
+    """`nearest_similarities` of two blocks: a float32 GEMM on a CPU in cache-sized row strips, else in one."""
     n_rows = block_a.shape[0] * block_a.shape[1]
     n_columns = block_b.shape[0] * block_b.shape[1]
     float32_gemm = compute_dtype in (*_LOW_PRECISION, torch.float32) or (
         compute_dtype is None and block_a.dtype == torch.float32
     )
-    budget = max(_MIN_STRIP_ROWS, _STRIP_BYTES * torch.get_num_threads() // (4 * n_columns))
+    threads = torch.get_num_threads()
+    budget = max(_MIN_STRIP_ROWS, _STRIP_BYTES * threads // (4 * n_columns))
     n_strips = min(-(-n_rows // budget), n_rows // _MIN_STRIP_ROWS)
-    if block_a.device.type != "cpu" or not float32_gemm or n_columns < _MIN_STRIP_ROWS or n_strips < 2:
+    mapped = 4 * n_rows * n_columns > _MMAP_THRESHOLD_MAX  # the whole product, mapped and faulted in per tile
+    splits = block_a.device.type == "cpu" and float32_gemm and n_columns >= _MIN_STRIP_ROWS and n_strips >= 2
+    if not splits or (threads > 1 and not mapped):
         return _whole_tile_similarities(block_a, block_b, compute_dtype)
     return _strip_similarities(block_a, block_b, compute_dtype, n_strips=n_strips)
 

@@ -109,7 +109,9 @@ def test_tiles_in_strips_equal_tiles_in_one_gemm(
     assert_equal(got, expected, dtype)
 
 
-@pytest.mark.parametrize("length, channels, n_a, n_b", [(196, 768, 20, 12), (1024, 128, 3, 2), (1369, 128, 3, 2)])
+@pytest.mark.parametrize(
+    "length, channels, n_a, n_b", [(196, 768, 20, 12), (1024, 128, 3, 2), (1024, 128, 4, 4), (1369, 128, 3, 2)]
+)
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_default_strips_equal_one_gemm_at_real_shapes(length, channels, n_a, n_b, compute_dtype, threads):
@@ -117,25 +119,40 @@ def test_default_strips_equal_one_gemm_at_real_shapes(length, channels, n_a, n_b
     a, b = tokens[:n_a], tokens[n_a:]
     strips = mock.patch.object(_msm, "_strip_similarities", wraps=_msm._strip_similarities)
     with strips as called:
-        for tile in (None, 7):  # (7 x 196 rows on 2 threads: under 8 MiB of product, one GEMM)
+        for tile in (None, 7):
             with mock.patch.object(_msm, "_tile_similarities", _msm._whole_tile_similarities), torch_threads(1):
                 expected = nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile)
             with torch_threads(threads):
                 got = nearest_similarities(a, b, compute_dtype=compute_dtype, tile=tile)
             assert_equal(got, expected, compute_dtype)
-    assert called.call_count > 0
+    # several threads split only a tile whose product is over glibc's largest mmap threshold
+    tiles = (_msm.auto_tile_images(length), 7)
+    mapped = any(4 * min(n_a, t) * min(n_b, t) * length**2 > _msm._MMAP_THRESHOLD_MAX for t in tiles)
+    assert (called.call_count > 0) == (threads == 1 or mapped)
 
 
-@pytest.mark.parametrize("threads, n_strips", [(1, 8), (2, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("threads, n_strips", [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)])
 def test_strips_hold_about_4_mib_of_product_per_thread(threads, n_strips):
-    """Two images of L = 1369 against two: 2738 columns, so 4 MiB of float32 product is 383 rows."""
+    """Four images of L = 1024 against four: 4096 columns, so 4 MiB of float32 product is 256 rows."""
+    tokens = unit_tokens(8, 1024, 16, seed=0)
+    with (
+        torch_threads(threads),
+        mock.patch.object(_msm, "_strip_similarities", wraps=_msm._strip_similarities) as called,
+    ):
+        nearest_similarities(tokens[:4], tokens[4:])
+    assert [call.kwargs["n_strips"] for call in called.call_args_list] == ([n_strips] if n_strips > 1 else [])
+
+
+@pytest.mark.parametrize("threads, splits", [(1, True), (2, False), (4, False)])
+def test_several_threads_split_only_a_mapped_product(threads, splits):
+    """Two images of L = 1369 against two: a 30 MB product, under the 32 MiB that glibc maps apart."""
     tokens = unit_tokens(4, 1369, 16, seed=0)
     with (
         torch_threads(threads),
         mock.patch.object(_msm, "_strip_similarities", wraps=_msm._strip_similarities) as called,
     ):
         nearest_similarities(tokens[:2], tokens[2:])
-    assert [call.kwargs["n_strips"] for call in called.call_args_list] == ([n_strips] if n_strips > 1 else [])
+    assert called.called == splits
 
 
 def test_float64_and_narrow_tiles_keep_one_gemm():
