@@ -136,7 +136,7 @@ def _already_scored(
         row.run_id
         for row in runs.itertuples()
         if ScoringParams.model_validate(json.loads(row.parameters)["scoring"]) == scoring
-        and Path(row.input_dir) == Path(input_dir)
+        and Path(row.input_dir) == Path(input_dir).resolve()  # the runs record it resolved, as the flow ran it
     }
     if not matching:
         return False

@@ -41,7 +41,7 @@ def two_days(demo_day, tmp_path_factory):
 
 
 def test_backfill_with_another_backbone_coexists_and_compares(
-    prefect_api, dask_address, demo_day, two_days, tmp_path, capsys
+    prefect_api, dask_address, demo_day, two_days, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "out"
     on_cluster = ["--dask-address", dask_address]  # the session's cluster: no LocalCluster per run
@@ -101,6 +101,9 @@ def test_backfill_with_another_backbone_coexists_and_compares(
     assert _already_scored(*args, str(golden), "plus")
     assert not _already_scored(*args, str(golden), "combined")
     assert not _already_scored(*args, None)
+    # a relative --input-root names the same folders: the days it scored are done
+    monkeypatch.chdir(two_days)
+    assert _already_scored(*args[:4], DAYS[0], str(golden), "plus")
 
 
 def test_a_backfill_scores_its_days_on_one_local_cluster_as_each_day_alone(
