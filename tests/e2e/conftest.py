@@ -29,7 +29,12 @@ def dask_address():
     # an existing cluster's workers as README starts them: the stages imported as each starts
     preload = ["musc_tasks.worker_imports"]
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, preload=preload
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        preload=preload,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},  # its HTTP on a free port: no 8787 warning
     ) as cluster:
         yield cluster.scheduler_address
 

@@ -200,7 +200,10 @@ def test_dask_resumes_a_pool_whose_diagonal_pairs_are_done_but_aggregates_are_no
         score_block_pair(job, a, a)
     drop_aggregates(path)
     create_pool_store(path, job.layout, job.settings)  # the next run opens it again
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+    free_http = {"dashboard_address": "127.0.0.1:0"}  # the scheduler's HTTP on a free port: no 8787 warning
+    with Client(
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None, scheduler_kwargs=free_http
+    ) as client:
         counts = score_pools_with_dask([job], client)
     n_blocks = job.layout.n_blocks
     assert counts[job.pool_path] == (n_blocks * (n_blocks - 1) // 2, n_blocks)
