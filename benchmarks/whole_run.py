@@ -50,6 +50,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -279,7 +280,7 @@ def site_services(home: Path, logs: Path):
             with open(logs / f"{name}.log", "w") as log:
                 processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
             if name == "dask-scheduler":
-                wait_until(lambda: scheduler_file.exists(), "the Dask scheduler", processes)
+                wait_until(scheduler_file.exists, "the Dask scheduler", processes)
         api = f"http://127.0.0.1:{port}/api"
         wait_until(lambda: healthy(api), "the Prefect server", processes)
         address = json.loads(scheduler_file.read_text())["address"]
@@ -297,8 +298,6 @@ def site_services(home: Path, logs: Path):
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
