@@ -3,8 +3,9 @@
 Kept apart from the stages and light on imports (no torch): the workers unpickle
 `ExitAfterClose` and `warm_worker` in their event loop, which must not import the stages there
 while a task thread imports (python/cpython#106905). The local workers import torch and the
-stages once, as they start (`worker_imports`, Dask's preload); workers started by hand without it
-import them with their first task.
+stages once, as they start (`worker_imports`, Dask's preload), or a `musc` command's are forked
+from a process that imported them (`forked_workers`); workers started by hand without it import
+them with their first task.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import dask
 from distributed import Client, Future, LocalCluster, WorkerPlugin
 from distributed.core import Status
+from distributed.utils import get_mp_context
 
 if TYPE_CHECKING:  # pydantic and the config stay out of what a worker imports to unpickle the plugin
     from .config import BackboneSpec
@@ -65,18 +67,19 @@ def check_scheduler(address: str | None) -> None:
             pass
 
 
-def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
+def start_local_cluster(n_workers: int | None = None, *, forked: bool = False) -> LocalCluster:
     """The run's kind of LocalCluster, started, its workers ending at once when closed (`ExitAfterClose`).
 
     One single-threaded worker process per core, at most 8, and no more than the memory allows
     for one backbone each (`LOCAL_WORKER_MEMORY`): every extraction worker keeps its model loaded.
+    ``forked``: the workers are forked from the process's forkserver (`forked_workers`), not spawned.
     """
     workers = n_workers or local_worker_count()
     # A task's error reaches the client, which reports it: the workers' own "Compute Failed"
     # records would print it again, so a quiet console (Dask's loggers above INFO) drops them.
     silence = logging.ERROR if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.CRITICAL
     # Read by each nanny when it is created, and kept for the restarts of its worker.
-    with dask.config.set(KEEP_GLIBC_MALLOC):
+    with dask.config.set(KEEP_GLIBC_MALLOC), forked_workers() if forked else contextlib.nullcontext():
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -100,8 +103,9 @@ def start_local_cluster(n_workers: int | None = None) -> LocalCluster:
 class RunCluster:
     """The one Dask cluster of a run (`run_cluster`): its scheduler's address once a stage needs it."""
 
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, *, forked: bool = False) -> None:
         self._address = address
+        self._forked = forked  # a local cluster's workers forked from the forkserver (`forked_workers`)
         self._cluster: LocalCluster | None = None
         self._client: Client | None = None
         self._warming: list[Future] = []  # held until the run ends: a released future's task may be dropped
@@ -116,6 +120,8 @@ class RunCluster:
         """
         if self._address is not None or self._starting is not None or self._cluster is not None:
             return
+        if self._forked:
+            prepare_forkserver()
         self._starting = threading.Thread(
             target=self._start, args=(backbone, device), name="musc-cluster-start", daemon=True
         )
@@ -123,7 +129,7 @@ class RunCluster:
 
     def _start(self, backbone: BackboneSpec | None = None, device: str = "auto") -> None:
         try:
-            self._cluster = start_local_cluster()
+            self._cluster = start_local_cluster(forked=self._forked)
             if backbone is not None:
                 self._client = Client(self._cluster, set_as_default=False)
                 self._warming = [
@@ -201,7 +207,7 @@ def local_cluster_starting(backbone: BackboneSpec, device: str) -> Iterator[None
     import torch  # noqa: F401
 
     global _started_by_command
-    cluster = _started_by_command = RunCluster()
+    cluster = _started_by_command = RunCluster(forked=True)
     try:  # from here: a Ctrl-C may come while the start's thread starts
         cluster.start_warm(backbone, device)
         log.info("starting the run's local Dask cluster with the command")
@@ -302,6 +308,41 @@ def _exit_if_closed(worker) -> None:
 # issue's shape; 1.5 s and 0.4 M without it): the stage on Dask took 1.35x as long as without
 # (docs/performance.md). The local workers keep glibc's defaults, as the engine's process has them.
 KEEP_GLIBC_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+FORKSERVER = {"distributed.worker.multiprocessing-method": "forkserver"}
+
+
+@contextlib.contextmanager
+def forked_workers() -> Iterator[None]:
+    """Within the block, nannies fork their workers from one process that imported the stages once.
+
+    Spawned, every local worker imports torch, scikit-image and the stages itself (`worker_imports`,
+    about 3 s of a core each), all at once and beside the command's own start. multiprocessing's
+    forkserver imports them once (`forkserver_preload`), in its own fresh process, and forks each
+    worker from there. It
+    starts with the first worker, after the nanny wrote Dask's pre-spawn environment
+    (``OMP_NUM_THREADS=1``, `KEEP_GLIBC_MALLOC`) into this process's, and serves every later
+    forked cluster of the process with the environment it started with. So only a `musc`
+    command's cluster is forked (`local_cluster_starting`): the command sets its environment
+    before, and its one cluster serves all its runs. A Python caller's clusters are spawned,
+    each seeing the environment (``HF_HOME``...) of its own start.
+    """
+    with dask.config.set(FORKSERVER):
+        prepare_forkserver()
+        yield
+
+
+def prepare_forkserver() -> None:
+    """Set what the forkserver imports; the first call imports what Dask's own preload names (pandas, lz4...).
+
+    Call it in the thread that may be interrupted before a thread starts the cluster
+    (`RunCluster.start_warm`): a Ctrl-C in the main thread during an import can leave that
+    module's import lock held, and a starting thread importing the same module then waits
+    for ever (a `musc score` hung so, its main thread joining the start's).
+    """
+    with dask.config.set(FORKSERVER):
+        get_mp_context().set_forkserver_preload(["distributed", "musc_tasks.forkserver_preload"])
+
 
 LOCAL_WORKER_MEMORY = 6 * 2**30  # ViT-L weights, a block's activations and a pool task's blocks, with room
 

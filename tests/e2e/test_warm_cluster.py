@@ -4,11 +4,13 @@ A flow starts it while the catalog runs; `musc score` as the command starts, and
 """
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from datetime import date
@@ -146,14 +148,23 @@ def _verbose_score(demo_day, out_dir, prefect_api, marker: str) -> tuple[list[st
     return [*command, "--date", "2026-11-22", *backbone_options(TINY_SPEC)], env
 
 
-def _workers_left(marker: str) -> list[str]:
-    """Command lines of live Dask worker processes (multiprocessing's spawned children) started under ``marker``."""
-    left = []
-    for process in psutil.process_iter(["cmdline", "environ"]):
-        cmdline = " ".join(process.info["cmdline"] or ())
-        if (process.info["environ"] or {}).get("MUSC_RUN_MARKER") == marker and "spawn_main" in cmdline:
-            left.append(cmdline)
-    return left
+def _workers_left(marker: str, wait_s: float = 30.0) -> list[str]:
+    """Command lines of live worker processes started under ``marker`` after an exited command, given ``wait_s`` to end.
+
+    Spawned workers and, for a command's forked ones (`cluster.forked_workers`), the forkserver and
+    its children, whose command line is the forkserver's: it ends once it sees its command gone.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for process in psutil.process_iter(["cmdline", "environ"]):
+            cmdline = " ".join(process.info["cmdline"] or ())
+            ours = (process.info["environ"] or {}).get("MUSC_RUN_MARKER") == marker
+            if ours and ("spawn_main" in cmdline or "multiprocessing.forkserver" in cmdline):
+                left.append(cmdline)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def _first(lines: list[str], text: str) -> int:
@@ -247,19 +258,30 @@ def test_a_local_cluster_serves_http_on_a_free_port_without_a_warning():
     assert port != 8787 and not [w for w in caught if "already in use" in str(w.message)]
 
 
-def test_the_command_process_keeps_torch_threads_when_its_cluster_starts_first(tiny_backbone):
-    """The nannies set OMP_NUM_THREADS=1 in the process that spawns them; the command's torch must not take it."""
+def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_torch_threads(tiny_backbone):
+    """Forked from the forkserver in their environment; the nannies' OMP_NUM_THREADS=1 stays out of this torch."""
     started = (
-        "import sys\n"
+        "import json, os, sys\n"
+        "import psutil\n"
+        "from distributed import Client\n"
         "import musc_tasks.cluster as c\n"
         "from musc_tasks.config import BackboneSpec\n"
+        "def worker_facts():  # a worker's parent, torch threads, malloc setting, imports before any task\n"
+        "    import torch\n"
+        "    stages = ('extract', 'publish', 'scoring', 'forkserver_preload')\n"
+        "    parent = ' '.join(psutil.Process(os.getppid()).cmdline())\n"
+        "    imported = [name for name in stages if f'musc_tasks.{name}' in sys.modules]\n"
+        "    return [parent, torch.get_num_threads(), os.getenv('MALLOC_TRIM_THRESHOLD_'), imported]\n"
         "with c.local_cluster_starting(BackboneSpec.model_validate_json(sys.argv[1]), 'cpu'):\n"
-        "    c._started_by_command._starting.join()  # the nannies have spawned their workers\n"
+        "    address = c._started_by_command.address()  # the nannies have started their workers\n"
         "    import torch  # as the command's flows import it\n"
         "    print(torch.get_num_threads())\n"
+        "    with Client(address, set_as_default=False) as client:\n"
+        "        print(json.dumps(list(client.run(worker_facts).values())))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    env.pop("OMP_NUM_THREADS", None)
+    for set_by_a_nanny_of_this_process in ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(set_by_a_nanny_of_this_process, None)
     plain = subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
         env=env,
@@ -275,4 +297,9 @@ def test_the_command_process_keeps_torch_threads_when_its_cluster_starts_first(t
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == plain.stdout.split()
+    threads, facts = done.stdout.splitlines()
+    assert threads.split() == plain.stdout.split()
+    facts = json.loads(facts)
+    assert len(facts) >= 1 and all("multiprocessing.forkserver" in parent for parent, *_ in facts), facts
+    stages = ["extract", "publish", "scoring", "forkserver_preload"]
+    assert [rest for _, *rest in facts] == [[1, None, stages]] * len(facts)

@@ -1,7 +1,9 @@
 """The run's local Dask cluster."""
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from musc_tasks.cluster import dask_client
 
@@ -25,3 +27,11 @@ def test_local_workers_import_the_stages_before_any_task():
     with dask_client(n_workers=1) as client:
         imported = client.run(_imported, *stages)  # runs in the event loop: no task has run
     assert list(imported.values()) == [list(stages)]
+
+
+def test_the_forkserver_ends_without_tearing_its_interpreter_down():
+    """Its first exit handler ends the process: a teardown of torch would hold the command's output streams open."""
+    script = "import atexit; atexit.register(print, 'torn down'); import musc_tasks.forkserver_preload"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, ""), done.stderr[-2000:]
