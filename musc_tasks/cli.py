@@ -215,11 +215,27 @@ def local_cluster_starting(
     ``inputs`` (the folders the flow reads; None: input known to hold images) holds an image
     file: the flow's own guard, so a night without images starts no cluster.
     """
-    if dask_address or (inputs is not None and not any(preflight.holds_image(folder) for folder in inputs)):
+    if not _runs_local_cluster(dask_address, inputs):
         return contextlib.nullcontext()
     from .cluster import local_cluster_starting as starting
 
     return starting(backbone, device)
+
+
+def start_worker_forkserver(dask_address: str | None = None, inputs: Iterable[str | os.PathLike] | None = None) -> None:
+    """Start the process the local workers are forked from, if the command starts them (`local_cluster_starting`).
+
+    Called once the options are checked and before the Prefect server's start, the command's
+    first thread (`cluster.start_forkserver`): its imports then run beside the command's own.
+    """
+    if _runs_local_cluster(dask_address, inputs):
+        from .cluster import start_forkserver
+
+        start_forkserver()
+
+
+def _runs_local_cluster(dask_address: str | None, inputs: Iterable[str | os.PathLike] | None) -> bool:
+    return not dask_address and (inputs is None or any(preflight.holds_image(folder) for folder in inputs))
 
 
 def references_from_args(args: argparse.Namespace) -> dict:
@@ -243,11 +259,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         outputs, scoring = outputs_from_args(args), scoring_from_args(args)
     except ValueError as error:
         raise UsageError(_first_line(error)) from None
+    start_worker_forkserver(args.dask_address)  # INPUT holds an image: checked above
     from flows.server import server_starting
 
     with contextlib.ExitStack() as run:
         with server_starting():  # the temporary Prefect server starts while the flows import
-            # INPUT holds an image: checked above
             run.enter_context(local_cluster_starting(backbone, args.device, args.dask_address))
             from flows.score import score_captures
 
@@ -301,6 +317,7 @@ def print_summary(summary) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """``musc demo``: a synthetic day with planted defects, scored (offline: tiny random ViT)."""
+    start_worker_forkserver()
     from flows.server import server_starting
 
     out = Path(args.out).resolve()
@@ -372,6 +389,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scoring = scoring_from_args(
         args, rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout], pool_size=args.pool_size or 100_000
     )
+    start_worker_forkserver(args.dask_address, [root])
     from flows.server import server_starting
 
     with contextlib.ExitStack() as run:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import multiprocessing.forkserver
 import os
 import sys
 import threading
@@ -319,13 +320,13 @@ def forked_workers() -> Iterator[None]:
     Spawned, every local worker imports torch, scikit-image and the stages itself (`worker_imports`,
     about 3 s of a core each), all at once and beside the command's own start. multiprocessing's
     forkserver imports them once (`forkserver_preload`), in its own fresh process, and forks each
-    worker from there. It
-    starts with the first worker, after the nanny wrote Dask's pre-spawn environment
-    (``OMP_NUM_THREADS=1``, `KEEP_GLIBC_MALLOC`) into this process's, and serves every later
-    forked cluster of the process with the environment it started with. So only a `musc`
-    command's cluster is forked (`local_cluster_starting`): the command sets its environment
-    before, and its one cluster serves all its runs. A Python caller's clusters are spawned,
-    each seeing the environment (``HF_HOME``...) of its own start.
+    worker from there. A command starts it as it begins (`start_forkserver`); otherwise it starts
+    with the first worker, after the nanny wrote Dask's pre-spawn environment (``OMP_NUM_THREADS=1``,
+    `KEEP_GLIBC_MALLOC`) into this process's. It serves every later forked cluster of the process
+    with the environment it started with. So only a `musc` command's cluster is forked
+    (`local_cluster_starting`): the command sets its environment before, and its one cluster
+    serves all its runs. A Python caller's clusters are spawned, each seeing the environment
+    (``HF_HOME``...) of its own start.
     """
     with dask.config.set(FORKSERVER):
         prepare_forkserver()
@@ -342,6 +343,35 @@ def prepare_forkserver() -> None:
     """
     with dask.config.set(FORKSERVER):
         get_mp_context().set_forkserver_preload(["distributed", "musc_tasks.forkserver_preload"])
+
+
+def start_forkserver() -> None:
+    """Start the forkserver of the command's workers now, in the environment a nanny gives its workers.
+
+    For a `musc` command that will start a local cluster, as soon as its options are checked
+    and before it starts any thread (this briefly sets Dask's pre-spawn environment in
+    ``os.environ``, as each nanny does for good). The forkserver's imports (4.8 s of a core
+    here) then run beside the command's own imports and the Prefect server's start, where the
+    second core was mostly idle, instead of after the cluster's start; the workers it forks
+    later have the stages and the backbones' libraries imported.
+    """
+    prepare_forkserver()
+    with dask.config.set(KEEP_GLIBC_MALLOC):  # read within: leaving the block restores the config's dict in place
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ")
+        # as a nanny reads it: a value already in the environment wins, None sets nothing
+        workers = {name: os.environ.get(name, str(value)) for name, value in environ.items() if value is not None}
+    if workers.get("PYTHONHASHSEED") in (None, "0"):  # a nanny's one hash seed for its workers (dask/distributed#8400)
+        workers["PYTHONHASHSEED"] = "6640"
+    before = {name: os.environ.get(name) for name in workers}
+    os.environ.update(workers)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 LOCAL_WORKER_MEMORY = 6 * 2**30  # ViT-L weights, a block's activations and a pool task's blocks, with room

@@ -1,7 +1,11 @@
 """What the forkserver of a `musc` command's local workers imports (`cluster.forked_workers`).
 
-The stages (`worker_imports`), imported once for every worker forked from it, and a quick
-exit. The forkserver ends after its command, when it sees the command's end of a pipe close.
+The stages (`worker_imports`) and the backbones' libraries, imported once for every worker
+forked from it, and a quick exit. open_clip (which imports timm and torchvision, 1.7 s of a core
+here) was imported by each worker's warm-up after the worker had started, ahead of its first
+extraction block; in the forkserver it is imported while the Prefect server starts.
+
+The forkserver ends after its command, when it sees the command's end of a pipe close.
 Ending the ordinary way it tore down an interpreter that imported torch, 0.7-1.1 s on this
 machine, all the while holding the command's output streams open: whoever reads them to their
 end (a benchmark, a scheduler capturing the command's output) waited that long after the command
@@ -11,6 +15,8 @@ it: multiprocessing ends each of them with ``os._exit`` after flushing its strea
 
 import atexit
 import os
+
+import open_clip  # noqa: F401
 
 from . import worker_imports  # noqa: F401
 

@@ -258,20 +258,29 @@ def test_a_local_cluster_serves_http_on_a_free_port_without_a_warning():
     assert port != 8787 and not [w for w in caught if "already in use" in str(w.message)]
 
 
-def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_torch_threads(tiny_backbone):
-    """Forked from the forkserver in their environment; the nannies' OMP_NUM_THREADS=1 stays out of this torch."""
+@pytest.mark.parametrize("forkserver", ["started by the first worker", "started early"])
+def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_torch_threads(tiny_backbone, forkserver):
+    """Forked from the forkserver in their environment; the nannies' OMP_NUM_THREADS=1 stays out of this torch.
+
+    The forkserver's environment is the one its process started with (/proc's, which the forked
+    workers share): glibc read MALLOC_TRIM_THRESHOLD_ from it, torch OMP_NUM_THREADS.
+    """
     started = (
         "import json, os, sys\n"
         "import psutil\n"
         "from distributed import Client\n"
         "import musc_tasks.cluster as c\n"
         "from musc_tasks.config import BackboneSpec\n"
-        "def worker_facts():  # a worker's parent, torch threads, malloc setting, imports before any task\n"
+        "def worker_facts():  # a worker's parent, torch threads, starting environment, imports before any task\n"
         "    import torch\n"
-        "    stages = ('extract', 'publish', 'scoring', 'forkserver_preload')\n"
+        "    stages = ('musc_tasks.extract', 'musc_tasks.scoring', 'musc_tasks.forkserver_preload', 'open_clip')\n"
         "    parent = ' '.join(psutil.Process(os.getppid()).cmdline())\n"
-        "    imported = [name for name in stages if f'musc_tasks.{name}' in sys.modules]\n"
-        "    return [parent, torch.get_num_threads(), os.getenv('MALLOC_TRIM_THRESHOLD_'), imported]\n"
+        "    started_with = psutil.Process().environ()\n"
+        "    names = ('MALLOC_TRIM_THRESHOLD_', 'OMP_NUM_THREADS')\n"
+        "    imported = [name for name in stages if name in sys.modules]\n"
+        "    return [parent, torch.get_num_threads(), [started_with.get(name) for name in names], imported]\n"
+        "if sys.argv[2] == 'started early':\n"
+        "    c.start_forkserver()\n"
         "with c.local_cluster_starting(BackboneSpec.model_validate_json(sys.argv[1]), 'cpu'):\n"
         "    address = c._started_by_command.address()  # the nannies have started their workers\n"
         "    import torch  # as the command's flows import it\n"
@@ -290,7 +299,7 @@ def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_tor
         timeout=120,
     )
     done = subprocess.run(
-        [sys.executable, "-c", started, tiny_backbone.model_dump_json()],
+        [sys.executable, "-c", started, tiny_backbone.model_dump_json(), forkserver],
         env=env,
         capture_output=True,
         text=True,
@@ -301,5 +310,5 @@ def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_tor
     assert threads.split() == plain.stdout.split()
     facts = json.loads(facts)
     assert len(facts) >= 1 and all("multiprocessing.forkserver" in parent for parent, *_ in facts), facts
-    stages = ["extract", "publish", "scoring", "forkserver_preload"]
-    assert [rest for _, *rest in facts] == [[1, None, stages]] * len(facts)
+    stages = ["musc_tasks.extract", "musc_tasks.scoring", "musc_tasks.forkserver_preload", "open_clip"]
+    assert [rest for _, *rest in facts] == [[1, [None, "1"], stages]] * len(facts)
