@@ -29,28 +29,17 @@ from musc_tasks.config import BackboneSpec
 
 from ..conftest import TINY_SPEC, backbone_options
 from .conftest import subprocess_env
+from .worker_probes import model_cache_after_a_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:.*RANDOM weights")]
 
 REPO = Path(__file__).parents[2]
 
 
-def _model_cache_after_a_block(spec: BackboneSpec) -> tuple[int, int] | str:
-    """On a worker, what the first extraction block finds: (models loaded, cache hits) after it, or its error."""
-    from musc_tasks.extract import worker_backbone
-
-    try:
-        worker_backbone(spec, "cpu")
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    info = worker_backbone.cache_info()
-    return info.misses, info.hits
-
-
 def _on_every_worker(cluster, spec: BackboneSpec) -> list:
     with Client(cluster.address(), set_as_default=False) as client:
         workers = list(client.scheduler_info()["workers"])
-        futures = [client.submit(_model_cache_after_a_block, spec, workers=[w], pure=False) for w in workers]
+        futures = [client.submit(model_cache_after_a_block, spec, workers=[w], pure=False) for w in workers]
         return client.gather(futures)
 
 
