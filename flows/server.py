@@ -1,48 +1,138 @@
 """The temporary Prefect server of a `musc` command, started while the flows import instead of after.
 
-Without a Prefect server (`PREFECT_API_URL` unset), the first flow call starts Prefect's
-temporary server and waits for it: a subprocess that imports Prefect's server and opens (on
-the first run in a `PREFECT_HOME`, creates and migrates) its SQLite database, seconds of one
-core, while this process waits. Importing the flows (torch, Dask, Zarr) is seconds of another
-core. `server_starting` runs the two side by side: Prefect's own server object is started in a
-thread and is the one the flow's client then finds running.
+Without a Prefect server (`PREFECT_API_URL` unset), Prefect's first API call starts a temporary
+one and waits for it: a subprocess that runs Prefect's server app under uvicorn and opens (on the
+first run in a `PREFECT_HOME`, creates and migrates) its SQLite database, seconds of one core.
+Importing the flows (torch, Dask, Zarr) is seconds of another core. `server_starting` runs the
+two side by side, and starts that subprocess itself: Prefect's own starter lives in its server
+package, whose import cost the command 1.4 s of its own core (the API's routes, the ORM) for a
+class that spawns one process and polls it. The process is the one Prefect's starter runs (the
+same app, options and environment); once it answers, this process's Prefect settings point at
+it, so every Prefect client of the command, in any thread, finds it as a configured server.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import threading
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
+
+PORT_TAKEN = 3  # uvicorn's exit status when it cannot bind its port: Prefect's starter then tries another
+# What Prefect's starter adds to the server's environment: no UI, the temporary server's services only
+TEMPORARY_SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+
+
+class TemporaryServer:
+    """One temporary Prefect server process on a free loopback port; `stop` ends it."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.start()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        import prefect
+        from prefect.settings import get_current_settings
+
+        self.port = free_port()
+        env = {
+            **os.environ,
+            **TEMPORARY_SERVER_ENV,
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        }
+        app_dir = str(Path(prefect.__file__).parent.parent)
+        command = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory"]
+        command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--log-level", "error", "--lifespan", "on"]
+        self.process = subprocess.Popen(command, env=env)
+
+    def wait_until_answering(self, timeout: float) -> None:
+        """Poll its health until it answers (on another port if its was taken); `RuntimeError` past ``timeout`` s."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                status = self.process.poll()
+                if status == PORT_TAKEN:
+                    self.start()
+                    continue
+                if status is not None:
+                    raise RuntimeError(f"the temporary Prefect server exited with status {status} before it answered")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(
+            f"the temporary Prefect server did not answer within {timeout:.0f} s"
+            " (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        )
+
+    def stop(self) -> None:
+        """End the server as Prefect's starter does: terminate, then kill after 5 s."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def free_port() -> int:
+    """A loopback port free now (the server's start retries when another process takes it first)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
 def server_starting() -> Iterator[None]:
-    """Start the temporary Prefect server in a thread for the block; on exit, wait until it answers.
+    """Start the temporary Prefect server for the block; on exit, wait until it answers and use it.
 
-    Nothing happens when a server is configured or the temporary one is turned off.
+    From then on ``PREFECT_API_URL`` names it, in this process's environment and Prefect's
+    settings, so a later command in the same process finds it running, as Prefect's own
+    temporary server is found; it stops when the process exits. Nothing happens when a server
+    is configured or the temporary one is turned off.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         yield
         return
-    # Imported here, not in the thread: two threads importing interdependent modules at once
-    # can see each other's half-initialised modules. The thread only spawns and polls.
-    from prefect.server.api.server import SubprocessASGIServer
-
-    # The flow's client asks the same object (one per port; None: the temporary one) and finds it running.
-    server = SubprocessASGIServer()
-    failed: list[Exception] = []
-    thread = threading.Thread(target=_start, args=(server, failed), name="prefect-server-start", daemon=True)
-    thread.start()
-    yield  # an error in the block leaves the server to the exit's clean-up (Prefect's atexit stop)
-    thread.join()
-    if failed:  # as the flow's own start would have raised it; a second start would orphan the first process
-        raise failed[0]
+    server = TemporaryServer()
+    # At exit, as Prefect's starter does: after the exit handlers registered later (the flows'
+    # clients and log workers, last to need the server) have run. An error in the block leaves it there too.
+    atexit.register(server.stop)
+    yield
+    server.wait_until_answering(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    use_server(server.api_url)
+    TEMPORARY_API_URLS.add(server.api_url)
 
 
-def _start(server, failed: list[Exception]) -> None:
-    try:
-        server.start()
-    except Exception as error:  # noqa: BLE001 - handed to the main thread
-        failed.append(error)
+TEMPORARY_API_URLS: set[str] = set()  # the servers `server_starting` started in this process
+
+
+def use_server(api_url: str) -> None:
+    """Point this process's Prefect at ``api_url``: its environment, and the settings every thread falls back to."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = api_url
+    refresh_global_settings_context()

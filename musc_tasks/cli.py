@@ -940,8 +940,11 @@ def _error_message(error: Exception, verbose: bool) -> str | None:
     if is_disk_full(error):
         return f"musc: error: {disk_full_message(error)}"
     if _lost_server(error):
+        from flows.server import TEMPORARY_API_URLS
+
         url = os.environ.get("PREFECT_API_URL")
-        server = f"the Prefect server at {url}" if url else "this run's temporary Prefect server"
+        temporary = not url or url in TEMPORARY_API_URLS
+        server = "this run's temporary Prefect server" if temporary else f"the Prefect server at {url}"
         # Prefect's API log handler may have left "All connection attempts failed" without its newline
         return (
             f"\nmusc: error: lost {server} ({type(error).__name__}: {_first_line(error)});"
