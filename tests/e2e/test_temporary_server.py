@@ -1,4 +1,4 @@
-"""A command's temporary Prefect server (`flows.server`): started without Prefect's server package, found by every client, stopped at exit."""
+"""A command's temporary Prefect server (`flows.server`): no server package imported, found by all, gone at exit."""
 
 import os
 import socket
