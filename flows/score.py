@@ -9,9 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.stages import Stages
-from musc_tasks.backbone import patch_size
 from musc_tasks.cluster import run_cluster
-from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams
+from musc_tasks.config import PRESETS, BackboneSpec, OutputPolicy, ReferenceMode, ScoringParams, patch_size
 from musc_tasks.layout import day_input
 from musc_tasks.locks import run_lock
 from musc_tasks.manifests import CatalogRef, ProductScoresRef, RunSummary, TokenGeometry

@@ -161,7 +161,7 @@ def backbone_from_args(args: argparse.Namespace) -> BackboneSpec:
     if args.model_config:
         update["model_config_path"] = args.model_config.resolve()
     if args.backbone and args.backbone != spec.name:
-        from .backbone import default_pretrained, native_geometry
+        from .config import default_pretrained, native_geometry
 
         update["name"] = args.backbone
         size, blocks = native_geometry(args.backbone, args.model_config)

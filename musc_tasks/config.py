@@ -242,6 +242,64 @@ def open_clip_model_config(name: str, model_config_path: Path | None = None) -> 
     return None
 
 
+def native_geometry(name: str, model_config_path: Path | None = None) -> tuple[int, int]:
+    """(native image size, number of blocks) of a ViT of any family."""
+    if backbone_family(name, model_config_path) != "clip":
+        from .timm_backbone import timm_native_geometry
+
+        return timm_native_geometry(name, model_config_path)
+    config = clip_model_config(name, model_config_path)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {name!r}; pass --model-config JSON to register it")
+    vision = config["vision_cfg"]
+    size = vision["image_size"]
+    return (size if isinstance(size, int) else size[0]), vision["layers"]
+
+
+def patch_size(spec: BackboneSpec) -> int:
+    """Pixels per patch side of the spec's ViT."""
+    if spec.family != "clip":
+        from .timm_backbone import timm_patch_size
+
+        return timm_patch_size(spec.name, spec.model_config_path)
+    config = clip_model_config(spec.name, spec.model_config_path)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {spec.name!r}; pass --model-config JSON to register it")
+    return int(config["vision_cfg"]["patch_size"])
+
+
+def clip_model_config(name: str, model_config_path: Path | None = None) -> dict | None:
+    """open_clip's config of model ``name`` once ``model_config_path`` (if any) is registered; None if unknown.
+
+    Read from the JSON file when one registers the name (`open_clip_model_config`,
+    no open_clip import); open_clip itself answers for the names it resolves elsewhere
+    (``hf-hub:``, ``local-dir:``) and for unknown names.
+    """
+    config = open_clip_model_config(name, model_config_path)
+    if config is not None:
+        return config
+    import open_clip
+
+    from .backbone import register_model_config
+
+    if model_config_path is not None:
+        register_model_config(model_config_path)
+    return open_clip.get_model_config(name)
+
+
+def default_pretrained(name: str, model_config_path: Path | None = None) -> str | None:
+    """The weights a bare ``--backbone NAME`` gets.
+
+    Meta's for the authors' DINO names, the tag of a ``timm:<model>.<tag>`` name, else None
+    (random weights, with a warning: open_clip has no default tag).
+    """
+    if backbone_family(name, model_config_path) != "clip":
+        from .timm_backbone import timm_default_tag
+
+        return timm_default_tag(name, model_config_path)
+    return None
+
+
 PRESETS: dict[str, BackboneSpec] = {
     "paper": BackboneSpec(name="ViT-L-14-336", pretrained="openai", image_size=518, layers=(5, 11, 17, 23)),
     "fast": BackboneSpec(name="ViT-B-16-plus-240", pretrained="laion400m_e31", image_size=512, layers=(2, 5, 8, 11)),

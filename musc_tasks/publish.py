@@ -39,7 +39,6 @@ from .render import (
     region_rows,
     write_png,
 )
-from .report import build_day_report
 from .rscin import ProductScores, pool_reference, read_product_scores, threshold_margins
 from .store import open_pool_store, pool_layout, write_maps_store
 
@@ -199,6 +198,9 @@ def publish_day(
         out / "tables" / "runs", {"date": catalog.run_date}, run.run_id, runs_table, tables.RUNS_SCHEMA
     )
     log.info("published %d rows for %s", len(all_scores), catalog.run_date)
+    # matplotlib and the report here, in the flow's process: the workers that import this module never draw one
+    from .report import build_day_report
+
     try:
         report = build_day_report(out, catalog.run_date, backbone.key)
         summary = summary.model_copy(update={"report_path": str(report.path)})

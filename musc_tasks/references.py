@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict
 
 from . import tables
 from .atomic import write_atomic
-from .backbone import load_backbone, patch_size
+from .backbone import load_backbone
 from .catalog import IMAGE_SUFFIXES, catalog_files
-from .config import BackboneSpec
+from .config import BackboneSpec, patch_size
 from .extract import extract_tokens_to_store
 from .identity import params_key, path_segment
 from .layout import reference_set_path, reference_sets_dir, token_store_path

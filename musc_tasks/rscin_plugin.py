@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from .atomic import write_atomic
-from .backbone import Backbone, load_backbone, patch_size
+from .backbone import Backbone, load_backbone
 from .catalog import catalog_files
-from .config import BackboneSpec
+from .config import BackboneSpec, patch_size
 from .core import rescore_images
 from .extract import extract_tokens_to_store
 from .imageio import ImageReadError, read_rgb

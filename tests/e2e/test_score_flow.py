@@ -16,8 +16,8 @@ from PIL import Image
 
 from flows.score import score_captures
 from musc_tasks import tables
-from musc_tasks.backbone import load_backbone, patch_size
-from musc_tasks.config import ScoringParams
+from musc_tasks.backbone import load_backbone
+from musc_tasks.config import ScoringParams, patch_size
 from musc_tasks.core import image_scores, pixel_metrics, pool_patch_scores, rescore_images, upsample_maps
 from musc_tasks.imageio import read_rgb
 from musc_tasks.layout import pool_stores_dir

@@ -115,8 +115,8 @@ def test_model_configs_read_from_their_files_are_open_clips(tmp_path):
 
     import open_clip
 
-    from musc_tasks.backbone import clip_model_config, register_model_config
-    from musc_tasks.config import open_clip_config_dir, open_clip_model_config
+    from musc_tasks.backbone import register_model_config
+    from musc_tasks.config import clip_model_config, open_clip_config_dir, open_clip_model_config
 
     shipped = sorted(path.stem for path in open_clip_config_dir().glob("*.json"))
     assert "ViT-L-14-336" in shipped

@@ -112,6 +112,24 @@ def test_errors_start_no_heavy_library(tmp_path):
     assert done.stdout.strip() == "4 []", done.stdout + done.stderr
 
 
+def test_a_clip_backbone_by_name_is_resolved_without_torch(tmp_path):
+    """``--backbone`` of a CLIP ViT: its geometry from the JSON configs, so the command's start imports no torch."""
+    (tmp_path / "night" / "part").mkdir(parents=True)
+    tiny = Path(__file__).parents[2] / "musc_tasks" / "model_configs" / "musc-tiny-vit.json"
+    script = (
+        "import sys; from musc_tasks.cli import build_parser, validate_scoring; "
+        f"night = {str(tmp_path / 'night')!r}; "
+        "parse = build_parser().parse_args; "
+        "named = validate_scoring(parse(['score', night, '--out', 'x', '--backbone', 'ViT-B-16'])); "
+        f"tiny = validate_scoring(parse(['score', night, '--out', 'x', '--backbone', 'musc-tiny-vit', "
+        f"'--model-config', {str(tiny)!r}])); "
+        "heavy = sorted({'torch', 'prefect', 'dask', 'distributed', 'open_clip', 'timm'} & set(sys.modules)); "
+        "print(named.image_size, list(named.layers), named.pretrained, tiny.image_size, list(tiny.layers), heavy)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[2])
+    assert done.stdout.strip() == "224 [2, 5, 8, 11] None 224 [0, 1, 2, 3] []", done.stdout + done.stderr
+
+
 def test_evaluate_shots_errors(tmp_path, capsys):
     """--references --shots K: K train images per category, checked before anything heavy."""
     root, out = tmp_path / "mvtec", str(tmp_path / "out")

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from musc_tasks.backbone import WeightsUnavailable, load_backbone, patch_size
+from musc_tasks.backbone import WeightsUnavailable, load_backbone
 from musc_tasks.cli import add_backbone_arguments, backbone_from_args
-from musc_tasks.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, BackboneSpec
+from musc_tasks.config import IMAGENET_MEAN, IMAGENET_STD, PRESETS, BackboneSpec, patch_size
 from musc_tasks.timm_backbone import dino_pos_embed, timm_arch
 
 from ..conftest import TINY_DINO_CONFIG, TINY_DINOV2_CONFIG
