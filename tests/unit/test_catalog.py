@@ -195,6 +195,21 @@ def test_scan_is_deterministic(day):
     assert scan_input(day) == scan_input(day)
 
 
+def test_threads_do_not_change_the_catalogue(day, tmp_path):
+    """Hashing and decoding on threads gives the one-thread catalogue: order, ids, duplicates, failures."""
+    for i in range(24):  # enough files for every thread to take several, copies among them
+        path = _png(day / "many" / f"{i:02d}.png", seed=100 + i % 9, size=(16 + i % 5, 12))
+        if i % 4 == 0:
+            (day / "many" / f"copy {i:02d}.png").write_bytes(path.read_bytes())
+    (day / "many" / "cut.png").write_bytes((day / "many" / "00.png").read_bytes()[:60])
+    (day / "many" / "cut again.png").write_bytes((day / "many" / "00.png").read_bytes()[:60])
+    os.symlink(_png(tmp_path / "outside.png"), day / "many" / "out.png")
+    serial = scan_input(day, threads=1)
+    assert serial.n_failed == 4 and sum(e.duplicate_of is not None for e in serial.entries) == 8
+    for threads in (2, 5):
+        assert scan_input(day, threads=threads) == serial
+
+
 def test_unlistable_folder_is_reported_not_empty(tmp_path, monkeypatch):
     root = tmp_path / "in"
     _png(root / "p" / "ok.png")
