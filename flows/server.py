@@ -131,8 +131,18 @@ TEMPORARY_API_URLS: set[str] = set()  # the servers `server_starting` started in
 
 
 def use_server(api_url: str) -> None:
-    """Point this process's Prefect at ``api_url``: its environment, and the settings every thread falls back to."""
-    from prefect.context import refresh_global_settings_context
+    """Point this process's Prefect at ``api_url``, its temporary server, with no flow run heartbeats.
+
+    The URL goes into the environment and the settings every thread falls back to. Heartbeats
+    let a server mark a run crashed when its process dies; this server dies with the process, so
+    nothing would read them, and a flow's end waited up to 1 s for the heartbeat thread's sleep.
+    """
+    import prefect.context
+    from prefect.context import SettingsContext
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
     os.environ["PREFECT_API_URL"] = api_url
-    refresh_global_settings_context()
+    prefect.context.refresh_global_settings_context()
+    fallback = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    settings = fallback.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    prefect.context.GLOBAL_SETTINGS_CONTEXT = SettingsContext(profile=fallback.profile, settings=settings)

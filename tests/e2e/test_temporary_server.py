@@ -31,7 +31,10 @@ def double(x):
 def night():
     return double.submit(21).result()  # a task on the flow's thread pool: another thread, the same server
 
-print(night(), os.environ["PREFECT_API_URL"], "prefect.server.api.server" in sys.modules, flush=True)
+from prefect.settings import get_current_settings
+
+heartbeats = get_current_settings().flows.heartbeat_frequency  # none: nothing outlives this server to read them
+print(night(), os.environ["PREFECT_API_URL"], "prefect.server.api.server" in sys.modules, heartbeats, flush=True)
 """
 
 
@@ -50,8 +53,8 @@ def test_a_command_runs_its_flow_on_its_own_server_without_importing_prefects_se
         [sys.executable, "-c", A_COMMAND], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result, api_url, imported_server = done.stdout.split()
-    assert result == "42"
+    result, api_url, imported_server, heartbeats = done.stdout.split()
+    assert result == "42" and heartbeats == "None"
     assert api_url.startswith("http://127.0.0.1:") and api_url.endswith("/api")
     assert imported_server == "False"
     # The flow run is in the home's database, written by that server
