@@ -305,7 +305,7 @@ def _catalog_entries(
     """
     found = sorted(found)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="catalog") as pool:
-        hashed = list(pool.map(lambda item: _hash_file(root, real_root, *item), found))
+        hashed = list(pool.map(lambda item: _hash_file(root, real_root, item[1]), found))
         firsts: dict[tuple[str, str], int] = {}  # (product, image_id) -> index of its first file
         for index, ((product, _), (image_id, _)) in enumerate(zip(found, hashed)):
             if image_id is not None:
@@ -364,7 +364,7 @@ def _image_relpaths(root: Path, product_dir: Path) -> tuple[list[str], list[str]
     return relpaths, unreadable
 
 
-def _hash_file(root: Path, real_root: str, product: str, relpath: str) -> tuple[str | None, str | None]:
+def _hash_file(root: Path, real_root: str, relpath: str) -> tuple[str | None, str | None]:
     """(content hash, None), or (None, why the file cannot be catalogued)."""
     real_path = os.path.realpath(root / relpath)
     if os.path.commonpath([real_root, real_path]) != real_root:
