@@ -57,7 +57,7 @@ class TemporaryServer:
         self.process = subprocess.Popen(command, env=env)
 
     def wait_until_answering(self, timeout: float) -> None:
-        """Poll its health until it answers (on another port if its was taken); `RuntimeError` past ``timeout`` s."""
+        """Poll its health until it answers (on a new port if its own was taken); `RuntimeError` past ``timeout`` s."""
         import httpx
 
         deadline = time.monotonic() + timeout
