@@ -171,9 +171,7 @@ def scan_input(
         elif _has_image_suffix(item.name):
             found.append((root.name, item.name))
 
-    entries = _catalog_entries(
-        root, real_root, found, min_side=min_side, max_pixels=max_pixels, threads=threads or default_threads()
-    )
+    entries = _catalog_entries(root, real_root, found, min_side=min_side, max_pixels=max_pixels, threads=threads)
     catalog = Catalog(
         input_dir=str(root),
         entries=tuple(entries),
@@ -288,7 +286,6 @@ def catalog_files(
     root = Path(os.path.abspath(os.fsdecode(root)))
     if not root.is_dir():
         raise NotADirectoryError(f"root {root} is not a directory")
-    threads = threads or default_threads()
     entries = _catalog_entries(
         root, os.path.realpath(root), files, min_side=min_side, max_pixels=max_pixels, threads=threads
     )
@@ -296,15 +293,16 @@ def catalog_files(
 
 
 def _catalog_entries(
-    root: Path, real_root: str, found: list[tuple[str, str]], *, min_side: int, max_pixels: int, threads: int
+    root: Path, real_root: str, found: list[tuple[str, str]], *, min_side: int, max_pixels: int, threads: int | None
 ) -> list[CatalogEntry]:
     """One entry per file in (product, relpath) order: hashed, then each distinct file decoded once.
 
-    Both steps run on ``threads`` threads (reading and decoding release the GIL: a night of
-    2448x2048 JPEGs decodes at about 40 ms a file on one core); the entries do not depend on the count.
+    Both steps run on ``threads`` threads (None: `default_threads`). Reading and decoding release
+    the GIL, and a night of 2448x2048 JPEGs decodes at about 40 ms a file on one core. The
+    entries do not depend on the thread count.
     """
     found = sorted(found)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="catalog") as pool:
+    with ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="catalog") as pool:
         hashed = list(pool.map(lambda item: _hash_file(root, real_root, item[1]), found))
         firsts: dict[tuple[str, str], int] = {}  # (product, image_id) -> index of its first file
         for index, ((product, _), (image_id, _)) in enumerate(zip(found, hashed)):

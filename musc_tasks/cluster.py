@@ -350,8 +350,8 @@ def start_forkserver() -> None:
 
     For a `musc` command that will start a local cluster, as soon as its options are checked
     and before it starts any thread (this briefly sets Dask's pre-spawn environment in
-    ``os.environ``, as each nanny does for good). The forkserver's imports (4.8 s of a core
-    here) then run beside the command's own imports and the Prefect server's start, where the
+    ``os.environ``, as each nanny does for good). The forkserver's imports (about 4 s of a
+    core here) then run beside the command's own imports and the Prefect server's start, where the
     second core was mostly idle, instead of after the cluster's start; the workers it forks
     later have the stages and the backbones' libraries imported.
     """
