@@ -373,8 +373,10 @@ def _to_upright_rgb(image: Image.Image, name: str, notes: list[str], orientation
         notes.append(f"EXIF orientation {orientation} applied")
     mode = image.mode
     if mode == "RGB":
-        # copy() detaches the pixels from the file handle the caller is about to close.
-        return image.copy(), notes
+        # Loaded, the image holds its pixels and has let go of the file: PIL memory-maps only
+        # raw files of other modes (L, P, RGBX, RGBA, CMYK, I;16), which are converted below.
+        # A copy here cost a third of a 5-MP capture's decoding (a fresh 15 MB buffer).
+        return image, notes
     if mode == "F":
         raise ImageReadError(name, "unsupported pixel mode 'F' (floating-point samples have no fixed range)")
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):

@@ -31,13 +31,20 @@ def _reason(path, **kwargs):
     return info.value.reason
 
 
-def test_plain_rgb_png_has_no_notes_and_is_detached(tmp_path):
-    path = tmp_path / "ok.png"
-    Image.fromarray(_pattern()).save(path)
+@pytest.mark.parametrize("suffix", [".png", ".bmp", ".tif", ".jpg"])
+def test_plain_rgb_file_has_no_notes_and_is_detached(tmp_path, suffix):
+    path = tmp_path / f"ok{suffix}"
+    Image.fromarray(_pattern()).save(path, **({"quality": 100} if suffix == ".jpg" else {}))
+    with Image.open(path) as reference:
+        expected = np.asarray(reference.convert("RGB"))
     image, notes = read_rgb(path)
-    path.unlink()  # the pixels must not depend on the file any more
+    # The pixels must not depend on the file any more: neither its name nor its bytes.
+    path.write_bytes(b"\0" * path.stat().st_size)
+    path.unlink()
     assert image.mode == "RGB" and image.size == (32, 24) and notes == []
-    np.testing.assert_array_equal(np.asarray(image), _pattern())
+    np.testing.assert_array_equal(np.asarray(image), expected)
+    if suffix != ".jpg":
+        np.testing.assert_array_equal(np.asarray(image), _pattern())
 
 
 def test_zero_byte_file(tmp_path):
