@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from musc_tasks.progress import progress_bar
+from musc_tasks.progress import ArtifactPace, progress_bar
 
 
 def feed(updates, monkeypatch, capsys, progress="1"):
@@ -46,3 +46,43 @@ def test_each_quarter_is_logged_once_as_it_is_passed(updates, expected, monkeypa
 
 def test_nothing_without_musc_progress(monkeypatch, capsys):
     assert feed([(1, 2), (2, 2)], monkeypatch, capsys, progress="0") == ""
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_an_artifact_moves_a_step_at_a_time_and_at_most_once_an_interval():
+    clock = Clock()
+    pace = ArtifactPace(min_step=5.0, min_interval=1.0, clock=clock)
+    sent = []
+    for tenth in range(1, 51):  # 5 s of work, 2 % a tenth of a second
+        clock.now = tenth / 10
+        percent = 2.0 * tenth
+        if pace.due(percent, final=percent == 100.0):
+            sent.append(percent)
+    assert sent == [20.0, 40.0, 60.0, 80.0, 100.0]  # once a second, and the end as it comes
+
+
+@pytest.mark.parametrize(
+    "calls, expected",
+    [
+        ([(0.0, 2.0, False), (100.0, 2.1, True)], [100.0]),  # 0 % is where the artifact starts
+        ([(4.0, 9.0, False), (6.0, 9.0, False)], [6.0]),  # a pause is not enough without a step
+        ([(50.0, 0.5, False), (100.0, 0.6, True), (100.0, 5.0, True)], [100.0]),  # the end once
+        ([(30.0, 0.2, True)], [30.0]),  # a final value is never held back
+    ],
+)
+def test_an_artifact_update_is_due_on_a_step_and_a_pause_or_at_the_end(calls, expected):
+    clock = Clock()
+    pace = ArtifactPace(min_step=5.0, min_interval=1.0, clock=clock)
+    sent = []
+    for percent, now, final in calls:
+        clock.now = now
+        if pace.due(percent, final=final):
+            sent.append(percent)
+    assert sent == expected
