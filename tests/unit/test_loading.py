@@ -80,5 +80,9 @@ def test_extraction_runs_cover_the_blocks_once_in_order():
     for first, stop, workers in [(1, 2, 2), (1, 13, 2), (0, 125, 2), (3, 40, 8), (1, 5, 16), (1, 100, 1)]:
         runs = extraction_runs(first, stop, workers)
         assert [b for run in runs for b in range(run.start, run.stop)] == list(range(first, stop))
-        assert all(1 <= run.stop - run.start <= MAX_RUN_BLOCKS for run in runs)
+        sizes = [run.stop - run.start for run in runs]
+        assert all(1 <= size <= MAX_RUN_BLOCKS for size in sizes)
         assert len(runs) >= min(workers, stop - first)
+        # Shrinking to single blocks, so the night's last tasks are short whatever the split.
+        assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 1
+    assert [run.stop - run.start for run in extraction_runs(1, 42, 2)] == [8, 8, 6, 4, 3, 3, 2] + [1] * 7
