@@ -222,16 +222,22 @@ def local_cluster_starting(
     return starting(backbone, device)
 
 
-def start_worker_forkserver(dask_address: str | None = None, inputs: Iterable[str | os.PathLike] | None = None) -> None:
+def start_worker_forkserver(
+    dask_address: str | None = None,
+    inputs: Iterable[str | os.PathLike] | None = None,
+    backbone: BackboneSpec | None = None,
+    device: str = "auto",
+) -> None:
     """Start the process the local workers are forked from, if the command starts them (`local_cluster_starting`).
 
     Called once the options are checked and before the Prefect server's start, the command's
-    first thread (`cluster.start_forkserver`): its imports then run beside the command's own.
+    first thread (`cluster.start_forkserver`): its imports then run beside the command's own,
+    and with ``backbone`` it loads the model once for the workers (on the CPU).
     """
     if _runs_local_cluster(dask_address, inputs):
         from .cluster import start_forkserver
 
-        start_forkserver()
+        start_forkserver(backbone, device)
 
 
 def _runs_local_cluster(dask_address: str | None, inputs: Iterable[str | os.PathLike] | None) -> bool:
@@ -259,7 +265,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         outputs, scoring = outputs_from_args(args), scoring_from_args(args)
     except ValueError as error:
         raise UsageError(_first_line(error)) from None
-    start_worker_forkserver(args.dask_address)  # INPUT holds an image: checked above
+    # INPUT holds an image: checked above
+    start_worker_forkserver(args.dask_address, backbone=backbone, device=args.device)
     from flows.server import server_starting
 
     with contextlib.ExitStack() as run:
@@ -389,7 +396,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scoring = scoring_from_args(
         args, rscin_k=args.rscin_k or DEFAULT_RSCIN_K[args.layout], pool_size=args.pool_size or 100_000
     )
-    start_worker_forkserver(args.dask_address, [root])
+    start_worker_forkserver(args.dask_address, [root], backbone, args.device)
     from flows.server import server_starting
 
     with contextlib.ExitStack() as run:

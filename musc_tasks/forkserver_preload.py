@@ -1,7 +1,8 @@
 """What the forkserver of a `musc` command's local workers imports (`cluster.forked_workers`).
 
 The stages (`worker_imports`) and the backbones' libraries, imported once for every worker
-forked from it, and a quick exit. open_clip (which imports timm and torchvision, 1.7 s of a core
+forked from it, the command's model on the CPU, loaded once for all of them
+(`cluster.load_shared_backbone`), and a quick exit. open_clip (which imports timm and torchvision, 1.7 s of a core
 here) was imported by each worker's warm-up after the worker had started, ahead of its first
 extraction block; in the forkserver it is imported while the Prefect server starts.
 
@@ -19,5 +20,7 @@ import os
 import open_clip  # noqa: F401
 
 from . import worker_imports  # noqa: F401
+from .cluster import load_shared_backbone
 
+load_shared_backbone()
 atexit.register(os._exit, 0)  # registered last, so it runs first

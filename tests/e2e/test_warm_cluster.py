@@ -252,7 +252,9 @@ def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_tor
     """Forked from the forkserver in their environment; the nannies' OMP_NUM_THREADS=1 stays out of this torch.
 
     The forkserver's environment is the one its process started with (/proc's, which the forked
-    workers share): glibc read MALLOC_TRIM_THRESHOLD_ from it, torch OMP_NUM_THREADS.
+    workers share): glibc read MALLOC_TRIM_THRESHOLD_ from it, torch OMP_NUM_THREADS. Started
+    early with the command's backbone, the forkserver loads the model once: each worker's
+    warm-up then finds it in its model cache (a hit, no load of its own).
     """
     started = (
         "import json, os, sys\n"
@@ -267,11 +269,15 @@ def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_tor
         "    started_with = psutil.Process().environ()\n"
         "    names = ('MALLOC_TRIM_THRESHOLD_', 'OMP_NUM_THREADS')\n"
         "    imported = [name for name in stages if name in sys.modules]\n"
-        "    return [parent, torch.get_num_threads(), [started_with.get(name) for name in names], imported]\n"
+        "    from musc_tasks.extract import worker_backbone\n"
+        "    cache = worker_backbone.cache_info()\n"
+        "    loads = [cache.misses, cache.hits]  # after the warm-up's call\n"
+        "    return [parent, torch.get_num_threads(), [started_with.get(name) for name in names], imported, loads]\n"
         "if sys.argv[2] == 'started early':\n"
-        "    c.start_forkserver()\n"
+        "    c.start_forkserver(BackboneSpec.model_validate_json(sys.argv[1]), 'cpu')\n"
         "with c.local_cluster_starting(BackboneSpec.model_validate_json(sys.argv[1]), 'cpu'):\n"
         "    address = c._started_by_command.address()  # the nannies have started their workers\n"
+        "    c._started_by_command._client.gather(c._started_by_command._warming)  # and warmed them\n"
         "    import torch  # as the command's flows import it\n"
         "    print(torch.get_num_threads())\n"
         "    with Client(address, set_as_default=False) as client:\n"
@@ -300,4 +306,6 @@ def test_the_commands_workers_fork_from_one_import_and_the_command_keeps_its_tor
     facts = json.loads(facts)
     assert len(facts) >= 1 and all("multiprocessing.forkserver" in parent for parent, *_ in facts), facts
     stages = ["musc_tasks.extract", "musc_tasks.scoring", "musc_tasks.forkserver_preload", "open_clip"]
-    assert [rest for _, *rest in facts] == [[1, [None, "1"], stages]] * len(facts)
+    # the model: loaded once in the forkserver (the warm-up a cache hit), else once by each worker
+    loads = [1, 1] if forkserver == "started early" else [1, 0]
+    assert [rest for _, *rest in facts] == [[1, [None, "1"], stages, loads]] * len(facts)

@@ -1,11 +1,17 @@
 """The run's local Dask cluster."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from musc_tasks.cluster import dask_client
+import pytest
+
+from musc_tasks.cluster import SHARED_BACKBONE_ENV, dask_client, load_shared_backbone
+from musc_tasks.extract import worker_backbone
+
+from ..conftest import TINY_SPEC
 
 
 def test_local_workers_keep_glibc_malloc_thresholds(monkeypatch):
@@ -47,3 +53,28 @@ def test_the_workers_imports_leave_out_what_only_the_flows_process_uses():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[] True", done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+@pytest.mark.parametrize(
+    ("device", "spec_update", "loaded"),
+    [
+        ("cpu", {}, True),
+        ("cuda", {}, False),  # a forked child could not use CUDA after its parent initialised it
+        ("cpu", {"pretrained": "/no/such/weights.pt"}, False),  # left to each worker's first block to report
+    ],
+)
+def test_the_forkserver_loads_the_commands_backbone_once_on_the_cpu(monkeypatch, device, spec_update, loaded):
+    spec = TINY_SPEC.model_copy(update=spec_update)
+    request = json.dumps({"backbone": spec.model_dump(mode="json"), "device": device})
+    monkeypatch.setenv(SHARED_BACKBONE_ENV, request)
+    worker_backbone.cache_clear()
+    try:
+        load_shared_backbone()
+        assert SHARED_BACKBONE_ENV not in os.environ  # not passed on to the workers it forks
+        assert worker_backbone.cache_info().currsize == int(loaded)
+        if loaded:  # what a worker's warm-up and blocks then ask for: found, not loaded again
+            assert worker_backbone(TINY_SPEC, device).spec == TINY_SPEC
+            assert worker_backbone.cache_info()[:2] == (1, 1)
+    finally:
+        worker_backbone.cache_clear()
