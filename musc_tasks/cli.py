@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
@@ -968,6 +969,19 @@ def _scheduler_unreachable(error: Exception) -> bool:
     return isinstance(error, SchedulerUnreachable)
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (a scheduler's stop, ``timeout``, ``kill``) ends the command as Ctrl-C does, cleaning up.
+
+    Python's default ends the process at once, running no exit handler: the temporary Prefect
+    server, a child process, was left running with its port and database, and the local cluster
+    was not closed. Raised in the main thread wherever it is, `SystemExit` unwinds the command's
+    blocks (the cluster closes) and `entry_point` runs the exit handlers (the server stops). In a
+    flow run Prefect's own handler comes first: it marks the run crashed, then sends the signal
+    again, to this handler.
+    """
+    raise SystemExit(128 + signum)
+
+
 def entry_point() -> None:
     """The ``musc`` console script (and ``python -m musc_tasks.cli``): `main`, then the process ends at once.
 
@@ -978,7 +992,9 @@ def entry_point() -> None:
     same for the local workers). The status is what ``sys.exit(main())`` gives: main's code,
     an argparse exit's, 120 if the output cannot be flushed. Anything else main raises leaves
     the ordinary way, with its traceback. Never used in-process: callers of `main` get its code.
+    A SIGTERM ends the command with status 143 through the same steps (`_terminated`).
     """
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = main()
     except SystemExit as exit:  # argparse: --help, a usage error

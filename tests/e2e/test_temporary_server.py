@@ -1,17 +1,23 @@
 """A command's temporary Prefect server (`flows.server`): no server package imported, found by all, gone at exit."""
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from flows import server as server_module
 from flows.server import TemporaryServer
+
+from ..conftest import TINY_SPEC, backbone_options
 
 pytestmark = pytest.mark.e2e
 
@@ -81,3 +87,59 @@ def test_a_taken_port_moves_the_server_to_another(monkeypatch):
         finally:
             server.stop()
     assert server.process is None and not answers(server.api_url)
+
+
+def processes_left(marker: str, wait_s: float = 30.0) -> list[str]:
+    """Command lines of live processes started under ``marker`` (its environment), given ``wait_s`` to end.
+
+    The forkserver and its workers end once they see their command gone; the server only if
+    the command stopped it.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for process in psutil.process_iter(["cmdline", "environ"]):
+            if _started_under(process, marker):
+                left.append(" ".join(process.info["cmdline"] or ()))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("prefect-home")  # one database for the module: migrated once
+
+
+@pytest.mark.parametrize(
+    "when", ["starting the run's local Dask cluster with the command", "Beginning flow run"]
+)  # before Prefect's flow engine, and inside it (where Prefect's own SIGTERM handler comes first)
+def test_sigterm_ends_a_command_with_its_server_and_workers(demo_day, prefect_home, tmp_path, when):
+    marker = str(uuid.uuid4())
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", MUSC_RUN_MARKER=marker)
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    command = [sys.executable, "-m", "musc_tasks.cli", "-v", "score", str(demo_day.input_dir)]
+    command += ["--out", str(tmp_path / "out"), "--date", "2026-11-22", *backbone_options(TINY_SPEC)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if when in line:
+            process.send_signal(signal.SIGTERM)  # as a scheduler's stop or `timeout` sends it
+            break
+    try:  # a server left behind would hold the pipe open: reading to its end would never return
+        rest = process.communicate(timeout=120)[1]
+    finally:
+        left = processes_left(marker)  # the temporary server, the forkserver and the workers
+        for pid in [p.pid for p in psutil.process_iter(["environ"]) if _started_under(p, marker)]:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()  # nothing of a failed run outlives the test
+    assert process.returncode == 128 + signal.SIGTERM, ("".join(seen) + rest)[-3000:]
+    assert left == []
+
+
+def _started_under(process: psutil.Process, marker: str) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return (process.info["environ"] or {}).get("MUSC_RUN_MARKER") == marker
+    return False
