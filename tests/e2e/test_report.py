@@ -147,7 +147,8 @@ def test_cli_run_prints_a_short_console_and_the_report_path(nights, prefect_api)
     artifacts = httpx.post(f"{prefect_api}/artifacts/filter", json=filter_).raise_for_status().json()
     assert any(f"]({report.as_uri()})" in artifact["data"] for artifact in artifacts)
     # Each stage's progress artifact was paced (ArtifactPace), and each still ended at 100 %.
-    filter_ = {"artifacts": {"type": {"any_": ["progress"]}}}
+    runs = list(tables.read_table(out_dir / "tables" / "runs")["flow_run_id"].dropna())
+    filter_ = {"artifacts": {"type": {"any_": ["progress"]}, "flow_run_id": {"any_": runs}}}
     progress = httpx.post(f"{prefect_api}/artifacts/filter", json=filter_).raise_for_status().json()
     assert progress and {artifact["data"] for artifact in progress} == {100.0}, progress
 
