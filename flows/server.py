@@ -7,8 +7,13 @@ Importing the flows (torch, Dask, Zarr) is seconds of another core. `server_star
 two side by side, and starts that subprocess itself: Prefect's own starter lives in its server
 package, whose import cost the command 1.4 s of its own core (the API's routes, the ORM) for a
 class that spawns one process and polls it. The process is the one Prefect's starter runs (the
-same app, options and environment); once it answers, this process's Prefect settings point at
-it, so every Prefect client of the command, in any thread, finds it as a configured server.
+same app, through `create_app`, with the same options and environment); once it answers, this
+process's Prefect settings point at it, so every Prefect client of the command, in any thread,
+finds it as a configured server.
+
+The server ends with its command: stopped at the command's exit (a SIGTERM to the command
+comes to the same), and, when the command is killed outright (SIGKILL, the kernel's OOM killer)
+and runs nothing, by a watch in the server's own process (`create_app`).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +57,10 @@ class TemporaryServer:
             **TEMPORARY_SERVER_ENV,
             **get_current_settings().to_environment_variables(exclude_unset=True),
         }
+        env[COMMAND_PID_ENV] = str(os.getpid())
         app_dir = str(Path(prefect.__file__).parent.parent)
         command = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory"]
-        command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += [f"{__name__}:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--log-level", "error", "--lifespan", "on"]
         self.process = subprocess.Popen(command, env=env)
 
@@ -90,6 +98,32 @@ class TemporaryServer:
             self.process.kill()
             self.process.wait()
         self.process = None
+
+
+# The command's pid in its server's environment (`TemporaryServer.start`), for the server's watch.
+COMMAND_PID_ENV = "MUSC_SERVER_COMMAND_PID"
+WATCH_INTERVAL_S = 1.0
+
+
+def create_app():
+    """In the server's process: Prefect's server app, and a thread that stops the server once its command is gone.
+
+    The thread sees the command gone when this process is handed to another parent, and sends
+    the server the SIGTERM its command would have sent: uvicorn stops as it always does,
+    instead of holding its port, its database and its memory for ever.
+    """
+    from prefect.server.api.server import create_app as prefect_app
+
+    command = os.environ.get(COMMAND_PID_ENV)
+    if command is not None:
+        threading.Thread(target=_stop_when_gone, args=(int(command),), name="musc-command-watch", daemon=True).start()
+    return prefect_app()
+
+
+def _stop_when_gone(command: int) -> None:
+    while os.getppid() == command:
+        time.sleep(WATCH_INTERVAL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def free_port() -> int:

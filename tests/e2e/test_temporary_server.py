@@ -89,6 +89,38 @@ def test_a_taken_port_moves_the_server_to_another(monkeypatch):
     assert server.process is None and not answers(server.api_url)
 
 
+HOLDING_ITS_SERVER = """
+import os, time
+from flows.server import server_starting
+with server_starting():
+    pass
+print(os.environ["PREFECT_API_URL"], flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_command_killed_outright_takes_its_server_with_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO), DO_NOT_TRACK="1")
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    command = subprocess.Popen(
+        [sys.executable, "-c", HOLDING_ITS_SERVER], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    server = None
+    try:
+        api_url = command.stdout.readline().strip()
+        assert answers(api_url)
+        (server,) = [p for p in psutil.Process(command.pid).children() if "uvicorn" in " ".join(p.cmdline())]
+        command.kill()  # SIGKILL: no exit handler of the command runs
+        command.wait(timeout=30)
+        server.wait(timeout=60)  # its watch saw the command gone and stopped it
+        assert not answers(api_url)
+    finally:
+        command.kill()
+        if server is not None and server.is_running():
+            server.kill()
+
+
 def processes_left(marker: str, wait_s: float = 30.0) -> list[str]:
     """Command lines of live processes started under ``marker`` (its environment), given ``wait_s`` to end.
 
