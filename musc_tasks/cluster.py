@@ -347,7 +347,7 @@ def prepare_forkserver() -> None:
 
 
 # Names the command's backbone and device to its forkserver, which loads it once for every worker
-# (`forkserver_preload.load_shared_backbone`): JSON {"backbone": BackboneSpec's fields, "device": str}.
+# (`load_shared_backbone`): JSON {"backbone": BackboneSpec's fields, "device": str}.
 SHARED_BACKBONE_ENV = "MUSC_FORKSERVER_BACKBONE"
 
 
