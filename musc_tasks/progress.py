@@ -23,7 +23,7 @@ __all__ = ["ArtifactPace", "artifact_key", "progress_bar"]
 LOGGED_STEPS = 4
 
 # A progress artifact is one request to the Prefect API from the flow's thread (10-30 ms with a
-# local server, plus the server's own work): a 90-image night sent 35 of them in 4 s, 0.7 s of
+# local server, plus the server's own work): a 90-image night sent 30 of them in 4 s, 0.53 s of
 # the thread that submits the stages' tasks. A person watching the UI needs one a second at most.
 ARTIFACT_MIN_STEP = 5.0  # percentage points
 ARTIFACT_MIN_INTERVAL_S = 1.0
