@@ -389,12 +389,14 @@ def load_shared_backbone() -> None:
     A worker forked after it finds its model loaded (the weights' pages shared until written),
     where each worker loaded its own: 0.8 s of a core for ViT-B with random weights, a copy of
     ViT-L's 1.2 GB per worker from a checkpoint. Only on the CPU: a forked child cannot use CUDA
-    once its parent initialised it, so "auto" counts only on a torch built without CUDA or ROCm,
-    and a GPU's workers load their own as before.
+    once its parent initialised it, so "auto" counts only where it surely means the CPU
+    (`auto_means_cpu`), and a GPU's workers load their own as before.
     """
     request = os.environ.pop(SHARED_BACKBONE_ENV, None)
     if request is None:
         return
+    import ctypes.util
+
     import torch
 
     from .config import BackboneSpec
@@ -402,12 +404,35 @@ def load_shared_backbone() -> None:
 
     wanted = json.loads(request)
     device = wanted["device"]
-    if device != "cpu" and not (device == "auto" and torch.version.cuda is None and torch.version.hip is None):
+    if device == "auto":  # the driver's library looked up, not loaded: nothing of CUDA starts here
+        on_cpu = auto_means_cpu(torch.version.cuda, torch.version.hip, ctypes.util.find_library("cuda"))
+    else:
+        on_cpu = device == "cpu"
+    if not on_cpu:
         return
     try:
         worker_backbone(BackboneSpec.model_validate(wanted["backbone"]), device)
     except Exception as error:  # missing weights...: each worker's first block loads again and reports it
         log.debug("the forkserver did not load the backbone; each worker will: %s", error)
+
+
+def auto_means_cpu(cuda_build: str | None, rocm_build: str | None, cuda_driver: str | None) -> bool:
+    """Whether ``--device auto`` resolves to the CPU, known without asking CUDA (which would initialise it).
+
+    True for a torch built without CUDA and ROCm, and for a CUDA build (pip's default on x86_64)
+    where NVIDIA's driver library is not installed: torch then finds no device. Anything else may
+    have a GPU, and only CUDA itself could tell.
+
+    Parameters
+    ----------
+    cuda_build, rocm_build : str or None
+        ``torch.version.cuda`` and ``torch.version.hip``.
+    cuda_driver : str or None
+        The driver's library as ``ctypes.util.find_library("cuda")`` finds it, None when absent.
+    """
+    if cuda_build is None and rocm_build is None:
+        return True
+    return rocm_build is None and cuda_driver is None
 
 
 LOCAL_WORKER_MEMORY = 6 * 2**30  # ViT-L weights, a block's activations and a pool task's blocks, with room

@@ -1,5 +1,6 @@
 """The run's local Dask cluster."""
 
+import ctypes.util
 import json
 import os
 import subprocess
@@ -7,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from musc_tasks.cluster import SHARED_BACKBONE_ENV, dask_client, load_shared_backbone
+from musc_tasks.cluster import SHARED_BACKBONE_ENV, auto_means_cpu, dask_client, load_shared_backbone
 from musc_tasks.extract import worker_backbone
 
 from ..conftest import TINY_SPEC
@@ -55,11 +57,17 @@ def test_the_workers_imports_leave_out_what_only_the_flows_process_uses():
     assert done.stdout.strip() == "[] True", done.stdout + done.stderr[-2000:]
 
 
+# This machine's answer to "does --device auto mean the CPU?", known without asking CUDA (CI: a
+# CUDA build of torch and no NVIDIA driver, so True; the code before auto_means_cpu said False there).
+AUTO_MEANS_CPU_HERE = auto_means_cpu(torch.version.cuda, torch.version.hip, ctypes.util.find_library("cuda"))
+
+
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 @pytest.mark.parametrize(
     ("device", "spec_update", "loaded"),
     [
         ("cpu", {}, True),
+        ("auto", {}, AUTO_MEANS_CPU_HERE),
         ("cuda", {}, False),  # a forked child could not use CUDA after its parent initialised it
         ("cpu", {"pretrained": "/no/such/weights.pt"}, False),  # left to each worker's first block to report
     ],
@@ -78,3 +86,17 @@ def test_the_forkserver_loads_the_commands_backbone_once_on_the_cpu(monkeypatch,
             assert worker_backbone.cache_info()[:2] == (1, 1)
     finally:
         worker_backbone.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("cuda_build", "rocm_build", "cuda_driver", "cpu"),
+    [
+        (None, None, None, True),  # a CPU build
+        (None, None, "libcuda.so.1", True),  # a CPU build cannot use the driver
+        ("12.8", None, None, True),  # pip's CUDA build without NVIDIA's driver: torch finds no device
+        ("12.8", None, "libcuda.so.1", False),  # a driver: there may be a GPU, and only CUDA could tell
+        (None, "6.4", None, False),  # ROCm finds its devices without NVIDIA's library
+    ],
+)
+def test_auto_means_the_cpu_only_where_no_gpu_can_be_there(cuda_build, rocm_build, cuda_driver, cpu):
+    assert auto_means_cpu(cuda_build, rocm_build, cuda_driver) is cpu
