@@ -148,7 +148,10 @@ def prepare_token_store(path: Path, layout: TokenLayout, rows: int) -> zarr.Grou
     group = zarr.open_group(path, mode="r+")
     if token_store_layout(path) != layout:
         raise ValueError(f"token store {path} was written with another layout than {layout}")
-    for name, array in group.arrays():
+    # The arrays by name: listing the group's members also finds the `blocks` records folder,
+    # which Zarr warns is not part of the hierarchy (a ZarrUserWarning on every grown store).
+    for name in (*map(_layer_name, layout.layers), "embeddings"):
+        array = group[name]
         if array.shape[0] < rows:
             array.resize((rows, *array.shape[1:]))
     return group

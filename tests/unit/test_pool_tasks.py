@@ -1,6 +1,7 @@
 """The Dask worker functions of mutual scoring: precision option, block sizes, agreement with the core."""
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,18 @@ def token_store(tmp_path):
     tokens = [common + 0.5 * rng.standard_normal((N, GRID[0] * GRID[1], CHANNELS), dtype=np.float32) for _ in LAYERS]
     write_token_block(group, path, 0, [f"i{k}" for k in range(N)], tokens, np.zeros((N, 4), np.float32))
     return path
+
+
+def test_a_grown_token_store_keeps_its_blocks_without_a_warning(token_store):
+    """Growing a store that has block records (a later night) warns nothing and keeps every row."""
+    before = read_token_rows(token_store, range(N))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Zarr warned about the records folder when listing the group
+        group = prepare_token_store(token_store, token_store_layout(token_store), 2 * N)
+    assert [group[name].shape[0] for name in ("layer_00", "layer_01", "embeddings")] == [2 * N] * 3
+    assert token_index(token_store) == {f"i{k}": k for k in range(N)}
+    for kept, stored in zip(before, read_token_rows(token_store, range(N))):
+        np.testing.assert_array_equal(kept, stored)
 
 
 def worker_scores(tmp_path, token_path, precision):
