@@ -281,7 +281,12 @@ PUBLISH_TASK_IMAGES = 8  # images per publish task: a few seconds of work at 5 M
 
 @dataclass(frozen=True)
 class ProductPlan:
-    """What every publish task of one product needs, decided once for the whole product."""
+    """What every publish task of one product needs, decided once for the whole product.
+
+    The pools' patch-grid maps and reference attributes are read here, once: a task that read
+    every pool store of its product itself made a night of many small pools (``--pool-size 30``)
+    open each store once per block of 8 images.
+    """
 
     out_dir: Path
     run_date: str
@@ -289,6 +294,8 @@ class ProductPlan:
     records: tuple[ImageRecord, ...]
     scores: ProductScores | None
     pool_paths: tuple[Path, ...]
+    patch_maps: Mapping[str, np.ndarray]  # image id -> (h, w) float16 patch-grid map (`_patch_maps`)
+    reference: Mapping[str, str]  # the reference set and mode the pools were scored with (`pool_reference`)
     backbone_key: str
     run_id: str
     not_scored_reason: str | None
@@ -329,6 +336,8 @@ class ProductPlan:
             records=tuple(records),
             scores=scores,
             pool_paths=tuple(Path(p) for p in pool_paths),
+            patch_maps=_patch_maps(pool_paths) if scores is not None else {},
+            reference=pool_reference(pool_paths),
             backbone_key=backbone_key,
             run_id=run_id,
             not_scored_reason=not_scored_reason,
@@ -379,7 +388,7 @@ def finish_product(plan: ProductPlan, blocks: Sequence[BlockRows]) -> ProductRow
             plan.product,
             plan.backbone_key,
             plan.scores,
-            _patch_maps(plan.pool_paths),
+            plan.patch_maps,
             sizes,
         )
     return ProductRows(
@@ -410,8 +419,7 @@ def publish_block(plan: ProductPlan, start: int, stop: int) -> BlockRows:
     scores, outputs = plan.scores, plan.outputs
     by_id = {s.image_id: s for s in (scores.images if scores else ())}
     ranks = plan.ranks
-    patch_maps = _patch_maps(plan.pool_paths) if scores is not None else {}
-    reference = pool_reference(plan.pool_paths)
+    patch_maps, reference = plan.patch_maps, plan.reference
     heat_suffix = HEATMAP_FORMATS[outputs.heatmap_format]
     score_rows, region_rows_out, sizes = [], [], []
     for index in range(start, stop):

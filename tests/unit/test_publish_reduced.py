@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from musc_tasks import publish
 from musc_tasks.config import OutputPolicy
 from musc_tasks.imageio import bounded_size, read_rgb
 from musc_tasks.maps import read_map, upsample_map
@@ -165,3 +166,22 @@ def test_a_rerun_in_other_blocks_writes_the_same_bytes(night, published, tmp_pat
     np.testing.assert_array_equal(
         read_map(first, DATE, PRODUCT, "e.jpg")[0], read_map(second, DATE, PRODUCT, "e.jpg")[0]
     )
+
+
+def test_a_products_pools_are_read_once_by_its_plan(night, published, tmp_path, monkeypatch):
+    """Publish tasks and the maps store take the maps from the plan: no task opens a pool store."""
+    _, records, _, scores, pool = night
+    first, *_ = published
+    plan = ProductPlan.make(
+        tmp_path, DATE, PRODUCT, records, scores, [pool], backbone_key=BACKBONE, run_id="r", outputs=POLICY
+    )
+
+    def refuse(*_):
+        raise AssertionError("a publish task opened a pool store")
+
+    for name in ("open_pool_store", "pool_layout", "pool_reference"):
+        monkeypatch.setattr(publish, name, refuse)
+    finish_product(plan, [publish_block(plan, start, stop) for start, stop in ((0, 3), (3, len(records)))])
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert all((first / p).read_bytes() == (tmp_path / p).read_bytes() for p in files)
