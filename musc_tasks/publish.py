@@ -293,7 +293,6 @@ class ProductPlan:
     product: str
     records: tuple[ImageRecord, ...]
     scores: ProductScores | None
-    pool_paths: tuple[Path, ...]
     patch_maps: Mapping[str, np.ndarray]  # image id -> (h, w) float16 patch-grid map (`_patch_maps`)
     reference: Mapping[str, str]  # the reference set and mode the pools were scored with (`pool_reference`)
     backbone_key: str
@@ -335,7 +334,6 @@ class ProductPlan:
             product=product,
             records=tuple(records),
             scores=scores,
-            pool_paths=tuple(Path(p) for p in pool_paths),
             patch_maps=_patch_maps(pool_paths) if scores is not None else {},
             reference=pool_reference(pool_paths),
             backbone_key=backbone_key,

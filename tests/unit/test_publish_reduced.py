@@ -17,7 +17,7 @@ from musc_tasks import publish
 from musc_tasks.config import OutputPolicy
 from musc_tasks.imageio import bounded_size, read_rgb
 from musc_tasks.maps import read_map, upsample_map
-from musc_tasks.publish import ProductPlan, _overlay, _patch_maps, finish_product, publish_block
+from musc_tasks.publish import ProductPlan, _overlay, finish_product, publish_block
 from musc_tasks.render import encode_image, image_mask, region_rows, write_png
 from musc_tasks.rscin import ImageScore, ProductScores
 from musc_tasks.store import PoolLayout, create_pool_store, open_pool_store
@@ -86,10 +86,10 @@ def _publish(night, out_dir, blocks):
     return plan, published, finish_product(plan, published)
 
 
-def _published_before(plan, record, scratch):
+def _published_before(plan, maps, record, scratch):
     """What publish wrote before reduced decodes: mask PNG bytes, regions, rule, level, mask, overlay, full size."""
     image, _ = read_rgb(record.path)
-    patch_map = night_maps(plan)[record.image_id]
+    patch_map = maps[record.image_id]
     pixel_scores = upsample_map(patch_map, (image.height, image.width))
     flagged = CAPTURES[record.relpath][0] > IMAGE_THRESHOLD
     mask, rule, level = image_mask(pixel_scores, plan.scores.pixel_threshold, flagged=flagged)
@@ -100,10 +100,6 @@ def _published_before(plan, record, scratch):
     )
     mask_bytes = write_png(scratch / "mask.png", np.where(mask, np.uint8(255), np.uint8(0))).read_bytes()
     return mask_bytes, regions, rule, level, mask, overlay, full_size
-
-
-def night_maps(plan):
-    return _patch_maps(plan.pool_paths)
 
 
 def _psnr(a, b):
@@ -119,14 +115,14 @@ def published(night, tmp_path_factory):
 
 
 def test_masks_regions_and_maps_equal_those_of_full_decodes(night, published, tmp_path):
-    _, records, *_ = night
+    _, records, maps, *_ = night
     out, plan, published, rows = published
     by_path = {r["path"]: r for r in rows.scores}
     assert published[0].sizes == [(i, r.height, r.width) for i, r in enumerate(records)]
     assert [r["flagged"] for r in rows.scores] == [name == "b.jpg" for name in CAPTURES]
     psnr = {}
     for record in records:
-        mask_bytes, regions, rule, level, mask, overlay, full_size = _published_before(plan, record, tmp_path)
+        mask_bytes, regions, rule, level, mask, overlay, full_size = _published_before(plan, maps, record, tmp_path)
         row = by_path[record.path]
         assert Path(row["mask_path"]).read_bytes() == mask_bytes, record.relpath
         assert (row["anomalous_fraction"], row["mask_level"]) == (float(mask.mean()), level)
