@@ -72,6 +72,7 @@ class SyntheticPools:
 
     def __init__(self, folder: Path, args: argparse.Namespace, grid: tuple[int, int], msm: MsmParams) -> None:
         self.folder, self.grid, self.msm, self.n_layers = folder, grid, msm, args.layers
+        self.task_images = args.task_images
         self.token_path = folder / "tokens.zarr"
         self.rows = write_synthetic_tokens(
             self.token_path, args.n * args.pools, grid=grid, channels=args.channels,
@@ -86,6 +87,7 @@ class SyntheticPools:
             plan_pool(
                 self.folder / name, pool, self.token_path, [self.rows[i] for i in pool], grid=self.grid,
                 n_layers=self.n_layers, msm=self.msm, backbone_key="synthetic", device="cpu",
+                task_images=self.task_images,
             )
             for pool in self.pools
         ]  # fmt: skip
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--r", nargs="+", type=int, default=[1, 3, 5])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="Dask workers; the engine gets as many threads")
+    parser.add_argument("--task-images", type=int, default=None, help="images per task block (default: the stage's)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -236,7 +236,7 @@ def aggregate_block(job: PoolJob, block: int) -> str:
 
 
 class _StoredMaps(Sequence):
-    """A block's stored aggregates as a sequence of (B, L, C) tensors, each map read when indexed."""
+    """A block's stored aggregates as a sequence of (B, L, C) tensors over the mapped file (copied only to a GPU)."""
 
     def __init__(self, pool_path: Path, block: int, device: torch.device) -> None:
         self._array = open_block_aggregates(pool_path, block)

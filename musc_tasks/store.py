@@ -7,8 +7,8 @@ Token store, one per (backbone, product), shared by every day:
       blocks/NNNNNN.json   written after a shard's data: which image ids its rows hold
 Pool store, one per (backbone, scoring parameters, set of images in a pool):
     OUT/cache/pools/<backbone_key>/<product>/<pool_key>.zarr
-      aggregated/NNNNNN  (R*Y, B, L, C) float32 scratch: task block N's LNAMD tokens, one chunk per
-                         (r, layer) map, uncompressed; dropped once every block pair is done
+      aggregates/NNNNNN.npy  (R*Y, B, L, C) float32 scratch, not Zarr: task block N's LNAMD tokens,
+                         mapped by the pair tasks that read them; dropped once every block pair is done
       similarity   (R*Y, N, L, N) float32 scratch, one chunk per ordered pair of task blocks
       patch_scores (N, L) float32, one chunk per task block (`task_images` images)
       done/aggregates-A, done/pair-A-B, done/row-A   markers written after the data they vouch for
@@ -24,6 +24,7 @@ touch the same file; a block without its record is simply redone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -305,10 +306,9 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
     if path.exists():
         if pool_layout(path) != layout:
             raise ValueError(f"pool store {path} holds another pool or task block size")
-        group = zarr.open_group(path, mode="r+")
-        if not group.attrs.get("complete", False) and _AGGREGATED not in group:
-            group.create_group(_AGGREGATED)  # dropped after the pairs of a run that then stopped, or an older store
-        return group
+        if (path / _AGGREGATED_BEFORE).exists():
+            drop_aggregates(path)  # an older version's Zarr aggregates: its blocks are aggregated again
+        return zarr.open_group(path, mode="r+")
     group = zarr.open_group(
         path,
         mode="w-",
@@ -324,7 +324,6 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
         fill_value=np.nan,
         compressors=None,
     )
-    group.create_group(_AGGREGATED)
     group.create_array(
         "patch_scores",
         shape=(n, length),
@@ -336,49 +335,61 @@ def create_pool_store(path: Path, layout: PoolLayout, attributes: dict) -> zarr.
     return group
 
 
-_AGGREGATED = "aggregated"
+_AGGREGATED = "aggregates"
+_AGGREGATED_BEFORE = "aggregated"  # a Zarr group of Zarr arrays, before the aggregates were mapped files
 
 
 def write_block_aggregates(path: Path, block: int, maps: Iterable[np.ndarray], n_maps: int) -> None:
-    """Store task block ``block``'s LNAMD tokens, one (B, L, C) float32 array per map, then its marker.
+    """Store task block ``block``'s LNAMD tokens, its (B, L, C) float32 maps in one .npy file, then its marker.
 
-    Each map is written as it comes (one chunk), so the caller holds one map at a time. The
-    marker ``done/aggregates-<block>`` is written last; a block without it is aggregated again.
+    Each map is written as it comes, so the caller holds one map at a time. The file is written
+    with plain writes (a full disk is an `OSError`, where writing into a mapped file would be a
+    SIGBUS). The marker ``done/aggregates-<block>`` is written last; a block without it is
+    aggregated again.
     """
-    group = zarr.open_group(path / _AGGREGATED, mode="r+")
-    name = f"{block:06d}"
-    array = None
-    for index, values in enumerate(maps):
-        if array is None:
-            array = group.create_array(
-                name,
-                shape=(n_maps, *values.shape),
-                dtype="float32",
-                chunks=(1, *values.shape),
-                dimension_names=("map", "image", "patch", "channel"),
-                fill_value=np.nan,
-                compressors=None,
-                overwrite=True,
-            )
-        with disk_space_for(path / _AGGREGATED / name, values.nbytes):
-            array[index] = values
-    if array is None or index != n_maps - 1:
+    maps = iter(maps)
+    first = next(maps, None)
+    if first is None:
         raise ValueError(f"{path}: block {block} needs {n_maps} aggregated maps")
+    target = _aggregates_path(path, block)
+    target.parent.mkdir(exist_ok=True)
+    header = {"descr": "<f4", "fortran_order": False, "shape": (n_maps, *first.shape)}
+    written = 0
+    with disk_space_for(target, n_maps * first.size * 4), open(target, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, header)
+        for values in itertools.chain([first], maps):
+            if values.shape != first.shape or written == n_maps:
+                raise ValueError(f"{path}: block {block} needs {n_maps} aggregated maps of shape {first.shape}")
+            file.write(np.ascontiguousarray(values, dtype="<f4").data)
+            written += 1
+    if written != n_maps:
+        raise ValueError(f"{path}: block {block} needs {n_maps} aggregated maps, got {written}")
     mark_done(path, f"aggregates-{block}")
 
 
-def open_block_aggregates(path: Path, block: int) -> zarr.Array:
-    """Task block ``block``'s stored LNAMD tokens, (R*Y, B, L, C) float32 (`write_block_aggregates`)."""
+def open_block_aggregates(path: Path, block: int) -> np.ndarray:
+    """Task block ``block``'s stored LNAMD tokens, (R*Y, B, L, C) float32 (`write_block_aggregates`).
+
+    The file is mapped, not read: a pair task's GEMM reads the tokens from the page cache the
+    writer left them in, where a read would copy every map of both blocks once more per pair
+    (a fifth of a ViT-B pair task's time). Copy-on-write, so a tensor over it is writable
+    without touching the file.
+    """
     if not is_done(path, f"aggregates-{block}"):
         raise RuntimeError(f"{path}: block {block} has no stored aggregates")
-    return zarr.open_array(path / _AGGREGATED / f"{block:06d}", mode="r")
+    return np.load(_aggregates_path(path, block), mmap_mode="c")
+
+
+def _aggregates_path(path: Path, block: int) -> Path:
+    return path / _AGGREGATED / f"{block:06d}.npy"
 
 
 def drop_aggregates(path: Path) -> None:
     """Delete the stored LNAMD tokens once no pair task needs them (markers first, so none is trusted)."""
     for marker in sorted((path / "done").glob("aggregates-*")):
         marker.unlink()
-    shutil.rmtree(path / _AGGREGATED, ignore_errors=True)
+    for folder in (_AGGREGATED, _AGGREGATED_BEFORE):
+        shutil.rmtree(path / folder, ignore_errors=True)
 
 
 def write_pool_array(path: Path, name: str, values: np.ndarray, attributes: dict | None = None) -> None:
@@ -432,7 +443,7 @@ def finish_pool_store(path: Path) -> None:
     """Set "complete" (last) and drop the scratch arrays (similarity table, aggregated tokens)."""
     group = zarr.open_group(path, mode="r+")
     group.attrs["complete"] = True
-    for scratch in (path / "similarity", path / _AGGREGATED):
+    for scratch in (path / "similarity", path / _AGGREGATED, path / _AGGREGATED_BEFORE):
         if scratch.exists():
             shutil.rmtree(scratch)
 

@@ -1,5 +1,6 @@
 """The Dask worker functions of mutual scoring: precision option, block sizes, agreement with the core."""
 
+import contextlib
 import itertools
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from distributed import Client
 from pydantic import ValidationError
 
 from musc_tasks import scoring
+from musc_tasks.atomic import DiskFull
 from musc_tasks.cli import build_parser, scoring_from_args
 from musc_tasks.config import MsmParams, ScoringParams
 from musc_tasks.core import aggregate_tokens, block_aggregates, pool_patch_scores
@@ -38,6 +40,8 @@ from musc_tasks.store import (
     token_store_layout,
     write_token_block,
 )
+
+from ..tmpfs import small_tmpfs
 
 GRID, CHANNELS, LAYERS, R_LIST, N, BLOCK = (4, 4), 16, (0, 1), (1, 3), 5, 2
 
@@ -198,7 +202,7 @@ def test_each_block_is_aggregated_once_and_its_stored_tokens_are_lnamds_bits(tmp
         np.testing.assert_array_equal(open_block_aggregates(path, block)[:], np.stack(expected))
 
     drop_aggregates(path)  # as after a run's last pair: markers and arrays gone
-    assert not list((path / "done").glob("aggregates-*")) and not (path / "aggregated").exists()
+    assert not list((path / "done").glob("aggregates-*")) and not (path / "aggregates").exists()
     for a in range(n_blocks):
         assemble_row_block(job, a)
     expected = pool_patch_scores(tokens, GRID, R_LIST, tile=BLOCK).numpy()
@@ -222,4 +226,41 @@ def test_dask_resumes_a_pool_whose_diagonal_pairs_are_done_but_aggregates_are_no
     assert counts[job.pool_path] == (n_blocks * (n_blocks - 1) // 2, n_blocks)
     got = open_pool_store(path)["patch_scores"][:]
     np.testing.assert_array_equal(got, worker_scores(tmp_path / "in-one-go", token_store, "float32"))
-    assert pool_store_intact(path) and not (path / "aggregated").exists() and not (path / "similarity").exists()
+    assert pool_store_intact(path) and not (path / "aggregates").exists() and not (path / "similarity").exists()
+
+
+def test_an_older_versions_zarr_aggregates_are_dropped_and_made_again(tmp_path, token_store):
+    """A store interrupted by a version that kept the aggregates as a Zarr group resumes to the engine's scores."""
+    job = _pool_job(tmp_path, token_store)
+    path = Path(job.pool_path)
+    for a in range(job.layout.n_blocks):
+        score_block_pair(job, a, a)
+    zarr.open_group(path / "aggregated", mode="w")  # what that version left: its group, and markers for it
+    assert list((path / "done").glob("aggregates-*"))
+    create_pool_store(path, job.layout, job.settings)  # the next run opens it
+    assert not list((path / "done").glob("aggregates-*")) and not (path / "aggregated").exists()
+    for a, b in itertools.combinations(range(job.layout.n_blocks), 2):
+        score_block_pair(job, a, b)  # aggregates each block again
+    for a in range(job.layout.n_blocks):
+        assemble_row_block(job, a)
+    np.testing.assert_array_equal(
+        open_pool_store(path)["patch_scores"][:], worker_scores(tmp_path / "in-one-go", token_store, "float32")
+    )
+
+
+def test_stored_aggregates_are_mapped_and_a_full_disk_is_reported(tmp_path, token_store):
+    """Pair tasks map the aggregates file; writing it onto a full disk names the file and leaves no marker."""
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        job = _pool_job(disk, token_store)
+        path = Path(job.pool_path)
+        score_block_pair(job, 0, 0)
+        stored = open_block_aggregates(path, 0)
+        assert isinstance(stored, np.memmap) and stored.dtype == np.float32
+        assert stored.shape == (len(R_LIST) * len(LAYERS), BLOCK, GRID[0] * GRID[1], CHANNELS)
+        del stored
+        with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as filler:
+            while True:  # until the disk is full
+                filler.write(b"\0" * 4096)
+        with pytest.raises(DiskFull, match="aggregates/000001.npy"):
+            scoring.aggregate_block(job, 1)
+        assert not (path / "done" / "aggregates-1").exists()
