@@ -236,19 +236,17 @@ def aggregate_block(job: PoolJob, block: int) -> str:
 
 
 class _StoredMaps(Sequence):
-    """A block's stored aggregates as a sequence of (B, L, C) tensors over the mapped file (copied only to a GPU)."""
+    """A block's stored aggregates as a sequence of (B, L, C) tensors over their mappings (copied only to a GPU)."""
 
     def __init__(self, pool_path: Path, block: int, device: torch.device) -> None:
-        self._array = open_block_aggregates(pool_path, block)
+        self._maps = open_block_aggregates(pool_path, block)
         self._device = device
 
     def __len__(self) -> int:
-        return self._array.shape[0]
+        return len(self._maps)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return torch.from_numpy(self._array[index]).to(self._device)
+        return torch.from_numpy(self._maps[index]).to(self._device)
 
 
 def score_block_pair(job: PoolJob, a: int, b: int, *_after: str) -> str:

@@ -54,6 +54,7 @@ __all__ = [
     "open_pool_store",
     "write_block_aggregates",
     "open_block_aggregates",
+    "BlockAggregates",
     "drop_aggregates",
     "write_pool_array",
     "read_rows",
@@ -367,17 +368,38 @@ def write_block_aggregates(path: Path, block: int, maps: Iterable[np.ndarray], n
     mark_done(path, f"aggregates-{block}")
 
 
-def open_block_aggregates(path: Path, block: int) -> np.ndarray:
-    """Task block ``block``'s stored LNAMD tokens, (R*Y, B, L, C) float32 (`write_block_aggregates`).
+class BlockAggregates(Sequence):
+    """A block's stored LNAMD tokens (`write_block_aggregates`): M maps of (B, L, C) float32, each mapped when indexed.
 
     The file is mapped, not read: a pair task's GEMM reads the tokens from the page cache the
     writer left them in, where a read would copy every map of both blocks once more per pair
-    (a fifth of a ViT-B pair task's time). Copy-on-write, so a tensor over it is writable
-    without touching the file.
+    (a fifth of a ViT-B pair task's time). Each map is its own copy-on-write mapping (a writable
+    array that never writes the file), released with the array, so a task that uses one map at
+    a time holds one map's pages, as a worker's memory monitor counts them, not the whole file's.
     """
+
+    def __init__(self, file: Path) -> None:
+        with open(file, "rb") as stream:
+            np.lib.format.read_magic(stream)
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+            self._offset = stream.tell()
+        self.file, self.shape, self.dtype = file, shape, dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        map_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        return np.memmap(self.file, self.dtype, "c", offset=self._offset + index * map_bytes, shape=self.shape[1:])
+
+
+def open_block_aggregates(path: Path, block: int) -> BlockAggregates:
+    """Task block ``block``'s stored LNAMD tokens, (R*Y, B, L, C) float32, one map at a time."""
     if not is_done(path, f"aggregates-{block}"):
         raise RuntimeError(f"{path}: block {block} has no stored aggregates")
-    return np.load(_aggregates_path(path, block), mmap_mode="c")
+    return BlockAggregates(_aggregates_path(path, block))
 
 
 def _aggregates_path(path: Path, block: int) -> Path:

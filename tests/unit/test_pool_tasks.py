@@ -199,7 +199,7 @@ def test_each_block_is_aggregated_once_and_its_stored_tokens_are_lnamds_bits(tmp
     for block in range(n_blocks):
         rows = job.layout.block_rows(block)
         expected = [aggregate_tokens(tokens[y][rows], GRID, r).numpy() for r in R_LIST for y in range(len(LAYERS))]
-        np.testing.assert_array_equal(open_block_aggregates(path, block)[:], np.stack(expected))
+        np.testing.assert_array_equal(np.stack(list(open_block_aggregates(path, block))), np.stack(expected))
 
     drop_aggregates(path)  # as after a run's last pair: markers and arrays gone
     assert not list((path / "done").glob("aggregates-*")) and not (path / "aggregates").exists()
@@ -255,9 +255,14 @@ def test_stored_aggregates_are_mapped_and_a_full_disk_is_reported(tmp_path, toke
         path = Path(job.pool_path)
         score_block_pair(job, 0, 0)
         stored = open_block_aggregates(path, 0)
-        assert isinstance(stored, np.memmap) and stored.dtype == np.float32
         assert stored.shape == (len(R_LIST) * len(LAYERS), BLOCK, GRID[0] * GRID[1], CHANNELS)
-        del stored
+        maps = list(stored)
+        assert all(isinstance(values, np.memmap) and values.dtype == np.float32 for values in maps)
+        assert [values.shape for values in maps] == [stored.shape[1:]] * len(stored)
+        map_bytes = maps[0].nbytes  # each map its own mapping, so a task holds the pages of the maps it uses
+        assert [values.offset - maps[0].offset for values in maps] == [i * map_bytes for i in range(len(maps))]
+        assert stored.file.stat().st_size == maps[0].offset + len(maps) * map_bytes
+        del stored, maps
         with contextlib.suppress(OSError), open(disk / "filler", "wb", buffering=0) as filler:
             while True:  # until the disk is full
                 filler.write(b"\0" * 4096)
