@@ -384,6 +384,7 @@ class BlockAggregates(Sequence):
             shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
             self._offset = stream.tell()
         self.file, self.shape, self.dtype = file, shape, dtype
+        self._map_bytes = int(np.prod(shape[1:])) * dtype.itemsize
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -391,8 +392,8 @@ class BlockAggregates(Sequence):
     def __getitem__(self, index: int) -> np.ndarray:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        map_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        return np.memmap(self.file, self.dtype, "c", offset=self._offset + index * map_bytes, shape=self.shape[1:])
+        offset = self._offset + index * self._map_bytes
+        return np.memmap(self.file, self.dtype, "c", offset=offset, shape=self.shape[1:])
 
 
 def open_block_aggregates(path: Path, block: int) -> BlockAggregates:
@@ -465,7 +466,7 @@ def finish_pool_store(path: Path) -> None:
     """Set "complete" (last) and drop the scratch arrays (similarity table, aggregated tokens)."""
     group = zarr.open_group(path, mode="r+")
     group.attrs["complete"] = True
-    for scratch in (path / "similarity", path / _AGGREGATED, path / _AGGREGATED_BEFORE):
+    for scratch in (path / "similarity", path / _AGGREGATED):
         if scratch.exists():
             shutil.rmtree(scratch)
 
