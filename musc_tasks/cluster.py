@@ -80,8 +80,9 @@ def start_local_cluster(n_workers: int | None = None, *, forked: bool = False) -
     # A task's error reaches the client, which reports it: the workers' own "Compute Failed"
     # records would print it again, so a quiet console (Dask's loggers above INFO) drops them.
     silence = logging.ERROR if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.CRITICAL
-    # Read by each nanny when it is created, and kept for the restarts of its worker.
-    with dask.config.set(KEEP_GLIBC_MALLOC), forked_workers() if forked else contextlib.nullcontext():
+    # Read by each nanny when it is created, and kept for the restarts of its worker; the scheduler's as it starts.
+    local_config = {**KEEP_GLIBC_MALLOC, **NO_DASHBOARD_SAMPLING}
+    with dask.config.set(local_config), forked_workers() if forked else contextlib.nullcontext():
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -310,6 +311,14 @@ def _exit_if_closed(worker) -> None:
 # issue's shape; 1.5 s and 0.4 M without it): the stage on Dask took 1.35x as long as without
 # (docs/performance.md). The local workers keep glibc's defaults, as the engine's process has them.
 KEEP_GLIBC_MALLOC = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+# A local cluster has no dashboard, yet each worker's event loop sampled its task thread's stack every
+# 10 ms for the dashboard's profile (Python-level work that takes the GIL between the model's ops),
+# and every Dask server of the run checked its own loop every 20 ms: 2.5 s of the workers' main
+# threads per 22 s extraction stage of ViT-B (2 workers), 0.5 s without both (docs/performance.md).
+# The check's warning ("Event loop was unresponsive") still fires: it compares the time between
+# checks with its limit of 3 s.
+NO_DASHBOARD_SAMPLING = {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
 
 FORKSERVER = {"distributed.worker.multiprocessing-method": "forkserver"}
 

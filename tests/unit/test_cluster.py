@@ -25,6 +25,20 @@ def test_local_workers_keep_glibc_malloc_thresholds(monkeypatch):
     assert list(threads.values()) == ["1"]  # Dask's other variables are kept: one thread per worker
 
 
+def _sampling(dask_server):
+    """Whether the server samples stacks for a dashboard's profile, and how often it checks its event loop."""
+    return "profile" in getattr(dask_server, "periodic_callbacks", {}), dask_server._tick_interval
+
+
+def test_local_servers_leave_out_the_dashboards_sampling():
+    """No profile of the task threads (no dashboard shows it) and a loop check each second, not 50 times."""
+    with dask_client(n_workers=1) as client:
+        workers = list(client.run(lambda dask_worker: _sampling(dask_worker)).values())
+        scheduler = client.run_on_scheduler(lambda dask_scheduler: _sampling(dask_scheduler)[1])
+    assert workers == [(False, 1.0)]
+    assert scheduler == 1.0
+
+
 def _imported(*names):
     return [name for name in names if name in sys.modules]
 
