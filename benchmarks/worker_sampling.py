@@ -1,0 +1,95 @@
+"""The extraction stage on the run's kind of LocalCluster, with and without Dask's dashboard sampling.
+
+Usage (from the repository root):
+    .venv/bin/python benchmarks/worker_sampling.py [--images-per-product 24] [--rounds 3]
+    .venv/bin/python benchmarks/worker_sampling.py -- --backbone ViT-B-16 --pretrained none --image-size 224
+
+It writes a night of the demo's photos (3 products), then alternates, ``--rounds`` times, two
+2-worker clusters started by `cluster.start_local_cluster`: one with Dask's defaults for the
+dashboard (each worker samples its task thread's stack every 10 ms for the profile, each server
+checks its event loop every 20 ms) and one as the run starts it (`cluster.NO_DASHBOARD_SAMPLING`).
+Each warms its workers (`warm_worker`), then runs `extract.extract_catalog` on the night into a
+fresh folder. Printed per run: the stage's wall clock and the CPU seconds of the workers' main
+threads (their event loops: the sampling's cost) and of their other threads (the task thread, the
+decoding threads). CPU seconds are read from /proc, so a shared machine's noise moves them far
+less than the wall clock. The backbone options after ``--`` are `musc score`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of the calling process: its main thread and all its other threads."""
+    seconds = {"main": 0.0, "other": 0.0}
+    ticks = os.sysconf("SC_CLK_TCK")
+    for thread in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{thread}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        seconds["main" if int(thread) == os.getpid() else "other"] += (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def main() -> None:
+    import dask
+    from distributed import Client
+    from whole_run import night_images
+
+    from flows.score import token_geometry
+    from musc_tasks import cluster
+    from musc_tasks.cli import backbone_from_args, build_parser
+    from musc_tasks.demo import PRODUCTS, make_demo_day
+    from musc_tasks.extract import extract_catalog
+    from musc_tasks.manifests import CatalogRef, ProductRef
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images-per-product", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    args, score_options = parser.parse_known_args()
+    score_options = [option for option in score_options if option != "--"]
+    n = args.images_per_product
+    root = Path(tempfile.mkdtemp(prefix="worker-sampling-"))
+    day = make_demo_day(root, seed=n, images_per_product=n, defects_per_product=max(1, n // 10))
+    products = {name: images for name, images in night_images(day.input_dir).items() if name in PRODUCTS[:3]}
+    spec = backbone_from_args(build_parser().parse_args(["score", str(day.input_dir), "--out", "x", *score_options]))
+    catalog = CatalogRef(
+        input_dir=str(day.input_dir),
+        run_date="2026-12-03",
+        catalog_path=str(root / "catalog.json"),
+        products=tuple(ProductRef(name=k, images=tuple(v), n_files=len(v)) for k, v in products.items()),
+        empty_products=(),
+        n_files=sum(len(v) for v in products.values()),
+        n_failed=0,
+    )
+    print(f"{catalog.n_files} images, {spec.name} at {spec.image_size} px, 2 workers of 1 thread")
+    as_the_run_starts_it = cluster.NO_DASHBOARD_SAMPLING
+    dask_defaults = {key: dask.config.get(key) for key in as_the_run_starts_it}
+    for round_ in range(1, args.rounds + 1):
+        for label, sampling in (("Dask's defaults", dask_defaults), ("the run's", as_the_run_starts_it)):
+            cluster.NO_DASHBOARD_SAMPLING = sampling  # read by start_local_cluster as it starts the cluster
+            with cluster.start_local_cluster(2) as local, Client(local) as client:
+                for worker in client.scheduler_info()["workers"]:
+                    client.submit(cluster.warm_worker, spec, "auto", workers=[worker], pure=False).result()
+                before = client.run(thread_cpu_seconds)
+                clock = time.perf_counter()
+                extract_catalog(catalog, spec, token_geometry(spec), tempfile.mkdtemp(dir=root), client, device="auto")
+                wall = time.perf_counter() - clock
+                after = client.run(thread_cpu_seconds)
+            cpu = {part: sum(after[w][part] - before[w][part] for w in after) for part in ("main", "other")}
+            print(
+                f"round {round_}, {label:15}: stage {wall:6.2f} s; workers' CPU s: main threads {cpu['main']:5.2f}, "
+                f"other threads {cpu['other']:6.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":  # the workers are spawned and import this module: nothing at import time
+    main()
