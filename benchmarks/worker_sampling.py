@@ -1,7 +1,7 @@
 """The extraction stage on the run's kind of LocalCluster, with and without Dask's dashboard sampling.
 
 Usage (from the repository root):
-    .venv/bin/python benchmarks/worker_sampling.py [--images-per-product 24] [--rounds 3]
+    .venv/bin/python benchmarks/worker_sampling.py [--images-per-product 24] [--rounds 3]   # tiny ViT at 224
     .venv/bin/python benchmarks/worker_sampling.py -- --backbone ViT-B-16 --pretrained none --image-size 224
 
 It writes a night of the demo's photos (3 products), then alternates, ``--rounds`` times, two
@@ -12,7 +12,8 @@ Each warms its workers (`warm_worker`), then runs `extract.extract_catalog` on t
 fresh folder. Printed per run: the stage's wall clock and the CPU seconds of the workers' main
 threads (their event loops: the sampling's cost) and of their other threads (the task thread, the
 decoding threads). CPU seconds are read from /proc, so a shared machine's noise moves them far
-less than the wall clock. The backbone options after ``--`` are `musc score`'s.
+less than the wall clock. The backbone options after ``--`` are `musc score`'s (default: the tiny ViT
+at 224 px, random weights).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def thread_cpu_seconds() -> dict[str, float]:
 
 def main() -> None:
     import dask
+    from day_scale import tiny_backbone_args
     from distributed import Client
     from whole_run import night_images
 
@@ -54,7 +56,7 @@ def main() -> None:
     parser.add_argument("--images-per-product", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3)
     args, score_options = parser.parse_known_args()
-    score_options = [option for option in score_options if option != "--"]
+    score_options = [option for option in score_options if option != "--"] or tiny_backbone_args(224)
     n = args.images_per_product
     root = Path(tempfile.mkdtemp(prefix="worker-sampling-"))
     day = make_demo_day(root, seed=n, images_per_product=n, defects_per_product=max(1, n // 10))

@@ -84,6 +84,11 @@ def test_extraction_benchmark(tmp_path):
     assert "overlapped_over_forward" in out, out
 
 
+def test_worker_sampling_benchmark():
+    out = run("worker_sampling.py", "--images-per-product", "3", "--rounds", "1")
+    assert "round 1, Dask's defaults" in out and "round 1, the run's" in out, out
+
+
 def test_publish_regions_benchmark():
     out = run("publish_regions.py", "--images", "2", "--resolution", "1200x500", "--repeats", "1")
     assert "publish cells / whole mask:" in out, out
