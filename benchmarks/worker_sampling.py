@@ -4,7 +4,7 @@ Usage (from the repository root):
     .venv/bin/python benchmarks/worker_sampling.py [--images-per-product 24] [--rounds 3]   # tiny ViT at 224
     .venv/bin/python benchmarks/worker_sampling.py -- --backbone ViT-B-16 --pretrained none --image-size 224
 
-It writes a night of the demo's photos (3 products), then alternates, ``--rounds`` times, two
+It writes a night of the demo's photos (3 products) and catalogues it, then alternates, ``--rounds`` times, two
 2-worker clusters started by `cluster.start_local_cluster`: one with Dask's defaults for the
 dashboard (each worker samples its task thread's stack every 10 ms for the profile, each server
 checks its event loop every 20 ms) and one as the run starts it (`cluster.NO_DASHBOARD_SAMPLING`).
@@ -43,14 +43,13 @@ def main() -> None:
     import dask
     from day_scale import tiny_backbone_args
     from distributed import Client
-    from whole_run import night_images
 
     from flows.score import token_geometry
     from musc_tasks import cluster
+    from musc_tasks.catalog import catalog_manifest, scan_input
     from musc_tasks.cli import backbone_from_args, build_parser
-    from musc_tasks.demo import PRODUCTS, make_demo_day
+    from musc_tasks.demo import make_demo_day
     from musc_tasks.extract import extract_catalog
-    from musc_tasks.manifests import CatalogRef, ProductRef
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images-per-product", type=int, default=24)
@@ -60,17 +59,8 @@ def main() -> None:
     n = args.images_per_product
     root = Path(tempfile.mkdtemp(prefix="worker-sampling-"))
     day = make_demo_day(root, seed=n, images_per_product=n, defects_per_product=max(1, n // 10))
-    products = {name: images for name, images in night_images(day.input_dir).items() if name in PRODUCTS[:3]}
     spec = backbone_from_args(build_parser().parse_args(["score", str(day.input_dir), "--out", "x", *score_options]))
-    catalog = CatalogRef(
-        input_dir=str(day.input_dir),
-        run_date="2026-12-03",
-        catalog_path=str(root / "catalog.json"),
-        products=tuple(ProductRef(name=k, images=tuple(v), n_files=len(v)) for k, v in products.items()),
-        empty_products=(),
-        n_files=sum(len(v) for v in products.values()),
-        n_failed=0,
-    )
+    catalog = catalog_manifest(scan_input(day.input_dir), root, "2026-12-03")  # the catalog stage's own
     print(f"{catalog.n_files} images, {spec.name} at {spec.image_size} px, 2 workers of 1 thread")
     as_the_run_starts_it = cluster.NO_DASHBOARD_SAMPLING
     dask_defaults = {key: dask.config.get(key) for key in as_the_run_starts_it}
