@@ -969,17 +969,57 @@ def _scheduler_unreachable(error: Exception) -> bool:
     return isinstance(error, SchedulerUnreachable)
 
 
+class Terminated(SystemExit):
+    """The exit a SIGTERM raises in the main thread (`_terminated`); its code is 128 + the signal's number."""
+
+
+# The signal that ended the command, once `_terminated` ran: the exit status when main raised (`entry_point`),
+# the exit `_terminated` raised or another error it became on its way.
+_terminated_by: int | None = None
+
+
 def _terminated(signum: int, frame) -> None:
     """SIGTERM (a scheduler's stop, ``timeout``, ``kill``) ends the command as Ctrl-C does, cleaning up.
 
     Python's default ends the process at once, running no exit handler: the temporary Prefect
     server, a child process, was left running with its port and database, and the local cluster
-    was not closed. Raised in the main thread wherever it is, `SystemExit` unwinds the command's
+    was not closed. Raised in the main thread wherever it is, `Terminated` unwinds the command's
     blocks (the cluster closes) and `entry_point` runs the exit handlers (the server stops). In a
     flow run Prefect's own handler comes first: it marks the run crashed, then sends the signal
     again, to this handler.
+
+    Wherever it is can be code that does not let the exit through: a garbage collector's callback
+    (Dask's, in this process with the local scheduler) dropped it, and the command ran on to the
+    end with status 0 (`_terminated_again` raises it again); pydantic's serializer (Prefect's
+    settings, during the flows' imports) turned it into an error of its own, and the command
+    ended with status 1 (`entry_point` gives 143).
     """
-    raise SystemExit(128 + signum)
+    global _terminated_by
+    _terminated_by = signum
+    sys.unraisablehook = _terminated_again
+    raise Terminated(128 + signum)
+
+
+def _terminated_again(unraisable) -> None:
+    """``sys.unraisablehook``: a `Terminated` dropped where Python cannot raise it comes back at the next call.
+
+    Python reports an exception it cannot raise (in a garbage collector's callback, a ``__del__``)
+    to this hook and carries on. A profile function of the main thread (where the signal's handler
+    ran, and this hook with it) raises the exit again at that thread's next call or return, in the
+    code the signal interrupted; dropped again, it comes back here. Any other report goes to
+    Python's own hook.
+    """
+    if isinstance(unraisable.exc_value, Terminated):
+        sys.setprofile(_raise_terminated)
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def _raise_terminated(frame, event: str, arg) -> None:
+    if frame.f_code is _terminated_again.__code__:
+        return  # the hook's own last steps: raised there, the exit would be lost
+    sys.setprofile(None)
+    raise Terminated(128 + _terminated_by)
 
 
 def entry_point() -> None:
@@ -992,7 +1032,8 @@ def entry_point() -> None:
     same for the local workers). The status is what ``sys.exit(main())`` gives: main's code,
     an argparse exit's, 120 if the output cannot be flushed. Anything else main raises leaves
     the ordinary way, with its traceback. Never used in-process: callers of `main` get its code.
-    A SIGTERM ends the command with status 143 through the same steps (`_terminated`).
+    A SIGTERM ends the command with status 143 through the same steps (`_terminated`), also
+    where the exit it raised came out of main as another exception.
     """
     signal.signal(signal.SIGTERM, _terminated)
     try:
@@ -1001,6 +1042,10 @@ def entry_point() -> None:
         if exit.code is not None and not isinstance(exit.code, int):
             raise  # a message: Python prints it and exits 1
         code = exit.code or 0
+    except BaseException:
+        if _terminated_by is None:
+            raise
+        code = 128 + _terminated_by  # the exit a SIGTERM raised, turned into another error on its way
     threading._shutdown()  # what the interpreter does first at exit: join non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -90,3 +90,51 @@ def test_threads_join_and_exit_handlers_run_before_the_process_ends(code):
 def test_the_console_script_is_the_entry_point():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["musc"] == "musc_tasks.cli:entry_point"
+
+
+# A command that receives SIGTERM where the exit its handler raises cannot pass as it is: in a
+# garbage collector's callback (Python drops it) or in pydantic's serializer (pydantic turns it into
+# an error of its own), as in the flows' imports next to a local Dask scheduler.
+SIGTERM_SCRIPT = """
+import gc, signal, sys, time
+import pydantic
+import musc_tasks.cli as cli
+
+def sigterm_here():
+    signal.raise_signal(signal.SIGTERM)  # its handler runs before this call returns
+
+def in_a_gc_callback():
+    def callback(phase, info):
+        if phase == "start" and callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+            sigterm_here()
+    gc.callbacks.append(callback)
+    gc.collect()
+
+class Settings(pydantic.BaseModel):
+    @pydantic.model_serializer
+    def serialize(self):
+        sigterm_here()
+        return {}
+
+def in_a_pydantic_serializer():
+    Settings().model_dump()
+
+def main():
+    try:
+        WHERE()
+        time.sleep(0.2)
+        sys.stdout.write("ran on\\n")
+        return 0
+    finally:
+        sys.stdout.write("unwound\\n")
+
+cli.main = main
+cli.entry_point()
+"""
+
+
+@pytest.mark.parametrize("where", ["in_a_gc_callback", "in_a_pydantic_serializer"])
+def test_a_sigterm_ends_the_command_where_its_exit_cannot_pass(where):
+    done = _run([sys.executable, "-c", SIGTERM_SCRIPT.replace("WHERE()", f"{where}()")])
+    assert (done.returncode, done.stdout, done.stderr) == (143, "unwound\n", "")
