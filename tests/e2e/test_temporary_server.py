@@ -150,7 +150,7 @@ def test_sigterm_ends_a_command_with_its_server_and_workers(demo_day, prefect_ho
     marker = str(uuid.uuid4())
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(prefect_home), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", MUSC_RUN_MARKER=marker)
-    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONFAULTHANDLER="1")
     command = [sys.executable, "-m", "musc_tasks.cli", "-v", "score", str(demo_day.input_dir)]
     command += ["--out", str(tmp_path / "out"), "--date", "2026-11-22", *backbone_options(TINY_SPEC)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -162,6 +162,15 @@ def test_sigterm_ends_a_command_with_its_server_and_workers(demo_day, prefect_ho
             break
     try:  # a server left behind would hold the pipe open: reading to its end would never return
         rest = process.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:  # stuck: its threads' stacks (faulthandler's on SIGABRT) say where
+        process.send_signal(signal.SIGABRT)
+        time.sleep(5)
+        left = processes_left(marker, wait_s=0)
+        for pid in [p.pid for p in psutil.process_iter(["environ"]) if _started_under(p, marker)]:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        rest = process.communicate(timeout=30)[1]
+        pytest.fail(f"still running 120 s after the SIGTERM: {left}\n" + ("".join(seen) + rest)[-12000:])
     finally:
         left = processes_left(marker)  # the temporary server, the forkserver and the workers
         for pid in [p.pid for p in psutil.process_iter(["environ"]) if _started_under(p, marker)]:
