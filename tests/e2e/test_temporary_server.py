@@ -166,18 +166,20 @@ def test_sigterm_ends_a_command_with_its_server_and_workers(demo_day, prefect_ho
         process.send_signal(signal.SIGABRT)
         time.sleep(5)
         left = processes_left(marker, wait_s=0)
-        for pid in [p.pid for p in psutil.process_iter(["environ"]) if _started_under(p, marker)]:
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(pid).kill()
+        _kill_started_under(marker)  # what holds the pipe open
         rest = process.communicate(timeout=30)[1]
         pytest.fail(f"still running 120 s after the SIGTERM: {left}\n" + ("".join(seen) + rest)[-12000:])
     finally:
         left = processes_left(marker)  # the temporary server, the forkserver and the workers
-        for pid in [p.pid for p in psutil.process_iter(["environ"]) if _started_under(p, marker)]:
-            with contextlib.suppress(psutil.Error):
-                psutil.Process(pid).kill()  # nothing of a failed run outlives the test
+        _kill_started_under(marker)  # nothing of a failed run outlives the test
     assert process.returncode == 128 + signal.SIGTERM, ("".join(seen) + rest)[-3000:]
     assert left == []
+
+
+def _kill_started_under(marker: str) -> None:
+    for pid in [p.pid for p in psutil.process_iter(["environ"]) if _started_under(p, marker)]:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
 
 
 def _started_under(process: psutil.Process, marker: str) -> bool:
